@@ -1,0 +1,149 @@
+"""Conversation templates and the exact character spans that training supervises.
+
+Each renderer turns a conversation into one string plus the character spans of the assistant
+answers (with their end token). Labels come from those spans through the tokenizer's offset
+mapping, so masks never depend on tokenizing pieces separately (the reference code's
+"tokenization mismatch" failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The system line LLaVA-1.5 (Vicuna v1) checkpoints were trained with; kept verbatim so that
+# finetuning an existing LLaVA-1.5 sees the prompt it knows.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# Jinja templates shipped with every base kit builds. `{% generation %}` marks what an assistant
+# turn supervises (answer + end token) so TRL's assistant-only loss works on kit's bases too.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{%- for p in parts -%}{%- if p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endgeneration -%}{{- '\n' -}}"
+    "{%- else -%}"
+    "{%- for p in parts -%}"
+    "{%- if p['type'] == 'image' -%}{{- '<image>\n' -}}{%- elif p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+VICUNA_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- for p in parts -%}"
+    "{%- if p['type'] == 'image' -%}{{- '<image>\n' -}}{%- elif p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{{- ' ' -}}"
+    "{%- else -%}"
+    "{{- 'ASSISTANT: ' -}}"
+    "{%- generation -%}"
+    "{%- for p in parts -%}{%- if p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{{- eos_token -}}"
+    "{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+TEMPLATES = ("plain", "vicuna_v1", "chat")
+
+
+class TemplateError(ValueError):
+    """A conversation that the chosen template cannot render (reported per sample by the caller)."""
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]  # [start, end) character ranges that are supervised
+    answers: list[str]  # the supervised text of each span, for checking the mask
+
+
+def _spans_to_rendered(pieces: list[tuple[str, bool]]) -> Rendered:
+    text, spans, answers, pos = [], [], [], 0
+    for piece, supervised in pieces:
+        if supervised and piece:
+            spans.append((pos, pos + len(piece)))
+            answers.append(piece)
+        text.append(piece)
+        pos += len(piece)
+    return Rendered("".join(text), spans, answers)
+
+
+def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
+    """Stage 1: the image, then the first answer (the caption) and a newline; instructions dropped."""
+    answer = next((t for r, t in turns if r == "assistant"), None)
+    if answer is None:
+        raise TemplateError("no assistant turn to use as the caption")
+    return _spans_to_rendered([(image_token, False), (answer.strip() + "\n", True)])
+
+
+def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | None = None) -> Rendered:
+    pieces: list[tuple[str, bool]] = [((system or VICUNA_SYSTEM) + " ", False)]
+    for role, text in turns:
+        if role == "user":
+            pieces.append(("USER: " + text + " ", False))
+        else:
+            pieces.append(("ASSISTANT: ", False))
+            pieces.append((text + eos_token, True))
+    return _spans_to_rendered(pieces)
+
+
+def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = None) -> Rendered:
+    """Use the tokenizer's own chat template; each assistant turn is found by rendering the prefix.
+
+    The text the template adds for an assistant turn (minus trailing whitespace) is supervised: the
+    answer and its end-of-turn marker, whatever the template's syntax.
+    """
+    if not tokenizer.chat_template:
+        raise TemplateError("the tokenizer has no chat template; use template plain or vicuna_v1")
+    messages = [{"role": "system", "content": system}] if system else []
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for role, text in turns:
+        if role == "assistant":
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages.append({"role": role, "content": text})
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise TemplateError("the chat template does not render turns as prefixes of each other")
+            turn = full[len(prompt):]
+            body = turn.rstrip()
+            pieces += [(prompt[len(done):], False), (body, True), (turn[len(body):], False)]
+            done = full
+        else:
+            messages.append({"role": role, "content": text})
+    full = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
+    if full[len(done):]:
+        pieces.append((full[len(done):], False))
+    return _spans_to_rendered(pieces)
+
+
+def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None) -> Rendered:
+    if template == "plain":
+        return render_plain(turns, image_token)
+    if template == "vicuna_v1":
+        return render_vicuna(turns, tokenizer.eos_token or "</s>", system)
+    if template == "chat":
+        return render_chat(turns, tokenizer, system)
+    raise TemplateError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")
