@@ -36,7 +36,9 @@ class DataArgs(_Strict):
     template: Literal["plain", "vicuna_v1", "chat"] = Field(
         "chat", description="plain (stage 1), vicuna_v1, or chat (the tokenizer's own chat template)."
     )
-    image_aspect: Literal["pad", "crop"] = Field("pad", description="pad to a mean-colour square (LLaVA-1.5) or resize + center crop.")
+    image_aspect: Literal["pad", "crop"] | None = Field(
+        None, description="pad to a mean-colour square (LLaVA-1.5) or resize + center crop; default: the base's setting."
+    )
     max_length: int = Field(2048, gt=0, description="Token limit per sample, image tokens included.")
     on_bad_sample: Literal["error", "skip"] = Field(
         "error", description="Missing/corrupt image, truncated image tokens, nothing to supervise: stop, or skip and count."

@@ -1,0 +1,156 @@
+"""`kit` command line. Commands only parse and call into the library; `main()` is the one place
+that turns known errors into one-line messages and exit codes. Heavy imports (torch,
+transformers) happen inside commands so `kit --help` is instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Private, parameter-efficient LLaVA adaptation on one GPU.")
+base_app = typer.Typer(no_args_is_help=True, help="Build LLaVA bases from parts, or the embedded mini base.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List and show shipped recipes.")
+data_app = typer.Typer(no_args_is_help=True, help="Check training data before a run.")
+app.add_typer(base_app, name="base")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(data_app, name="data")
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (kit recipes list) or path to a .yaml file.")]
+BaseOpt = Annotated[Optional[str], typer.Option(help="Base model folder, or 'mini' (the embedded default).")]
+DataOpt = Annotated[Optional[str], typer.Option(help="LLaVA .json/.jsonl data file; image paths are relative to its folder unless data.image_folder is set.")]
+OutOpt = Annotated[Optional[str], typer.Option(help="Output folder (default: outputs/<recipe>-<time> or adapters/<recipe>-<time>).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=2e-5 (repeatable).")]
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _train(stage: str, recipe: str, base, data, out, max_steps, resume, overrides) -> None:
+    from kit.errors import KitError
+    from kit.recipes import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    if r.stage != stage:
+        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
+    from kit.train import train
+
+    path = train(r, base=base, data=data, out=out, max_steps=max_steps, resume=resume, echo=_echo)
+    typer.echo(str(path))
+
+
+@app.command()
+def pretrain(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
+             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Stage 1: align the projector on image-caption pairs (vision tower and LLM frozen)."""
+    _train("pretrain", recipe, base, data, out, max_steps, resume, set_)
+
+
+@app.command()
+def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
+             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Stage 2: visual instruction tuning of projector + LLM (full or LoRA)."""
+    _train("finetune", recipe, base, data, out, max_steps, resume, set_)
+
+
+@base_app.command("build")
+def base_build(
+    out: Annotated[Path, typer.Option(help="Folder to write the HF-native model + processor to.")],
+    vision: Annotated[Optional[Path], typer.Option(help="Vision tower folder (CLIP/SigLIP, safetensors).")] = None,
+    llm: Annotated[Optional[Path], typer.Option(help="Causal LM folder (safetensors + tokenizer).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="'mini': the embedded default from pip packages.")] = None,
+    projector: Annotated[str, typer.Option(help="linear (LLaVA-1) or mlp2x_gelu (LLaVA-1.5).")] = "mlp2x_gelu",
+    vision_layer: Annotated[int, typer.Option(help="Vision layer whose features feed the projector.")] = -2,
+    image_aspect: Annotated[str, typer.Option(help="pad (LLaVA-1.5) or crop.")] = "pad",
+    aligned: Annotated[bool, typer.Option(help="With --preset mini: use the shipped stage-1 projector.")] = True,
+) -> None:
+    """Assemble a LLaVA from a vision tower and a causal LM (or --preset mini)."""
+    from kit.building import build
+
+    typer.echo(str(build(out, vision, llm, preset, projector, vision_layer, image_aspect, aligned)))
+
+
+@base_app.command("align-mini")
+def base_align_mini(
+    work: Annotated[Path, typer.Option(help="Working folder (data, run, evaluation).")] = Path("outputs/align-mini"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps (the shipped projector used 200).")] = 200,
+    train_images: Annotated[int, typer.Option(help="Drawn training images.")] = 200,
+    eval_images: Annotated[int, typer.Option(help="Held-out drawn images to caption.")] = 100,
+    projector_out: Annotated[Optional[Path], typer.Option(help="Where to write the aligned projector (default: only inside --work).")] = None,
+) -> None:
+    """Reproduce the mini base's stage-1 alignment and print colour/shape/position accuracies."""
+    from kit.mini_align import align_mini
+
+    align_mini(work, steps, train_images, eval_images, projector_out, echo=_echo)
+
+
+@base_app.command("eval-mini")
+def base_eval_mini(
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the cached aligned mini base).")] = None,
+    images: Annotated[int, typer.Option(help="Held-out drawn images to caption.")] = 100,
+) -> None:
+    """Caption held-out drawn shapes greedily and print colour/shape/position accuracy vs chance."""
+    from kit.mini_align import evaluate_mini
+
+    evaluate_mini(model, images, echo=_echo)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Shipped recipes (and those on KIT_RECIPES_PATH)."""
+    from kit.recipes import available_recipes, load_recipe
+
+    for name, path in available_recipes().items():
+        r = load_recipe(str(path))
+        typer.echo(f"{name:24} {r.stage:9} {r.description}")
+
+
+@recipes_app.command("show")
+def recipes_show(recipe: Annotated[str, typer.Argument(help="Recipe name or path.")],
+                 set_: SetOpt = None) -> None:
+    """Print a recipe fully resolved (defaults filled in, overrides applied)."""
+    from kit.recipes import load_recipe
+
+    typer.echo(load_recipe(recipe, set_ or []).to_yaml(), nl=False)
+
+
+@data_app.command("check")
+def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None) -> None:
+    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation."""
+    from kit.data.check import check
+    from kit.recipes import load_recipe
+
+    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    from kit.errors import KitError
+
+    try:
+        app()
+    except KitError as e:
+        if os.environ.get("KIT_DEBUG"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI's promise: no bare tracebacks
+        if os.environ.get("KIT_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        typer.echo(f"error: unexpected {type(e).__name__}: {first} (set KIT_DEBUG=1 to see the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

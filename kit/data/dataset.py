@@ -1,0 +1,211 @@
+"""Samples -> token ids, exact labels and pixels, with every unusable sample reported by id and reason."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.data.formats import IMAGE_TOKEN, Sample, load_samples
+from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
+from kit.errors import KitError
+from kit.templates import TemplateError, render
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: np.ndarray  # [T] int32
+    labels: np.ndarray  # [T] int32, IGNORE where not supervised
+    image: Path | None
+    truncated: bool = False
+
+
+@dataclass
+class Report:
+    total: int = 0
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (id, where, reason)
+    truncated_text: int = 0
+    lengths: list[int] = field(default_factory=list)
+    image_tokens: int = 0
+
+    def summary(self) -> str:
+        ok = self.total - len(self.problems)
+        s = f"{ok}/{self.total} samples usable"
+        if self.problems:
+            s += f", {len(self.problems)} skipped"
+        if self.truncated_text:
+            s += f", {self.truncated_text} text-truncated"
+        return s
+
+    def problem_lines(self, limit: int = 20) -> list[str]:
+        lines = [f"{where}: sample '{sid}': {reason}" for sid, where, reason in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more")
+        return lines
+
+
+def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answers: list[str]) -> bool:
+    """The decoded supervised tokens must spell the answers (whitespace aside)."""
+    got = tokenizer.decode([int(t) for t, l in zip(ids, labels) if l != IGNORE], skip_special_tokens=False)
+    want = "".join(answers)
+    return "".join(got.split()) == "".join(want.split())
+
+
+def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int, max_length: int, system: str | None = None):
+    """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample."""
+    expanded = IMAGE_TOKEN * n_image_tokens
+    turns = [(r, t.replace(IMAGE_TOKEN, expanded)) for r, t in sample.turns]
+    try:
+        rendered = render(template, turns, tokenizer, expanded, system)
+    except TemplateError as e:
+        return None, str(e)
+    enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=template != "chat")
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = enc["offset_mapping"]
+    labels = np.full(len(ids), IGNORE, dtype=np.int64)
+    starts = np.array([s for s, e in offsets])
+    ends = np.array([e for s, e in offsets])
+    # Any token carrying answer characters is supervised: BPE tokenizers glue the separator space
+    # to the answer's first word (" The"), which a start-inside rule would silently drop.
+    for a, b in rendered.spans:
+        overlap = (ends > starts) & (ends > a) & (starts < b)
+        labels[overlap] = ids[overlap]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    n_img = int((ids == image_id).sum())
+    if sample.image is not None and n_img != n_image_tokens:
+        return None, f"template produced {n_img} image tokens, expected {n_image_tokens}"
+    if (labels != IGNORE).sum() == 0:
+        return None, "nothing to supervise (no assistant answer survives the template)"
+    if not supervised_text_matches(tokenizer, ids, labels, rendered.answers):
+        return None, "supervised tokens do not spell the answers (tokenizer/template mismatch)"
+    truncated = False
+    if len(ids) > max_length:
+        if int((ids[:max_length] == image_id).sum()) != n_img:
+            return None, (
+                f"image tokens would be truncated: {len(ids)} tokens ({n_img} image) > max_length {max_length}; "
+                "raise data.max_length or shorten the sample"
+            )
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+        if (labels != IGNORE).sum() == 0:
+            return None, f"nothing left to supervise after truncation to max_length {max_length}"
+    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), None, truncated), None
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Pre-tokenised samples; images are decoded and processed on access."""
+
+    def __init__(self, items: list[Encoded], image_processor, aspect: str):
+        self.items = items
+        self.image_processor = image_processor
+        self.aspect = aspect
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def modality_lengths(self) -> list[int]:
+        """Positive length for image samples, negative for text-only (LLaVA's grouping convention)."""
+        return [len(it.input_ids) if it.image is not None else -len(it.input_ids) for it in self.items]
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        out = {"input_ids": torch.from_numpy(it.input_ids.astype(np.int64)), "labels": torch.from_numpy(it.labels.astype(np.int64))}
+        if it.image is not None:
+            try:
+                img = prepare_image(it.image, self.aspect, self.image_processor)
+            except ImageProblem as e:
+                raise KitError(f"sample '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
+            out["pixel_values"] = self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+        return out
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        longest = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        pixels = [b["pixel_values"] for b in batch if "pixel_values" in b]
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)  # [N_img, 3, H, W], only samples that have images
+        return out
+
+
+def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict[str, Path]:
+    def one(s: Sample):
+        try:
+            p = resolve_image(folder, s.image)
+            check_image(p)
+            return s.id, p, None
+        except ImageProblem as e:
+            return s.id, None, str(e)
+
+    paths = {}
+    todo = [s for s in samples if s.image is not None and s.problem is None]
+    by_id = {s.id: s for s in todo}
+    with ThreadPoolExecutor(workers) as pool:
+        for sid, path, problem in pool.map(one, todo):
+            if problem:
+                by_id[sid].problem = problem
+            else:
+                paths[sid] = path
+    return paths
+
+
+def build_dataset(
+    data_path: Path,
+    processor,
+    template: str,
+    max_length: int,
+    image_aspect: str,
+    image_folder: Path | None = None,
+    on_bad_sample: str = "error",
+    system: str | None = None,
+) -> tuple[LlavaDataset, Report]:
+    """Load, check and tokenise a LLaVA data file.
+
+    Raises KitError on structural errors, and on any unusable sample when `on_bad_sample` is
+    "error" (listing them); with "skip" they are left out and counted in the report.
+    """
+    from kit.models import image_token_count
+
+    data_path = Path(data_path)
+    samples = load_samples(data_path)
+    folder = Path(image_folder) if image_folder else data_path.parent
+    if any(s.image for s in samples) and not folder.is_dir():
+        raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
+    paths = _check_images(samples, folder)
+    n_image_tokens = image_token_count(processor)
+    report = Report(total=len(samples), image_tokens=n_image_tokens)
+    items: list[Encoded] = []
+    for s in samples:
+        if s.problem is None:
+            enc, reason = encode_sample(s, processor.tokenizer, template, n_image_tokens, max_length, system)
+            if enc is None:
+                s.problem = reason
+            else:
+                enc.image = paths.get(s.id) if s.image else None
+                report.truncated_text += enc.truncated
+                report.lengths.append(len(enc.input_ids))
+                items.append(enc)
+        if s.problem is not None:
+            report.problems.append((s.id, s.where, s.problem))
+    if report.problems and on_bad_sample == "error":
+        first = report.problem_lines(1)[0]
+        more = f" (+{len(report.problems) - 1} more; `kit data check` lists them)" if len(report.problems) > 1 else ""
+        raise KitError(f"{first}{more}; fix the data or set data.on_bad_sample=skip")
+    if not items:
+        raise KitError(f"{data_path}: no usable samples ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
+    return LlavaDataset(items, processor.image_processor, image_aspect), report
