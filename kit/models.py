@@ -80,9 +80,15 @@ def _vision_part(vision_dir: Path):
     vision_cfg = getattr(cfg, "vision_config", None) or cfg
     if not hasattr(vision_cfg, "patch_size") or not hasattr(vision_cfg, "image_size"):
         raise KitError(f"--vision {vision_dir}: model_type '{cfg.model_type}' is not a ViT-style vision tower (CLIP, SigLIP); use a CLIP/SigLIP folder")
-    weights = {k: v for k, v in _read_safetensors(vision_dir).items() if k.startswith("vision_model.")}
+    raw = _read_safetensors(vision_dir)
+    # A full CLIP/SigLIP checkpoint nests the tower under `vision_model.`; a vision-only one saved by
+    # recent transformers does not. Either way the tower's own keys are what LLaVA expects.
+    if any(k.startswith("vision_model.") for k in raw):
+        weights = {k.removeprefix("vision_model."): v for k, v in raw.items() if k.startswith("vision_model.")}
+    else:
+        weights = {k: v for k, v in raw.items() if not k.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale", "logit_bias"))}
     if not weights:
-        raise KitError(f"--vision {vision_dir}: no 'vision_model.*' weights in its safetensors files")
+        raise KitError(f"--vision {vision_dir}: no vision tower weights in its safetensors files")
     return vision_cfg, weights
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None
     data_path = Path(data_path)
     if not data_path.is_file():
         raise KitError(f"data file {data_path} does not exist; pass --data with a LLaVA .json or .jsonl file")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
+        raise KitError("several processes need one shared --out folder; pass --out DIR")
     if out is None:
         if resume:
             raise KitError("--resume needs --out: the folder of the run to continue")
@@ -68,7 +71,8 @@ def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None
     if resume:
         if not last_checkpoint(out_path):
             raise KitError(f"--resume: no checkpoint-* folder in {out_path}; run without --resume to start fresh")
-    elif out_path.exists() and any(out_path.iterdir()):
+    elif int(os.environ.get("RANK", "0")) == 0 and out_path.exists() and any(out_path.iterdir()):
+        # Only rank 0 checks: it may already have started writing when a slower rank gets here.
         raise KitError(f"--out {out_path} already exists and is not empty; pass --resume to continue it or choose another folder")
     image_folder = Path(recipe.data.image_folder) if recipe.data.image_folder else None
     return RunPlan(recipe, resolve_base(recipe, base), data_path, image_folder, out_path, resume)
@@ -127,7 +131,9 @@ def prepare_model(recipe: Recipe, base: Path):
     """Load the base for training: dtype, quantization, frozen/trainable parts, LoRA."""
     dtype = compute_dtype(recipe.train.precision)
     qcfg = quantization_config(dtype) if recipe.quantization == "nf4" else None
-    model = load_model(base, dtype=dtype, quantization_config=qcfg)
+    # 4-bit weights are placed at load time: each process on its own GPU.
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if qcfg is not None and torch.cuda.is_available() else None
+    model = load_model(base, dtype=dtype, quantization_config=qcfg, device_map=device_map)
     model.config.use_cache = False
     trainable = set(recipe.train.trainable)
     if qcfg is not None:
@@ -149,11 +155,31 @@ def prepare_model(recipe: Recipe, base: Path):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
+    for part, module in (("vision", _inner(model).vision_tower), ("projector", _inner(model).multi_modal_projector)):
+        if part not in trainable:
+            keep_in_eval_mode(module)
+    if "llm" not in trainable:
+        keep_in_eval_mode(_inner(model).language_model)
     # Master weights of what trains stay fp32 even when the frozen rest is bf16/fp16.
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def _inner(model):
+    """The LlavaModel (vision_tower, multi_modal_projector, language_model), PEFT-wrapped or not."""
+    if _is_peft(model):
+        model = model.get_base_model()
+    return model.model
+
+
+def keep_in_eval_mode(module: torch.nn.Module) -> None:
+    """A frozen part must not change with training: Trainer calls model.train() every step, which
+    would let BatchNorm in a CNN tower (the mini base's EfficientNet) use batch statistics and
+    overwrite its running stats, and would switch dropout on."""
+    module.eval()
+    module.train = types.MethodType(lambda self, mode=True: self, module)
 
 
 class KitTrainer(Trainer):
@@ -193,9 +219,11 @@ class KitTrainer(Trainer):
             seed=self.args.seed,
         )
 
+    final_save = False  # the run's final save writes the whole model, checkpoints only what trains
+
     def _partial(self) -> bool:
         model = self.accelerator.unwrap_model(self.model)
-        return not _is_peft(model) and not all(p.requires_grad for p in model.parameters())
+        return not self.final_save and not _is_peft(model) and not all(p.requires_grad for p in model.parameters())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._partial():
@@ -207,7 +235,11 @@ class KitTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        if state_dict is not None:  # gathered for us under ZeRO-3 / FSDP
+            tensors = {n: t.detach().cpu().contiguous() for n, t in state_dict.items() if n in names}
+        else:
+            tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
         save_file(tensors, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -286,8 +318,8 @@ def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingA
         max_steps=max_steps if max_steps is not None else t.max_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -349,21 +381,19 @@ def train(
         kit_lengths=dataset.modality_lengths(),
     )
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if resume else None)
-    if trainer.is_world_process_zero():
-        save_final(trainer, plan, report, result.metrics)
+    save_final(trainer, plan, report, result.metrics)
     return plan.out
 
 
 def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict[str, Any]) -> None:
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    """Every rank takes part (ZeRO-3 / FSDP gather the weights); rank 0 writes."""
+    trainer.final_save = True
+    trainer.save_model(str(plan.out))
+    if not trainer.is_world_process_zero():
+        return
     out = plan.out
-    if _is_peft(model):
-        model.save_pretrained(out)
-        kind = "adapter"
-    else:
-        model.save_pretrained(out)
-        kind = "model"
-    trainer.processing_class.save_pretrained(out)
+    kind = "adapter" if _is_peft(trainer.accelerator.unwrap_model(trainer.model)) else "model"
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
     plot_loss(out / "log.csv", out / "loss.png", title=f"{plan.recipe.name} ({plan.recipe.stage})")
     cards.write_card(
         out,

@@ -1,0 +1,63 @@
+"""Every shipped recipe validates; overrides are typed; mistakes name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from kit.errors import KitError
+from kit.recipes import available_recipes, load_recipe
+
+SHIPPED = sorted(available_recipes())
+
+
+def test_the_llava15_recipes_ship():
+    assert {"llava15-pretrain", "llava15-finetune", "llava15-lora", "mini-pretrain"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates(name):
+    r = load_recipe(name)
+    assert r.name == name
+    assert r.train.trainable
+
+
+def test_llava15_hyperparameters_match_the_reference():
+    pt, ft, lora = load_recipe("llava15-pretrain"), load_recipe("llava15-finetune"), load_recipe("llava15-lora")
+    assert (pt.train.trainable, pt.train.lr, pt.train.global_batch_size, pt.data.template) == (["projector"], 1e-3, 256, "plain")
+    assert (ft.train.lr, ft.train.global_batch_size, ft.data.template, ft.data.image_aspect) == (2e-5, 128, "vicuna_v1", "pad")
+    assert (lora.lora.r, lora.lora.alpha, lora.train.lr, lora.train.projector_lr) == (128, 256, 2e-4, 2e-5)
+    for r in (pt, ft, lora):
+        assert (r.train.warmup_ratio, r.train.scheduler, r.train.weight_decay, r.data.max_length) == (0.03, "cosine", 0.0, 2048)
+
+
+def test_overrides_are_parsed_against_the_schema():
+    r = load_recipe("llava15-lora", ["train.lr=3e-4", "lora.targets=[q_proj, v_proj]", "lora=null", "train.trainable=[projector]"])
+    assert r.train.lr == 3e-4 and r.lora is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("train.lr=fast", "'train.lr': Input should be a valid number"),
+        ("data.template=alpaca", "'data.template': Input should be 'plain', 'vicuna_v1' or 'chat'"),
+        ("train.global_batch_size=10", "not a multiple of batch_size"),
+        ("quantization=nf4", None),
+        ("nonsense", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    if message is None:  # nf4 with LoRA present is valid
+        assert load_recipe("llava15-lora", [override]).quantization == "nf4"
+        with pytest.raises(KitError, match="quantization needs lora"):
+            load_recipe("llava15-finetune", [override])
+        return
+    with pytest.raises(KitError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_recipe("llava15-lora", [override])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\nstage: finetune\ntrain:\n  lr: [1\n")
+    with pytest.raises(KitError, match=r"r\.yaml:\d+: invalid YAML"):
+        load_recipe(str(f))

@@ -1,0 +1,206 @@
+"""Scale-out: the shipped accelerate/DeepSpeed configs are valid, and a 2-process DDP run (CPU, gloo)
+trains identical weights on both ranks with the global batch split over them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+CONFIG_DIR = REPO / "configs" / "accelerate"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+# Every accelerate config this repo ships, and what it must be.
+EXPECTED = {
+    "ddp.yaml": "MULTI_GPU",
+    "deepspeed_zero2.yaml": "DEEPSPEED",
+    "deepspeed_zero3.yaml": "DEEPSPEED",
+    "fsdp.yaml": "FSDP",
+}
+
+
+def _launch_dests() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {a.dest for a in launch_command_parser()._actions}
+
+
+def _launch_env(path: Path) -> tuple[object, dict[str, str]]:
+    """What `accelerate launch --config_file path` would put in the workers' environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return args, env
+
+
+def test_the_expected_configs_are_shipped():
+    assert {p.name for p in CONFIGS} == set(EXPECTED)
+    # The recipes point users at these exact files.
+    for recipe, cfg in [("llava15-pretrain", "deepspeed_zero2.yaml"), ("llava15-finetune", "deepspeed_zero3.yaml")]:
+        assert f"configs/accelerate/{cfg}" in (REPO / "recipes" / f"{recipe}.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_is_valid(path: Path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict)
+    assert raw["distributed_type"] in {t.value for t in DistributedType}
+    assert raw["distributed_type"] == EXPECTED[path.name]
+
+    # accelerate's own loader rejects unknown top-level keys...
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.distributed_type == DistributedType(raw["distributed_type"])
+    assert cfg.num_processes >= 2 and cfg.num_machines == 1
+    assert not cfg.use_cpu
+    # ...but copies nested ones onto the launch arguments unchecked: check them against the launcher's options.
+    dests = _launch_dests()
+    nested = {k for k in cfg.deepspeed_config} | {k if k.startswith("fsdp") else f"fsdp_{k}" for k in cfg.fsdp_config}
+    assert nested <= dests, f"unknown keys for accelerate launch: {sorted(nested - dests)}"
+
+    if cfg.distributed_type == DistributedType.DEEPSPEED:
+        stage = 2 if "zero2" in path.name else 3
+        ds_file = cfg.deepspeed_config["deepspeed_config_file"]
+        # Relative paths resolve against the launch directory: the repo root.
+        assert not Path(ds_file).is_absolute() and (REPO / ds_file).is_file(), ds_file
+        assert (REPO / ds_file).parent == CONFIG_DIR
+        ds = json.loads((REPO / ds_file).read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        # With a config file, these must come from the JSON (accelerate refuses them in the YAML).
+        assert "mixed_precision" not in raw and "zero_stage" not in cfg.deepspeed_config
+    if cfg.distributed_type == DistributedType.FSDP:
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+@pytest.mark.parametrize("name,stage", [("zero2.json", 2), ("zero3.json", 3)])
+def test_deepspeed_json_is_hf_trainer_compatible(name: str, stage: int):
+    ds = json.loads((CONFIG_DIR / name).read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert ds["gradient_accumulation_steps"] == "auto"
+    assert ds["bf16"]["enabled"] == "auto"
+    z = ds["zero_optimization"]
+    assert z["stage"] == stage and z["overlap_comm"] is True and z["contiguous_gradients"] is True
+    if stage == 3:
+        assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    # No optimizer/scheduler sections: HF Trainer (KitTrainer) builds them, projector_lr included.
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_accelerate_launch_accepts_the_config(path: Path, monkeypatch):
+    """Go through `accelerate launch`'s own argument handling and build the plugin a worker would build."""
+    args, env = _launch_env(path)
+    assert int(args.num_processes) == 8
+    with mock.patch.dict(os.environ, env):
+        if args.use_deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            # The plugin reads the JSON named in the env (relative to the launch directory, the repo
+            # root) and refuses fields that the YAML and the JSON both set.
+            monkeypatch.chdir(REPO)
+            plugin = DeepSpeedPlugin()
+            assert plugin.zero_stage == (2 if "zero2" in path.name else 3)
+        elif args.use_fsdp:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+            assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+        else:
+            assert args.multi_gpu and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_fsdp_wrap_classes_exist_in_a_llava_15_model():
+    """fsdp.yaml names LLaVA-1.5's block classes; a missing class fails at wrap time on the GPUs."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).to_dict(),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    _, env = _launch_env(CONFIG_DIR / "fsdp.yaml")
+    with mock.patch.dict(os.environ, env):
+        plugin = FullyShardedDataParallelPlugin()
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = {type(m).__name__ for m in model.modules() if policy(m)}
+    assert wrapped == {"LlamaDecoderLayer", "CLIPEncoderLayer"}
+
+
+def test_ddp_two_processes_on_cpu_train_identical_weights(tiny_base, shapes, kit_cache, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import state_dict_of
+
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
+        KIT_CACHE=str(kit_cache), CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(TESTS / "ddp_worker.py"), str(tiny_base), shapes["instruct"], str(out), str(dump),
+    ]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+
+    infos = [json.loads((dump / f"rank{i}.json").read_text()) for i in (0, 1)]
+    for i, info in enumerate(infos):
+        assert info["rank"] == i
+        assert info["dist_initialized"] and info["dist_world_size"] == 2 and info["dist_backend"] == "gloo"
+        assert info["args_world_size"] == 2
+        assert info["gradient_accumulation_steps"] == 1  # global 8 = batch 4 x 2 processes
+        assert info["global_step"] == 4
+        # Each rank sees its half of the batches, not the whole data set.
+        assert info["batches_per_rank"] == math.ceil(info["samples"] / 8), info
+
+    a, b = (load_file(str(dump / f"rank{i}.safetensors")) for i in (0, 1))
+    assert set(a) == set(b) and a
+    assert any("multi_modal_projector" in k for k in a) and any("language_model" in k for k in a)
+    assert not any("vision_tower" in k for k in a)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+
+    # Parameter names (model.multi_modal_projector...) and saved names (multi_modal_projector... in
+    # transformers' on-disk layout) may differ by a prefix: match on the module path.
+    def saved_proj(state: dict) -> torch.Tensor:
+        hits = [k for k in state if k.endswith("multi_modal_projector.linear_1.weight")]
+        assert len(hits) == 1, sorted(k for k in state if "projector" in k)
+        return state[hits[0]].float()
+
+    proj = next(k for k in a if k.endswith("multi_modal_projector.linear_1.weight"))
+    base_w = saved_proj(state_dict_of(tiny_base))
+    assert a[proj].shape == base_w.shape
+    assert not torch.allclose(a[proj].float(), base_w), "projector did not move: no training happened"
+
+    # Rank 0 wrote the run; the saved model is what both ranks trained.
+    assert torch.equal(saved_proj(state_dict_of(out)), a[proj].float())
+    assert json.loads((out / "kit.json").read_text())["steps"] == 4
+    assert not list(tmp_path.glob("outputs*")), "a rank wrote outside --out"
