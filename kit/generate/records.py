@@ -1,0 +1,42 @@
+"""Records: what a text-only generator may know about an image (never the pixels).
+
+Every source (COCO, a manifest folder, DICOM, figure captions) becomes a list of `Record`s; the
+generator, the stage-1 caption writer and the privacy check read only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TYPES = ("conversation", "detail", "complex")
+
+
+@dataclass(frozen=True)
+class Box:
+    label: str
+    bbox: tuple[float, float, float, float]  # x1, y1, x2, y2, normalised to 0..1 of width/height
+
+    def line(self) -> str:
+        """LLaVA's symbolic form: `label: [x1, y1, x2, y2]` with three decimals."""
+        return f"{self.label}: [{', '.join(f'{v:.3f}' for v in self.bbox)}]"
+
+
+@dataclass
+class Record:
+    id: str  # stable across runs: derived from the source, never from order or time
+    image: str  # path relative to `root`
+    root: Path  # the image folder
+    captions: list[str] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # free text: report findings, inline figure mentions
+    metadata: dict[str, str] = field(default_factory=dict)  # safe descriptive fields only (modality, body part); never PHI
+    private: bool = False  # private sources never go to a non-loopback backend without --allow-remote
+    source: str = ""  # "file#key", for messages
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["root"] = str(self.root)
+        d["boxes"] = [{"label": b.label, "bbox": list(b.bbox)} for b in self.boxes]
+        return d
