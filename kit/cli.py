@@ -131,6 +131,22 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
         raise typer.Exit(1)
 
 
+@data_app.command("ingest")
+def data_ingest(
+    source: Annotated[str, typer.Option(help="coco | manifest | dicom | figures")],
+    input: Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")],
+    out: Annotated[Path, typer.Option(help="Stage-1 LLaVA JSON to write (image-caption pairs).")],
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (COCO, figures).")] = None,
+    instances: Annotated[Optional[Path], typer.Option(help="COCO instances file (boxes).")] = None,
+    seed: Annotated[int, typer.Option(help="Chooses the instruction wording per image.")] = 0,
+) -> None:
+    """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
+    from kit.data.ingest import ingest
+
+    n = ingest(source, input, out, images, instances, seed)
+    typer.echo(f"{n} caption pairs -> {out}")
+
+
 def main() -> None:
     from kit.errors import KitError
 

@@ -164,6 +164,16 @@ def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict
     return paths
 
 
+def default_image_folder(data_path: Path) -> Path:
+    """The data file's folder, unless a `kit.json` data card there (kit generate / ingest) names another."""
+    from kit.cards import read_card
+
+    card = read_card(data_path.parent) or {}
+    if card.get("kind") == "data" and card.get("image_folder"):
+        return Path(card["image_folder"])
+    return data_path.parent
+
+
 def build_dataset(
     data_path: Path,
     processor,
@@ -183,7 +193,7 @@ def build_dataset(
 
     data_path = Path(data_path)
     samples = load_samples(data_path)
-    folder = Path(image_folder) if image_folder else data_path.parent
+    folder = Path(image_folder) if image_folder else default_image_folder(data_path)
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
     paths = _check_images(samples, folder)
