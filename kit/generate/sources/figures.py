@@ -1,0 +1,56 @@
+"""Figure captions with inline mentions (LLaVA-Med style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from kit.errors import KitError
+from kit.generate.records import Record
+from kit.generate.sources._common import _read_jsonl, _under_private
+from kit.generate.sources.manifest import _checked_image, _record_id, _text_list
+
+
+_FIGURE_FIELDS = {"id", "image", "caption", "mentions"}
+
+
+def from_figures(file: Path, images_dir: Path) -> list[Record]:
+    """Records from LLaVA-Med-style figure captions: a JSONL file, one figure per line::
+
+        {"id": "PMC123_fig2", "image": "PMC123/fig2.jpg", "caption": "CT of the chest showing ...",
+         "mentions": ["As shown in Figure 2, the nodule ..."]}
+
+    `image` is relative to `images_dir`; `id` defaults as in `from_manifest`; `mentions` (inline
+    references to the figure from the paper text) is optional and becomes the record's findings.
+    `private` is True when a path component of the file or `images_dir` is `private_data`.
+
+    Raises KitError naming `FILE:LINE` for: a missing or empty file, invalid JSON, an unknown field,
+    a missing or empty caption, malformed mentions, a missing image, a path outside `images_dir`, a
+    duplicate id; and for a missing `images_dir`.
+    """
+    file, images_dir = Path(file), Path(images_dir)
+    if not file.is_file():
+        raise KitError(f"figure-caption file {file} does not exist")
+    if not images_dir.is_dir():
+        raise KitError(f"figure images folder {images_dir} does not exist")
+    private = _under_private(file, images_dir)
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in _read_jsonl(file, "figure-caption file"):
+        where = f"{file.name}:{lineno}"
+        unknown = sorted(set(obj) - _FIGURE_FIELDS)
+        if unknown:
+            raise KitError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIGURE_FIELDS))} ({file})")
+        rel, _ = _checked_image(obj.get("image"), images_dir, where)
+        rid = _record_id(obj, rel, where, seen, lineno)
+        caption = obj.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise KitError(f"{where}: 'caption' must be a non-empty string")
+        mentions = _text_list(obj["mentions"], "mentions", where) if "mentions" in obj else []
+        records.append(
+            Record(
+                id=rid, image=rel, root=images_dir, captions=[caption.strip()], findings=mentions,
+                private=private, source=f"{file}:{lineno}",
+            )
+        )
+    return records
