@@ -131,6 +131,36 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
         raise typer.Exit(1)
 
 
+@app.command()
+def generate(
+    source: Annotated[str, typer.Option(help="coco | manifest | dicom | figures")],
+    input: Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")],
+    out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, summary.json, ledger.jsonl, kit.json.")],
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (COCO, figures).")] = None,
+    instances: Annotated[Optional[Path], typer.Option(help="COCO instances file (object boxes).")] = None,
+    types: Annotated[str, typer.Option(help="Comma-separated: conversation, detail, complex.")] = "conversation,detail,complex",
+    domain: Annotated[str, typer.Option(help="Prompt set: general, medical, ...")] = "general",
+    backend: Annotated[str, typer.Option(help="openai (GPT-4 family or any OpenAI-compatible --base-url) or hf (in-process).")] = "hf",
+    model: Annotated[Optional[str], typer.Option(help="Model name (openai) or folder (hf; default: packaged SmolLM2).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (per task).")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the prompts and a token / cost estimate; call nothing.")] = False,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow private records to go to a non-loopback backend.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = 1024,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+) -> None:
+    """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
+
+    Rerunning the same command resumes: finished tasks are kept, failed ones retried.
+    """
+    from kit.cli_generate import generate_command
+
+    generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
+                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=_echo)
+
+
 @data_app.command("ingest")
 def data_ingest(
     source: Annotated[str, typer.Option(help="coco | manifest | dicom | figures")],

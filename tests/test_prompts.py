@@ -65,6 +65,7 @@ def test_medical_context_carries_acquisition_and_findings():
         ("conversation", "Question: A?\nQuestion: B?\nAnswer: C.", "do not alternate"),
         ("conversation", "Some preamble.\nQuestion: A?\nAnswer: B.", "text before the first Question"),
         ("detail", "Too short.", "length"),
+        ("conversation", "Question: What is it?\nAnswer: A dog.\nQuestion: What is it?\nAnswer: A dog again.", "repeated question"),
         ("complex", "Question: Why?\nAnswer: Because.", "length"),
         ("detail", "Question: What?\nAnswer: " + "word " * 30, "a question where a description"),
     ],

@@ -99,6 +99,9 @@ def parse_reply(rtype: str, text: str, pick: int = 0) -> list[tuple[str, str]]:
         turns = [("human", DETAIL_PROMPTS[pick % len(DETAIL_PROMPTS)]), ("gpt", " ".join(text.split()))]
     else:
         turns = _qa_pairs(text)
+    questions = [" ".join(t.lower().split()) for r, t in turns if r == "human"]
+    if len(set(questions)) < len(questions):
+        raise Rejected("repeated question")
     (wmin, wmax), (rmin, rmax) = LIMITS[rtype]
     rounds = len(turns) // 2
     if not rmin <= rounds <= rmax:

