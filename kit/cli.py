@@ -80,7 +80,7 @@ def base_build(
 def base_align_mini(
     work: Annotated[Path, typer.Option(help="Working folder (data, run, evaluation).")] = Path("outputs/align-mini"),
     steps: Annotated[int, typer.Option(help="Optimizer steps (the shipped projector used 200).")] = 200,
-    train_images: Annotated[int, typer.Option(help="Drawn training images.")] = 200,
+    train_images: Annotated[int, typer.Option(help="Drawn training images (one epoch of 200 steps x 8).")] = 1600,
     eval_images: Annotated[int, typer.Option(help="Held-out drawn images to caption.")] = 100,
     projector_out: Annotated[Optional[Path], typer.Option(help="Where to write the aligned projector (default: only inside --work).")] = None,
 ) -> None:

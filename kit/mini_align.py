@@ -67,7 +67,7 @@ def shapes_accuracy(model_dir: Path, data_dir: Path, echo=print) -> dict[str, fl
     return acc
 
 
-def align_mini(work: Path, steps: int = 200, n_train: int = 200, n_eval: int = 100, projector_out: Path | None = None, echo=print) -> dict[str, float]:
+def align_mini(work: Path, steps: int = 200, n_train: int = 1600, n_eval: int = 100, projector_out: Path | None = None, echo=print) -> dict[str, float]:
     from kit.recipes import load_recipe
     from kit.train import train
 
