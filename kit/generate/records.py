@@ -6,6 +6,7 @@ generator, the stage-1 caption writer and the privacy check read only these.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,19 @@ class Record:
         d["root"] = str(self.root)
         d["boxes"] = [{"label": b.label, "bbox": list(b.bbox)} for b in self.boxes]
         return d
+
+
+def image_folder_for(records: list[Record], out_dir: Path) -> Path:
+    """The folder a data file's image paths are written relative to.
+
+    The output folder when every image lies under it (kit's default image folder, so the file works
+    without configuration); else the records' shared root; else the images' common ancestor.
+    """
+    files = [Path(os.path.abspath(Path(r.root) / r.image)) for r in records]
+    out_abs = Path(os.path.abspath(out_dir))
+    if all(f.is_relative_to(out_abs) for f in files):
+        return out_abs
+    roots = {Path(os.path.abspath(r.root)) for r in records}
+    if len(roots) == 1:
+        return roots.pop()
+    return Path(os.path.commonpath([str(f.parent) for f in files]))

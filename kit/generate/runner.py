@@ -25,7 +25,7 @@ from typing import Any
 from kit import cards
 from kit.errors import KitError
 from kit.generate.backends import Backend, BackendError, Completion
-from kit.generate.records import TYPES, Record
+from kit.generate.records import TYPES, Record, image_folder_for
 
 LEDGER = "ledger.jsonl"
 FINAL = ("ok", "rejected")  # statuses a resume skips; "failed" is tried again
@@ -97,18 +97,6 @@ def _category(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
-def _image_folder(records: list[Record], out_dir: Path) -> Path:
-    """The folder data.json's image paths are relative to (same rule as kit.generate.sources): the
-    output folder when every image lies under it (so the data works without configuration), else
-    the records' shared root, else the common ancestor of the images."""
-    files = [Path(os.path.abspath(Path(r.root) / r.image)) for r in records]
-    out_abs = Path(os.path.abspath(out_dir))
-    if all(f.is_relative_to(out_abs) for f in files):
-        return out_abs
-    roots = {Path(os.path.abspath(r.root)) for r in records}
-    if len(roots) == 1:
-        return roots.pop()
-    return Path(os.path.commonpath([str(f.parent) for f in files]))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -328,7 +316,7 @@ def run_generation(
     backend.check()
     prompts.build_messages(tasks[0].record, tasks[0].rtype, domain)  # an unknown domain fails here, before out_dir exists
     out_dir.mkdir(parents=True, exist_ok=True)
-    image_root = _image_folder(records, out_dir)
+    image_root = image_folder_for(records, out_dir)
     run = _Run(
         backend=backend, ledger=ledger, prompts=prompts, parse=parse, domain=domain,
         concurrency=concurrency, max_retries=max_retries, timeout=timeout, temperature=temperature,

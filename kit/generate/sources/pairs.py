@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kit import cards
 from kit.errors import KitError
-from kit.generate.records import Record
+from kit.generate.records import Record, image_folder_for
 from kit.generate.sources._common import _atomic_write_bytes
 
 
@@ -32,20 +32,6 @@ def _instruction(seed: int, rid: str) -> str:
     return CAPTION_INSTRUCTIONS[int.from_bytes(digest[:8], "big") % len(CAPTION_INSTRUCTIONS)]
 
 
-def _image_folder(records: list[Record], out_dir: Path) -> Path:
-    """The folder all image paths are written relative to.
-
-    The data file's own folder when every image lies under it (kit's default image folder, so the
-    file works without configuration); else the records' shared root; else their common ancestor.
-    """
-    files = [Path(os.path.abspath(r.root / r.image)) for r in records]
-    out_abs = Path(os.path.abspath(out_dir))
-    if all(f.is_relative_to(out_abs) for f in files):
-        return out_abs
-    roots = {Path(os.path.abspath(r.root)) for r in records}
-    if len(roots) == 1:
-        return roots.pop()
-    return Path(os.path.commonpath([str(f.parent) for f in files]))
 
 
 def write_caption_pairs(records: list[Record], out_file: Path, seed: int = 0) -> int:
@@ -69,7 +55,7 @@ def write_caption_pairs(records: list[Record], out_file: Path, seed: int = 0) ->
             raise KitError(f"two records share id '{r.id}' ({seen[r.id]} and {r.source}); ids must be unique in one data file")
         seen[r.id] = r.source
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    folder = _image_folder(usable, out_file.parent)
+    folder = image_folder_for(usable, out_file.parent)
     samples = []
     for r in usable:
         image = Path(os.path.relpath(os.path.abspath(r.root / r.image), folder)).as_posix()
