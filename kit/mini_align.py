@@ -20,7 +20,11 @@ def extract_projector(model_dir: Path, dest: Path) -> Path:
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k).float().contiguous() for k in fh.keys() if k.startswith(PROJECTOR_PREFIX)})
+            # Saved names vary by architecture (llava-hf's legacy layout drops "model."); normalise.
+            tensors.update({
+                PROJECTOR_PREFIX + k.split("multi_modal_projector.", 1)[1]: fh.get_tensor(k).float().contiguous()
+                for k in fh.keys() if "multi_modal_projector." in k
+            })
     if not tensors:
         raise KitError(f"{model_dir}: no projector weights found")
     dest.parent.mkdir(parents=True, exist_ok=True)

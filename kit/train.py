@@ -136,10 +136,10 @@ def prepare_model(recipe: Recipe, base: Path):
     model = load_model(base, dtype=dtype, quantization_config=qcfg, device_map=device_map)
     model.config.use_cache = False
     trainable = set(recipe.train.trainable)
-    if qcfg is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    # No prepare_model_for_kbit_training: it upcasts every weight that is not 4-bit (tower,
+    # embeddings, lm_head) to fp32, which on a 7B base costs more memory than quantization saves.
+    # Frozen weights stay in the compute dtype; only what trains is fp32 (below). Non-reentrant
+    # checkpointing needs no input-grad hook.
     for name, p in model.named_parameters():
         p.requires_grad_(part_of(name) in trainable and not (recipe.lora and part_of(name) == "llm"))
     if recipe.lora is not None:

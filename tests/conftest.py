@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes' CPU fallback torch.compiles its dequant kernels first (20-40 s); tests don't need it.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def _guard_network():

@@ -1,0 +1,302 @@
+"""LLaVA-Med-style VQA evaluation: closed (yes/no) accuracy and open-answer recall.
+
+Input: JSONL, one question per line::
+
+    {"id": "q1", "image": "images/a.png", "question": "Is there a fracture?", "answer": "yes", "answer_type": "closed"}
+    {"id": "q2", "image": "images/a.png", "question": "Which organ is shown?", "answer": "left lung", "answer_type": "open"}
+
+`image` is relative to the file's folder (or the image folder a kit data card there names).
+Closed questions: the first "yes"/"no" word of the prediction is compared with the answer (no
+yes/no word counts as wrong). Open questions: recall of the ground-truth answer's words (lowercased,
+punctuation stripped) among the prediction's words, averaged — LLaVA-Med's open-set metric.
+Answers are greedy, from the model's prompt format as trained (see kit.loading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit.errors import KitError
+
+FIELDS = ("id", "image", "question", "answer", "answer_type")
+ANSWER_TYPES = ("closed", "open")
+SUFFIX = {"closed": "Answer yes or no.", "open": "Answer briefly."}
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclass
+class Item:
+    id: str
+    image: Path
+    question: str
+    answer: str
+    answer_type: str
+    where: str
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words with punctuation stripped ("It's red." -> ["it", "s", "red"])."""
+    return _WORD.findall(str(text).lower())
+
+
+def yes_no(text: str) -> str | None:
+    """The first 'yes' or 'no' word of `text`, or None."""
+    return next((w for w in words(text) if w in ("yes", "no")), None)
+
+
+def closed_correct(prediction: str, answer: str) -> bool:
+    want = yes_no(answer)
+    return want is not None and yes_no(prediction) == want
+
+
+def open_recall(prediction: str, answer: str) -> float:
+    """Fraction of the answer's words that appear in the prediction."""
+    want = words(answer)
+    if not want:
+        return 0.0
+    have = set(words(prediction))
+    return sum(w in have for w in want) / len(want)
+
+
+def score(prediction: str, answer: str, answer_type: str) -> float:
+    return float(closed_correct(prediction, answer)) if answer_type == "closed" else open_recall(prediction, answer)
+
+
+# ---------------------------------------------------------------------------------------- input
+
+
+def load_items(data: Path, image_folder: Path | None = None, limit: int | None = None) -> list[Item]:
+    """Parse and check an evaluation file. KitError (naming file:line) for any problem."""
+    from kit.data.dataset import default_image_folder
+    from kit.data.images import ImageProblem, check_image, resolve_image
+
+    data = Path(data)
+    if limit is not None and limit < 1:
+        raise KitError(f"--limit must be at least 1 (got {limit})")
+    if not data.is_file():
+        raise KitError(f"evaluation file {data} does not exist; give a JSONL file of {{{', '.join(FIELDS)}}} lines")
+    folder = Path(image_folder) if image_folder else default_image_folder(data)
+    raw: list[tuple[str, dict]] = []
+    for lineno, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{data}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KitError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise KitError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
+        missing = [f for f in FIELDS if rec.get(f) in (None, "")]
+        if missing:
+            raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
+        atype = str(rec["answer_type"]).strip().lower()
+        if atype not in ANSWER_TYPES:
+            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no) or 'open'")
+        for f in ("image", "question"):
+            if not isinstance(rec[f], str):
+                raise KitError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
+        if isinstance(rec["answer"], (dict, list)):
+            raise KitError(f"{where}: field 'answer' must be a string, got {type(rec['answer']).__name__}")
+        answer = str(rec["answer"]).strip()
+        if atype == "closed" and yes_no(answer) is None:
+            raise KitError(f"{where}: closed answer '{answer}' is not yes or no; mark the question answer_type 'open'")
+        if atype == "open" and not words(answer):
+            raise KitError(f"{where}: open answer '{answer}' has no words to recall")
+        raw.append((where, {**rec, "answer": answer, "answer_type": atype}))
+    if not raw:
+        raise KitError(f"evaluation file {data} has no questions")
+    if limit is not None:
+        raw = raw[:limit]
+    items = []
+    for where, rec in raw:
+        try:
+            path = resolve_image(folder, rec["image"])
+            check_image(path)
+        except ImageProblem as e:
+            raise KitError(f"{where}: {e}; fix the path (relative to {folder}) or remove the line") from None
+        items.append(Item(str(rec["id"]), path, rec["question"].strip(), rec["answer"], rec["answer_type"], where))
+    return items
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def _prompt(processor, question: str, answer_type: str, info: dict[str, Any]) -> str:
+    """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
+    from kit.templates import VICUNA_TEMPLATE
+
+    text = f"{question} {SUFFIX[answer_type]}"
+    template = info.get("template")
+    if template == "plain":
+        return "<image>"  # stage-1 models only caption; the question cannot be asked
+    messages: list[dict[str, Any]] = []
+    if info.get("system_prompt"):
+        messages.append({"role": "system", "content": info["system_prompt"]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    chat_template = VICUNA_TEMPLATE if template == "vicuna_v1" else None
+    if chat_template is None and not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
+        chat_template = VICUNA_TEMPLATE
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    for tok in (tokenizer.eos_token, "<|im_end|>", "</s>"):
+        if tok and tok in tokenizer.get_vocab():
+            ids.append(tokenizer.convert_tokens_to_ids(tok))
+    return sorted(set(i for i in ids if i is not None))
+
+
+def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
+    import torch
+
+    from kit.data.images import ImageProblem, prepare_image
+
+    tok = processor.tokenizer
+    images = []
+    for it in items:
+        try:
+            images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
+        except ImageProblem as e:
+            raise KitError(f"{it.where}: {e}") from None
+    prompts = [_prompt(processor, it.question, it.answer_type, info) for it in items]
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old_side
+    device = next(p.device for p in model.parameters())
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.uint8), torch.float32)
+    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    stop = _stop_ids(model, tok)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
+        )
+    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    closed = [p["score"] for p in predictions if p["answer_type"] == "closed"]
+    opened = [p["score"] for p in predictions if p["answer_type"] == "open"]
+    every = closed + opened
+    return {
+        "closed_accuracy": sum(closed) / len(closed) if closed else None,
+        "open_recall": sum(opened) / len(opened) if opened else None,
+        "overall": sum(every) / len(every) if every else None,
+        "n_closed": len(closed),
+        "n_open": len(opened),
+    }
+
+
+def evaluate(
+    model_path: Path,
+    data: Path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    echo: Callable[[str], None] = print,
+    image_folder: Path | None = None,
+) -> dict[str, Any]:
+    """Answer every question greedily and score them.
+
+    Returns closed_accuracy, open_recall, overall (mean per-question score; None where a type has no
+    questions), n_closed, n_open, model, data, notes and predictions (one dict per question: id,
+    answer_type, question, answer, prediction, score). The file is fully checked before the model
+    is loaded; KitError (file:line) for bad lines or missing images.
+    """
+    from kit.loading import load_for_inference
+
+    if batch_size < 1:
+        raise KitError(f"batch size must be at least 1 (got {batch_size})")
+    if max_new_tokens < 1:
+        raise KitError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    items = load_items(Path(data), image_folder, limit)
+    model, processor, info = load_for_inference(Path(model_path))
+    n_c = sum(it.answer_type == "closed" for it in items)
+    echo(f"evaluating {model_path} ({info['kind']}) on {len(items)} questions ({n_c} closed, {len(items) - n_c} open) from {data}")
+    for note in info["notes"]:
+        echo(f"note: {note}")
+    if info.get("template") == "plain":
+        echo("note: this model was trained with the 'plain' (caption-only) template; it cannot be asked questions, expect low scores")
+        info["notes"].append("plain template: questions are not shown to the model")
+    predictions = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        for it, pred in zip(chunk, answer_batch(model, processor, info, chunk, max_new_tokens)):
+            predictions.append({
+                "id": it.id, "answer_type": it.answer_type, "question": it.question, "answer": it.answer,
+                "prediction": pred, "score": score(pred, it.answer, it.answer_type),
+            })
+    result = summarise(predictions)
+    result.update({"model": str(model_path), "kind": info["kind"], "data": str(data), "notes": info["notes"], "predictions": predictions})
+    return result
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+METRICS = (("closed accuracy", "closed_accuracy"), ("open recall", "open_recall"), ("overall", "overall"))
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A metric | value table (percent) for one evaluation."""
+    rows = [f"{'metric':16} | {'value':>7} | n"]
+    counts = {"closed_accuracy": result["n_closed"], "open_recall": result["n_open"], "overall": result["n_closed"] + result["n_open"]}
+    for label, key in METRICS:
+        rows.append(f"{label:16} | {_pct(result.get(key)):>7} | {counts[key]}")
+    return "\n".join(rows)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A metric | base | adapted | change table (percent, change in points)."""
+    rows = [f"{'metric':16} | {'base':>7} | {'adapted':>7} | {'change':>7}"]
+    for label, key in METRICS:
+        b, a = before.get(key), after.get(key)
+        change = "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
+        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {change:>7}")
+    counts = [(r["n_closed"], r["n_open"]) for r in (before, after)]
+    line = f"questions: {counts[1][0]} closed, {counts[1][1]} open"
+    if counts[0] != counts[1]:
+        line = f"questions differ: base {counts[0][0]} closed / {counts[0][1]} open, adapted {counts[1][0]} closed / {counts[1][1]} open"
+    return "\n".join(rows + [line])
+
+
+def write_predictions(result: dict[str, Any], path: Path) -> Path:
+    """One JSON object per prediction, written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for p in result["predictions"]:
+                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
