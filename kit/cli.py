@@ -59,6 +59,13 @@ def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out:
     _train("finetune", recipe, base, data, out, max_steps, resume, set_)
 
 
+@app.command()
+def adapt(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
+          max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Domain adaptation (QLoRA by default) of a LLaVA to your own data; writes a self-describing adapter."""
+    _train("adapt", recipe, base, data, out, max_steps, resume, set_)
+
+
 @base_app.command("build")
 def base_build(
     out: Annotated[Path, typer.Option(help="Folder to write the HF-native model + processor to.")],

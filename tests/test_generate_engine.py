@@ -415,3 +415,28 @@ def test_hf_backend_batches_the_packaged_model(tmp_path, monkeypatch):
     assert all(isinstance(c.text, str) and c.text.strip() for c in completions)
     assert all(c.prompt_tokens > 20 and 0 < c.completion_tokens <= 12 for c in completions)
     assert s.generated + sum(s.rejected.values()) == 2 and s.cost == 0
+
+
+def test_generated_data_passes_data_check_and_trains_with_kit_adapt(capsys, tmp_path, tiny_base):
+    """COCO-free end to end: manifest -> kit generate (local OpenAI-compatible server) -> kit data check -> kit adapt."""
+    from test_cli_errors import run_cli
+
+    src = _manifest(tmp_path / "src", 4)
+    out = tmp_path / "gen"
+    with MockOpenAI() as server:
+        code, _, err = run_cli(capsys, "generate", "--source", "manifest", "--input", str(src), "--out", str(out),
+                               "--backend", "openai", "--base-url", server.base_url, "--model", "mock", "--concurrency", "4")
+    assert code == 0, err
+    data = out / "data.json"
+    samples = json.loads(data.read_text())
+    assert len(samples) >= 8  # 4 images x 3 types, a few may be rejected by design
+    code, report, err = run_cli(capsys, "data", "check", "--recipe", "llava15-qlora", "--base", str(tiny_base), "--data", str(data))
+    assert code == 0 and "problems: none" in report, report + err
+    code, stdout, err = run_cli(capsys, "adapt", "--recipe", "llava15-qlora", "--base", str(tiny_base), "--data", str(data),
+                                "--out", str(tmp_path / "adapter"), "--max-steps", "2", "--set", "quantization=none",
+                                "--set", "train.batch_size=2", "--set", "train.global_batch_size=2", "--set", "train.precision=fp32",
+                                "--set", "lora.r=4", "--set", "train.num_workers=0", "--set", "train.gradient_checkpointing=false")
+    assert code == 0, err
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    card = json.loads((tmp_path / "adapter" / "kit.json").read_text())
+    assert card["kind"] == "adapter" and card["steps"] == 2 and card["recipe"]["name"] == "llava15-qlora"

@@ -30,9 +30,10 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -189,7 +190,7 @@ def _dicom(name: str, modality: str, frame: int | None = None) -> tuple[Any, np.
             # 693_J2KI.dcm exists to exercise a BitsStored mismatch; pydicom warns and corrects it
             warnings.simplefilter("ignore")
             decoded = pixels.pixel_array(ds, index=index)
-    except Exception as e:  # a missing codec plugin surfaces as many exception types
+    except Exception as e:  # noqa: BLE001 - a missing codec plugin surfaces as many exception types
         raise _Skip(f"{name}: this installation cannot decode its pixel data ({type(e).__name__}); a JPEG 2000 capable Pillow or pylibjpeg-openjpeg would") from None
     return ds, decoded, _render(ds, decoded), _dicom_metadata(ds), _dataset_phi(ds)
 
@@ -205,7 +206,7 @@ def _need_shape(name: str, pixels: np.ndarray, shape: tuple[int, ...]) -> None:
 
 
 def _ct_chest(phi: list[str]) -> _Base:
-    ds, _, image, md, values = _dicom("CT_small.dcm", "CT")
+    _, _, image, md, values = _dicom("CT_small.dcm", "CT")
     phi += values
     _need_shape("CT_small.dcm", image, (128, 128))
     return _Base(
@@ -237,7 +238,7 @@ def _ct_chest(phi: list[str]) -> _Base:
 
 
 def _mr_small(phi: list[str]) -> _Base:
-    ds, _, image, md, values = _dicom("MR_small.dcm", "MR")
+    _, _, image, md, values = _dicom("MR_small.dcm", "MR")
     phi += values
     _need_shape("MR_small.dcm", image, (64, 64))
     return _Base(
@@ -267,7 +268,7 @@ def _mr_small(phi: list[str]) -> _Base:
 
 
 def _ct_head(phi: list[str]) -> _Base:
-    ds, _, image, md, values = _dicom("693_J2KI.dcm", "CT")
+    _, _, image, md, values = _dicom("693_J2KI.dcm", "CT")
     phi += values
     _need_shape("693_J2KI.dcm", image, (512, 512))
     return _Base(
@@ -279,7 +280,7 @@ def _ct_head(phi: list[str]) -> _Base:
         ],
         findings=[
             "The skull forms a thick bright ring around the brain, which appears mid-grey.",
-            "Strong lossy compression has left blotchy artefacts, so fine brain detail cannot be assessed.",
+            "Strong lossy compression has caused blotchy artefacts, so fine brain detail cannot be assessed.",
             "Thin curved lines outside the head are most likely the head holder of the scanner.",
         ],
         metadata={"modality": "CT", "body_part": "head", "plane": md.get("ImagePlane", "axial"), "window": "brain"},
@@ -302,7 +303,7 @@ def _ct_head(phi: list[str]) -> _Base:
 
 
 def _nm_bone(phi: list[str]) -> _Base:
-    ds, _, image, md, values = _dicom("JPEG2000.dcm", "NM")
+    _, _, image, _, values = _dicom("JPEG2000.dcm", "NM")
     phi += values
     _need_shape("JPEG2000.dcm", image, (1024, 256))
     return _Base(
@@ -334,7 +335,7 @@ def _nm_bone(phi: list[str]) -> _Base:
 
 
 def _us_lymph_node(phi: list[str]) -> _Base:
-    ds, _, image, md, values = _dicom("examples_rgb_color.dcm", "US")
+    _, _, image, _, values = _dicom("examples_rgb_color.dcm", "US")
     phi += values
     _need_shape("examples_rgb_color.dcm", image, (240, 320, 3))
     # The site name, settings and a time are burned into the header rows and the colour-bar labels
@@ -344,11 +345,11 @@ def _us_lymph_node(phi: list[str]) -> _Base:
         id="us-lymph-node",
         pixels=image,
         captions=[
-            "Power Doppler ultrasound of an oval lymph node with flow signal inside it.",
+            "Power Doppler ultrasound of a lymph node with flow signal inside it.",
             "Small-parts ultrasound with a colour power Doppler overlay on a greyscale image.",
         ],
         findings=[
-            "An oval, mostly dark (hypoechoic) structure spans much of the image width, surrounded by brighter, layered soft tissue.",
+            "An elongated, lobulated, mostly dark (hypoechoic) structure spans much of the image width, surrounded by brighter, layered soft tissue.",
             "Orange-yellow power Doppler signal fills a large part of the structure, showing blood flow inside it.",
             "Two rectangular outlines mark the Doppler sampling boxes.",
             "The black areas above, below and beside the scan are where on-screen lettering was removed.",
@@ -373,7 +374,7 @@ def _us_echo(phi: list[str]) -> _Base:
     # The patient-name field is burned into the top-left corner, and settings run down the right edge
     # and along a bottom toolbar; only the sector area is kept.
     keep = (44, 12, 286, 224)
-    ds, _, image, md, values = _dicom("examples_ybr_color.dcm", "US")
+    ds, _, image, _, values = _dicom("examples_ybr_color.dcm", "US")
     phi += values
     _need_shape("examples_ybr_color.dcm", image, (240, 320, 3))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
