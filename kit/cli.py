@@ -60,10 +60,37 @@ def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out:
 
 
 @app.command()
-def adapt(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
-          max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
-    """Domain adaptation (QLoRA by default) of a LLaVA to your own data; writes a self-describing adapter."""
-    _train("adapt", recipe, base, data, out, max_steps, resume, set_)
+def adapt(recipe: RecipeOpt, base: BaseOpt = None,
+          data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md) or LLaVA .json file; default: the recipe's sample set.")] = None,
+          out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Adapt a LLaVA to your domain: sample/ingest -> generate -> check -> QLoRA -> before/after evaluation."""
+    from kit.errors import KitError
+    from kit.recipes import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if r.stage != "adapt":
+        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
+    if (base or r.model.base or "mini") in ("mini", "mini-raw"):
+        import torch
+
+        if not torch.cuda.is_available():
+            r = load_recipe(recipe, set_ or [], embedded=True)
+            _echo("embedded mini base on CPU: applying the recipe's `embedded` settings")
+    from kit.adapt import adapt as run_adapt
+
+    typer.echo(str(run_adapt(r, base, data, out, max_steps, resume, echo=_echo)))
+
+
+@app.command("eval")
+def eval_(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (only the path is needed).")],
+          data: Annotated[Path, typer.Option(help="VQA JSONL: image, question, answer, answer_type closed|open.")],
+          limit: Annotated[Optional[int], typer.Option(help="Only the first N items.")] = None,
+          out: Annotated[Optional[Path], typer.Option(help="Write predictions JSONL here.")] = None,
+          baseline: Annotated[Optional[Path], typer.Option(help="Also evaluate this model (e.g. the base) and print both side by side.")] = None) -> None:
+    """Closed-question accuracy and open-question token recall (LLaVA-Med's VQA metrics)."""
+    from kit.cli_eval import eval_command
+
+    eval_command(model, data, limit=limit, out=out, echo=typer.echo, baseline=baseline)
 
 
 @base_app.command("build")
@@ -166,6 +193,16 @@ def generate(
 
     generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
                      limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=_echo)
+
+
+@data_app.command("sample")
+def data_sample(domain: Annotated[str, typer.Argument(help="Sample set: medical.")],
+                out: Annotated[Path, typer.Option(help="Folder to write (manifest layout).")]) -> None:
+    """Write real sample images that ship in pip packages, with captions, findings and eval questions."""
+    from kit.data.samples import write_sample
+
+    card = write_sample(domain, out)
+    typer.echo(f"{out}: {card.get('images', '?')} images, {card.get('questions', '?')} eval questions")
 
 
 @data_app.command("ingest")

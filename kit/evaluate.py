@@ -157,7 +157,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
     for tok in (tokenizer.eos_token, "<|im_end|>", "</s>"):
         if tok and tok in tokenizer.get_vocab():
             ids.append(tokenizer.convert_tokens_to_ids(tok))
-    return sorted(set(i for i in ids if i is not None))
+    return sorted({i for i in ids if i is not None})
 
 
 def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:

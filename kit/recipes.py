@@ -45,6 +45,29 @@ class DataArgs(_Strict):
     )
     group_by_modality_length: bool = Field(True, description="Batch image and text-only samples apart, similar lengths together.")
     system_prompt: str | None = Field(None, description="Overrides the template's system message.")
+    sample: str | None = Field(None, description="Sample set used when no --data is given (`kit data sample NAME`).")
+    caption_pairs: bool = Field(False, description="adapt: also train on stage-1 caption pairs of the same images (LLaVA-Med's concept alignment).")
+
+
+class GenerateArgs(_Strict):
+    """How `kit adapt` turns a manifest folder into instruction data (`kit generate`)."""
+
+    domain: str = Field("general", description="Prompt set (kit/generate/prompts/<domain>.yaml).")
+    types: list[Literal["conversation", "detail", "complex"]] = Field(["conversation", "detail", "complex"], min_length=1)
+    backend: Literal["hf", "openai"] = "hf"
+    model: str | None = None
+    base_url: str | None = None
+    max_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.7, ge=0, le=2)
+    concurrency: int = Field(8, gt=0)
+
+
+class EvalArgs(_Strict):
+    """The held-out evaluation run before and after adaptation (LLaVA-Med style VQA)."""
+
+    held_out: float = Field(0.25, gt=0, lt=1, description="Fraction of images (augmented copies stay together) kept out of training.")
+    file: str = Field("eval.jsonl", description="VQA items in the data folder: image, question, answer, answer_type closed|open.")
+    max_new_tokens: int = Field(24, gt=0)
 
 
 class LoraArgs(_Strict):
@@ -96,6 +119,11 @@ class Recipe(_Strict):
     train: TrainArgs
     lora: LoraArgs | None = Field(None, description="Train LoRA adapters on the LLM instead of its full weights.")
     quantization: Literal["none", "nf4"] = Field("none", description="nf4: QLoRA (4-bit NF4 + double quantization of the LLM).")
+    generate: GenerateArgs | None = None
+    eval: EvalArgs | None = None
+    embedded: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides (dotted keys) applied when the base is the embedded mini model on a CPU."
+    )
     notes: str | None = None
 
     @model_validator(mode="after")
@@ -200,8 +228,14 @@ def validate_recipe(data: dict[str, Any], source: str) -> Recipe:
         raise KitError(format_validation_error(source, e)) from None
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Raises KitError naming the file and key on any problem."""
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, embedded: bool = False) -> Recipe:
+    """Load, override and validate a recipe. Raises KitError naming the file and key on any problem.
+
+    With `embedded`, the recipe's own `embedded` overrides apply first (the user's still win).
+    """
     path = resolve_recipe_path(name_or_path)
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    raw = _read_yaml(path)
+    validate_recipe(dict(raw), str(path))  # the file itself must be valid, embedded section included
+    extra = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in (raw.get("embedded") or {}).items()] if embedded else []
+    data = apply_overrides(raw, extra + (overrides or []))
     return validate_recipe(data, str(path))

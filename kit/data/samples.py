@@ -191,7 +191,7 @@ def _dicom(name: str, modality: str, frame: int | None = None) -> tuple[Any, np.
             warnings.simplefilter("ignore")
             decoded = pixels.pixel_array(ds, index=index)
     except Exception as e:  # noqa: BLE001 - a missing codec plugin surfaces as many exception types
-        raise _Skip(f"{name}: this installation cannot decode its pixel data ({type(e).__name__}); a JPEG 2000 capable Pillow or pylibjpeg-openjpeg would") from None
+        raise _Skip(f"{name}: this installation cannot decode its pixel data ({type(e).__name__}); a decoder plugin such as pylibjpeg-openjpeg would add it") from None
     return ds, decoded, _render(ds, decoded), _dicom_metadata(ds), _dataset_phi(ds)
 
 
@@ -682,7 +682,7 @@ def _variant(base: _Base, aug: _Aug) -> tuple[np.ndarray, list[tuple[str, PixelB
     raise ValueError(f"unknown augmentation {aug.kind}")
 
 
-def _manifest_line(rid: str, base: _Base, pixels: np.ndarray, boxes: list[tuple[str, PixelBox]], oriented: bool) -> dict[str, Any]:
+def _manifest_line(rid: str, base: _Base, boxes: list[tuple[str, PixelBox]], oriented: bool) -> dict[str, Any]:
     metadata = dict(base.metadata)
     findings = list(base.findings)
     if oriented:
@@ -811,7 +811,7 @@ def write_sample(domain: str, out: Path) -> dict[str, Any]:
                 variants[base.id].append((rid, aug.note))
             for rid, pixels, boxes, oriented in rows:
                 (staging / "images" / f"{rid}.png").write_bytes(_encode_png(pixels, phi_bytes))
-                manifest.append(_manifest_line(rid, base, pixels, boxes, oriented))
+                manifest.append(_manifest_line(rid, base, boxes, oriented))
 
         questions: list[dict[str, str]] = []
         for base in bases:
