@@ -29,9 +29,12 @@ def image_group(record_id: str) -> str:
     return re.sub(r"-aug\d+$", "", record_id)
 
 
-def is_held_out(group: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "big") / 2**64
-    return h < fraction
+def held_out_groups(groups: set[str], fraction: float) -> set[str]:
+    """round(fraction x groups) of them (at least one), chosen by hash: stable as data is added."""
+    if not fraction or len(groups) < 2:
+        return set()
+    k = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+    return set(sorted(groups, key=lambda g: hashlib.sha256(g.encode()).hexdigest())[:k])
 
 
 def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
@@ -81,7 +84,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
 
     records = from_manifest(path)
     fraction = recipe.eval.held_out if recipe.eval else 0.0
-    held = {image_group(r.id) for r in records if fraction and is_held_out(image_group(r.id), fraction)}
+    held = held_out_groups({image_group(r.id) for r in records}, fraction)
     train_records = [r for r in records if image_group(r.id) not in held]
     if not train_records:
         raise KitError(f"{path}: every image fell into the held-out split; add images or lower eval.held_out")
@@ -119,9 +122,14 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
 def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, max_steps: int | None, resume: bool, echo=print) -> Path:
     """The whole pipeline. Raises KitError on bad input before anything is trained."""
     from kit.evaluate import compare, evaluate
-    from kit.train import resolve_base, train
+    from kit.train import last_checkpoint, resolve_base, train
 
     base_path = resolve_base(recipe, base)
+    # Output problems surface before minutes of generation, not after.
+    if resume and (out is None or last_checkpoint(Path(out)) is None):
+        raise KitError(f"--resume: no checkpoint-* folder in {out}; run without --resume to start fresh")
+    if not resume and out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        raise KitError(f"--out {out} already exists and is not empty; pass --resume to continue it or choose another folder")
     train_file, eval_file = prepare_data(recipe, data, echo)
     before = None
     if eval_file is not None:

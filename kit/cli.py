@@ -14,10 +14,12 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Private, parameter-efficient LLaVA adaptation on one GPU.")
 base_app = typer.Typer(no_args_is_help=True, help="Build LLaVA bases from parts, or the embedded mini base.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List and show shipped recipes.")
-data_app = typer.Typer(no_args_is_help=True, help="Check training data before a run.")
+data_app = typer.Typer(no_args_is_help=True, help="Check, sample and ingest data.")
+adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect trained adapters.")
 app.add_typer(base_app, name="base")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (kit recipes list) or path to a .yaml file.")]
 BaseOpt = Annotated[Optional[str], typer.Option(help="Base model folder, or 'mini' (the embedded default).")]
@@ -219,6 +221,33 @@ def data_ingest(
 
     n = ingest(source, input, out, images, instances, seed)
     typer.echo(f"{n} caption pairs -> {out}")
+
+
+@adapters_app.command("list")
+def adapters_list(root: Annotated[Path, typer.Option(help="Folder to scan.")] = Path("adapters")) -> None:
+    """Adapters under adapters/ (or --root): recipe, base, steps, held-out metrics."""
+    from kit.loading import describe
+
+    folders = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()) if root.is_dir() else []
+    if not folders:
+        typer.echo(f"no adapters in {root}")
+    for p in folders:
+        d = describe(p)
+        typer.echo(f"{p.name:36} {d.get('recipe') or '?':16} steps {d.get('steps') or '?':>5}  base {d.get('base') or '?'}")
+
+
+@adapters_app.command("show")
+def adapters_show(path: Annotated[Path, typer.Argument(help="Adapter folder.")]) -> None:
+    """Everything the adapter's card records (base, quantization, recipe, data, metrics, versions)."""
+    import json
+
+    from kit.cards import read_card
+    from kit.errors import KitError
+
+    card = read_card(path)
+    if card is None:
+        raise KitError(f"{path}: no kit.json card; is this a folder kit wrote?")
+    typer.echo(json.dumps(card, indent=2))
 
 
 def main() -> None:

@@ -85,3 +85,11 @@ def test_good_replies_become_llava_samples():
     detail = parse_reply("detail", "A brown dog lies on a green lawn in the sun, resting its head on its paws while a fence runs along the back of the garden.", pick=1)
     assert detail[0][0] == "human" and detail[1][1].startswith("A brown dog")
     assert fingerprint(turns) == fingerprint([(r, t.upper() + " ") for r, t in turns])
+
+
+def test_a_cut_off_conversation_keeps_its_whole_rounds():
+    from kit.generate.parse import complete_rounds
+
+    cut = "Question: What is it?\nAnswer: A dog.\nQuestion: Where?\nAnswer: On the gr"
+    assert parse_reply("conversation", complete_rounds(cut)) == [("human", "What is it?"), ("gpt", "A dog.")]
+    assert complete_rounds("Question: What is it?\nAnswer: A d") == ""

@@ -81,6 +81,13 @@ def _qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(r, t.strip().strip("*").strip()) for r, t in turns]
 
 
+def complete_rounds(text: str) -> str:
+    """The reply up to (not including) its last question line: whole rounds only, or ""."""
+    lines = text.splitlines()
+    last_q = max((i for i, line in enumerate(lines) if _Q.match(line)), default=-1)
+    return "\n".join(lines[:last_q]).strip() if last_q > 0 else ""
+
+
 def _strip_fences(text: str) -> str:
     text = text.strip()
     text = re.sub(r"^```\w*\n|\n```$", "", text)

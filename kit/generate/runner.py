@@ -503,12 +503,17 @@ class _Run:
     def _judge(self, task: _Task, c: Completion) -> dict:
         usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
         entry: dict[str, Any] = {"task": task.id, "usage": usage}
+        text = c.text
         if c.finish_reason == "length":
-            return {**entry, "status": "rejected", "reason": f"truncated: reply hit max_tokens ({self.max_tokens})", "raw": c.text}
+            # A conversation cut mid-round still holds whole rounds: every answer that a later
+            # question follows is complete. Other types have no such boundary.
+            text = self.parse.complete_rounds(text) if task.rtype == "conversation" else ""
+            if not text:
+                return {**entry, "status": "rejected", "reason": f"truncated: reply hit max_tokens ({self.max_tokens})", "raw": c.text}
         if c.finish_reason == "content_filter":
             return {**entry, "status": "rejected", "reason": "content filter: the server cut the reply", "raw": c.text}
         try:
-            turns = self._parse_reply(task, c.text)
+            turns = self._parse_reply(task, text)
         except self.parse.Rejected as e:
             return {**entry, "status": "rejected", "reason": str(getattr(e, "reason", e)), "raw": c.text}
         fp = self.parse.fingerprint(turns)
