@@ -54,7 +54,8 @@ def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
     return folder
 
 
-def _write_eval_subset(eval_file: Path, groups: set[str], dest: Path, data_root: Path) -> int:
+def _write_eval_subset(eval_file: Path, images: set[str], dest: Path, data_root: Path) -> int:
+    """Keep the VQA items whose image is one of the held-out `images` (paths as in the manifest)."""
     kept = []
     for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
         if not line.strip():
@@ -63,8 +64,7 @@ def _write_eval_subset(eval_file: Path, groups: set[str], dest: Path, data_root:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
-        stem = Path(str(item.get("image", ""))).stem
-        if image_group(stem) in groups or image_group(str(item.get("id", ""))).split("-q")[0] in groups:
+        if str(Path(str(item.get("image", "")))) in images:
             kept.append(item)
     dest.write_text("".join(json.dumps(i) + "\n" for i in kept))
     cards.write_card(dest.parent, cards.new_card("data", made_by="kit adapt", image_folder=str(data_root.resolve())))
@@ -112,7 +112,8 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
     if recipe.eval and held and (path / recipe.eval.file).is_file():
         eval_file = work / "eval" / "heldout.jsonl"
         eval_file.parent.mkdir(exist_ok=True)
-        n = _write_eval_subset(path / recipe.eval.file, held, eval_file, path)
+        held_images = {str(Path(r.image)) for r in records if image_group(r.id) in held}
+        n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
         echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
         if n == 0:
             eval_file = None
