@@ -19,6 +19,7 @@ def test_every_shipped_recipe_validates(name):
     r = load_recipe(name)
     assert r.name == name
     assert r.train.trainable
+    assert load_recipe(name, embedded=True).name == name  # its CPU overrides validate too
 
 
 def test_llava15_hyperparameters_match_the_reference():
@@ -61,3 +62,10 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     f.write_text("name: x\nstage: finetune\ntrain:\n  lr: [1\n")
     with pytest.raises(KitError, match=r"r\.yaml:\d+: invalid YAML"):
         load_recipe(str(f))
+
+
+def test_embedded_overrides_apply_only_on_request_and_user_overrides_win():
+    gpu, cpu = load_recipe("medical"), load_recipe("medical", embedded=True)
+    assert gpu.quantization == "nf4" and gpu.lora.r == 64
+    assert cpu.quantization == "none" and cpu.lora.r == 16 and cpu.generate.types == ["conversation"]
+    assert load_recipe("medical", ["lora.r=8"], embedded=True).lora.r == 8
