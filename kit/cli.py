@@ -157,12 +157,13 @@ def recipes_show(recipe: Annotated[str, typer.Argument(help="Recipe name or path
 
 
 @data_app.command("check")
-def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None) -> None:
-    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation."""
+def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None,
+               gpu: Annotated[Optional[str], typer.Option(help="Card memory to check the estimate against, e.g. 24GB.")] = None) -> None:
+    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory."""
     from kit.data.check import check
     from kit.recipes import load_recipe
 
-    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo)
+    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, gpu=gpu)
     if not ok:
         raise typer.Exit(1)
 

@@ -362,6 +362,13 @@ def train(
     echo(f"data: {report.summary()}")
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
+    if torch.cuda.is_available() and report.lengths:
+        from kit.memory import GIB, estimate
+
+        est = estimate(recipe, plan.base, int(sorted(report.lengths)[int(0.95 * (len(report.lengths) - 1))]))
+        card = torch.cuda.get_device_properties(0).total_memory
+        fits = "" if est.total <= card else " - more than this GPU has: lower train.batch_size or use quantization=nf4"
+        echo(f"memory: estimated peak {est.total / GIB:.1f} GiB of {card / GIB:.0f} GiB{fits}")
     model = prepare_model(recipe, plan.base)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

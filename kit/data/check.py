@@ -18,7 +18,7 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: 
     return [f"{lo:6d}-{hi:<6d} {'#' * int(round(width * c / top)):<{width}} {c}" for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def check(recipe: Recipe, base: str | None, data: str | None, echo=print) -> bool:
+def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: str | None = None) -> bool:
     """Print a pre-flight report; True when a run would start without errors.
 
     Raises KitError for problems that stop everything (missing file, broken JSON, bad base).
@@ -45,6 +45,18 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print) -> boo
         for line in length_histogram(lengths, recipe.data.max_length):
             echo("  " + line)
     echo(f"text truncated to max_length: {report.truncated_text}")
+    if lengths:
+        from kit.memory import estimate, parse_gpu
+
+        tokens = int(np.percentile(np.asarray(lengths), 95))
+        est = estimate(recipe, plan.base, tokens)
+        echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, p95 length):")
+        for line in est.lines():
+            echo("  " + line)
+        if gpu:
+            card = parse_gpu(gpu)
+            verdict = "fits" if est.total <= card else "does NOT fit: lower train.batch_size, enable gradient checkpointing or use quantization=nf4"
+            echo(f"  on a {gpu} card: {verdict}")
     if report.problems:
         echo(f"problems: {len(report.problems)} samples (the run {'stops' if recipe.data.on_bad_sample == 'error' else 'skips them'}):")
         for line in report.problem_lines(50):

@@ -1,0 +1,47 @@
+"""The GPU memory estimate: ordering across recipes, and agreement with peaks measured on an H100."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from kit.errors import KitError
+from kit.memory import GIB, estimate, parse_gpu
+from kit.recipes import load_recipe
+
+
+def _config_folder(tmp_path, hidden, inter, layers, heads, vocab):
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+        text_config=LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab),
+        image_token_index=vocab - 1,
+    )
+    cfg.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_qlora_lora_full_order_on_a_llava15_7b_shape(tmp_path):
+    base = _config_folder(tmp_path, 4096, 11008, 32, 32, 32064)
+    qlora = estimate(load_recipe("medical"), base, 2048).total
+    lora = estimate(load_recipe("medical", ["quantization=none"]), base, 2048).total
+    full = estimate(load_recipe("llava15-finetune", ["train.batch_size=4"]), base, 2048).total
+    assert qlora < 16 * GIB < lora < 26 * GIB < full  # QLoRA 7B fits a 16 GB card, bf16 LoRA a 24-32 GB one
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, measured_gib",
+    [  # benchmarks/results/gpu_train_h100_2026-11-26.json: 8-layer 7B-width Llama + CLIP-L/336, batch 4, 658 tokens
+        ("llava15-lora", ["train.batch_size=4"], 9.02),
+        ("llava15-finetune", ["train.batch_size=4"], 32.41),
+    ],
+)
+def test_estimate_agrees_with_measured_h100_peaks(tmp_path, recipe, overrides, measured_gib):
+    base = _config_folder(tmp_path, 4096, 11008, 8, 32, 49153)
+    est = estimate(load_recipe(recipe, overrides), base, 658).total / GIB
+    assert abs(est - measured_gib) / measured_gib < 0.2, est
+
+
+def test_parse_gpu():
+    assert parse_gpu("24GB") == 24 * GIB and parse_gpu("80 GiB") == 80 * GIB
+    with pytest.raises(KitError, match="like 24GB"):
+        parse_gpu("big")
