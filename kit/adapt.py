@@ -71,6 +71,36 @@ def _write_eval_subset(eval_file: Path, images: set[str], dest: Path, data_root:
     return len(kept)
 
 
+def vqa_samples(eval_file: Path, images: set[str]) -> list[dict]:
+    """The eval file's items about `images` as training conversations, asked exactly as kit eval asks."""
+    from kit.evaluate import SUFFIX
+
+    out = []
+    for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
+        if str(Path(str(item.get("image", "")))) not in images:
+            continue
+        kind = item.get("answer_type")
+        if kind not in SUFFIX:
+            raise KitError(f"{eval_file}:{lineno}: answer_type must be closed or open")
+        answer = str(item["answer"]).strip()
+        answer = answer.capitalize() + "." if kind == "closed" else answer
+        out.append({
+            "id": f"{item.get('id', lineno)}-vqa",
+            "image": item["image"],
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{item['question']} {SUFFIX[kind]}"},
+                {"from": "gpt", "value": answer},
+            ],
+        })
+    return out
+
+
 def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Path | None]:
     """(training file, held-out eval file or None). Generation resumes from its ledger if rerun."""
     path = _resolve_data(recipe, data, echo)
@@ -103,6 +133,12 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
     if recipe.data.caption_pairs:
         write_caption_pairs(train_records, work / "captions.json", seed=recipe.train.seed)
         samples += json.loads((work / "captions.json").read_text())
+    eval_source = path / recipe.eval.file if recipe.eval else None
+    if recipe.data.vqa_train and eval_source is not None and eval_source.is_file():
+        train_images = {str(Path(r.image)) for r in train_records}
+        vqa = vqa_samples(eval_source, train_images)
+        samples += vqa
+        echo(f"added {len(vqa)} VQA question/answer pairs about training images")
     if not samples:
         raise KitError(f"{path}: generation produced no usable conversations (see {work / 'generated' / 'rejects.jsonl'})")
     train_file = work / "train.json"

@@ -47,6 +47,9 @@ class DataArgs(_Strict):
     system_prompt: str | None = Field(None, description="Overrides the template's system message.")
     sample: str | None = Field(None, description="Sample set used when no --data is given (`kit data sample NAME`).")
     caption_pairs: bool = Field(False, description="adapt: also train on stage-1 caption pairs of the same images (LLaVA-Med's concept alignment).")
+    vqa_train: bool = Field(
+        False, description="adapt: also train on the eval file's questions about the training images (a VQA train split, as in LLaVA-Med's downstream finetuning)."
+    )
 
 
 class GenerateArgs(_Strict):
