@@ -79,9 +79,10 @@ def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None
 
 
 def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: its card is written last, so a save cut short by a kill has none."""
     if not out.is_dir():
         return None
-    cks = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    cks = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / cards.CARD_NAME).is_file()]
     return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
 
 
@@ -129,6 +130,11 @@ def lora_target_regex(model, targets) -> str:
 
 def prepare_model(recipe: Recipe, base: Path):
     """Load the base for training: dtype, quantization, frozen/trainable parts, LoRA."""
+    from transformers import set_seed
+
+    # LoRA and any fresh weights are drawn here, before the Trainer seeds anything: without this two
+    # runs of one command start from different adapters and a resumed run cannot match.
+    set_seed(recipe.train.seed)
     dtype = compute_dtype(recipe.train.precision)
     qcfg = quantization_config(dtype) if recipe.quantization == "nf4" else None
     # 4-bit weights are placed at load time: each process on its own GPU.
