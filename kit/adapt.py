@@ -54,18 +54,20 @@ def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
     return folder
 
 
+def _eval_items(eval_file: Path) -> list[tuple[int, dict]]:
+    items = []
+    for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                items.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
+    return items
+
+
 def _write_eval_subset(eval_file: Path, images: set[str], dest: Path, data_root: Path) -> int:
     """Keep the VQA items whose image is one of the held-out `images` (paths as in the manifest)."""
-    kept = []
-    for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
-        if str(Path(str(item.get("image", "")))) in images:
-            kept.append(item)
+    kept = [item for _, item in _eval_items(eval_file) if str(Path(str(item.get("image", "")))) in images]
     dest.write_text("".join(json.dumps(i) + "\n" for i in kept))
     cards.write_card(dest.parent, cards.new_card("data", made_by="kit adapt", image_folder=str(data_root.resolve())))
     return len(kept)
@@ -76,13 +78,7 @@ def vqa_samples(eval_file: Path, images: set[str]) -> list[dict]:
     from kit.evaluate import SUFFIX
 
     out = []
-    for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
+    for lineno, item in _eval_items(eval_file):
         if str(Path(str(item.get("image", "")))) not in images:
             continue
         kind = item.get("answer_type")
