@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kit import cards
-from kit.data.dataset import Collator, Report, build_dataset
+from kit.data.dataset import Collator, Report, build_dataset, supervised_loss
 from kit.data.sampler import ModalityLengthSampler
 from kit.errors import KitError
 from kit.models import check_llava_family, image_aspect_of, load_model, load_processor, part_of
@@ -387,7 +387,8 @@ def train(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=Collator(processor.tokenizer.pad_token_id, supervised_logits_only=True),
+        compute_loss_func=supervised_loss,
         processing_class=processor,
         callbacks=[CsvLogger(plan.out / "log.csv"), CheckpointCardCallback(plan), *(callbacks or [])],
         kit_recipe=recipe,

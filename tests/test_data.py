@@ -177,3 +177,22 @@ def test_modality_grouping_never_mixes_full_batches():
         assert len(signs) == 1
     assert order == modality_length_order(lengths, 4, 2, seed=0)
     assert order != modality_length_order(lengths, 4, 2, seed=1)
+
+
+def test_supervised_logits_loss_equals_the_full_loss(processor, tmp_path):
+    """Logits only where the next token is supervised give exactly the model's full-sequence loss."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from kit.data.dataset import supervised_loss
+
+    ds, _ = build_dataset(_write(tmp_path, [_sample(), {**_sample(), "id": "s2"}]), processor, "chat", 512, "pad")
+    full = Collator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
+    part = Collator(processor.tokenizer.pad_token_id, supervised_logits_only=True)([ds[0], ds[1]])
+    model = AutoModelForImageTextToText.from_pretrained(processor.tokenizer.name_or_path).eval()
+    with torch.no_grad():
+        ref = model(**full).loss
+        labels = part.pop("labels")
+        out = model(**part)
+    assert out.logits.shape[1] == len(part["logits_to_keep"]) < full["input_ids"].shape[1] / 2
+    assert torch.allclose(supervised_loss(out, labels), ref, atol=1e-5)
