@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kit import cards
 from kit.errors import KitError
+from kit.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from kit.recipes import Recipe
 
 PRIVATE_ROOT = Path("private_data")
@@ -54,21 +55,10 @@ def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
     return folder
 
 
-def _eval_items(eval_file: Path) -> list[tuple[int, dict]]:
-    items = []
-    for lineno, line in enumerate(eval_file.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                items.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise KitError(f"{eval_file}:{lineno}: invalid JSON ({e.msg}); fix the line") from None
-    return items
-
-
 def _write_eval_subset(eval_file: Path, images: set[str], dest: Path, data_root: Path) -> int:
     """Keep the VQA items whose image is one of the held-out `images` (paths as in the manifest)."""
-    kept = [item for _, item in _eval_items(eval_file) if str(Path(str(item.get("image", "")))) in images]
-    dest.write_text("".join(json.dumps(i) + "\n" for i in kept))
+    kept = [item for _, item in read_jsonl(eval_file, "evaluation file", allow_empty=True) if str(Path(str(item.get("image", "")))) in images]
+    write_jsonl_atomic(dest, kept)
     cards.write_card(dest.parent, cards.new_card("data", made_by="kit adapt", image_folder=str(data_root.resolve())))
     return len(kept)
 
@@ -78,7 +68,7 @@ def vqa_samples(eval_file: Path, images: set[str]) -> list[dict]:
     from kit.evaluate import SUFFIX
 
     out = []
-    for lineno, item in _eval_items(eval_file):
+    for lineno, item in read_jsonl(eval_file, "evaluation file", allow_empty=True):
         if str(Path(str(item.get("image", "")))) not in images:
             continue
         kind = item.get("answer_type")
@@ -138,7 +128,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
     if not samples:
         raise KitError(f"{path}: generation produced no usable conversations (see {work / 'generated' / 'rejects.jsonl'})")
     train_file = work / "train.json"
-    train_file.write_text(json.dumps(samples, indent=1))
+    write_json_atomic(train_file, samples, indent=1)
     cards.write_card(work, cards.new_card("data", made_by="kit adapt", image_folder=str(path.resolve()), samples=len(samples)))
     eval_file = None
     if recipe.eval and held and (path / recipe.eval.file).is_file():

@@ -6,11 +6,11 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kit.files import write_json_atomic
 
 CARD_NAME = "kit.json"
 _VERSIONED = ("kit", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "timm")
@@ -59,14 +59,6 @@ def new_card(kind: str, made_by: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def write_card(folder: Path, card: dict[str, Any]) -> None:

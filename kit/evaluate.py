@@ -14,10 +14,7 @@ Answers are greedy, from the model's prompt format as trained (see kit.loading).
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,17 +83,11 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
     if not data.is_file():
         raise KitError(f"evaluation file {data} does not exist; give a JSONL file of {{{', '.join(FIELDS)}}} lines")
     folder = Path(image_folder) if image_folder else default_image_folder(data)
+    from kit.files import read_jsonl
+
     raw: list[tuple[str, dict]] = []
-    for lineno, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, rec in read_jsonl(data, "evaluation file", allow_empty=True):
         where = f"{data}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KitError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise KitError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
         missing = [f for f in FIELDS if rec.get(f) in (None, "")]
         if missing:
             raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
@@ -287,16 +278,7 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def write_predictions(result: dict[str, Any], path: Path) -> Path:
     """One JSON object per prediction, written atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for p in result["predictions"]:
-                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from kit.files import write_jsonl_atomic
+
+    write_jsonl_atomic(Path(path), result["predictions"])
+    return Path(path)

@@ -28,15 +28,9 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
         raise KitError(f"data file {path} does not exist; pass --data with a LLaVA .json or .jsonl file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise KitError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-        return records
+        from kit.files import read_jsonl
+
+        return [(f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path, "LLaVA data file", allow_empty=True)]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

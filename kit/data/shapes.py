@@ -24,17 +24,18 @@ Dataset layout written by :func:`write_shapes_dataset`::
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from kit.files import write_bytes_atomic, write_json_atomic
 
 # Saturated, mutually distant colours; none is neutral, so a grey background
 # pixel (r == g == b) can never be mistaken for the object.
@@ -267,36 +268,14 @@ def _qa_rounds(attrs: dict[str, Any], rng: random.Random) -> list[tuple[str, str
 # --------------------------------------------------------------------------- dataset
 
 
-def _mkstemp_beside(path: Path) -> tuple[int, str]:
-    # Temp file in the same directory so os.replace is a same-filesystem rename
-    # and readers never see a half-written file.  mkstemp creates 0600 files;
-    # widen to the usual 0644 so datasets stay readable by other users.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)
-    return fd, tmp
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, obj, indent=1)
 
 
 def _atomic_save_png(path: Path, img: Image.Image) -> None:
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def category_id(colour: str, shape: str) -> int:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import random
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any
 
 from kit import cards
 from kit.errors import KitError
+from kit.files import write_jsonl_atomic
 from kit.generate.backends import Backend, BackendError, Completion
 from kit.generate.records import TYPES, Record, image_folder_for
 
@@ -99,33 +99,6 @@ def _category(reason: str) -> str:
 
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_jsonl_atomic(path: Path, rows: Iterable[dict], *, durable: bool = False) -> None:
-    """Replace `path` atomically. `durable` also survives power loss (fsync); outputs rebuilt from
-    the ledger on every run don't need it, the ledger does."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
 
 
 class Ledger:
@@ -175,7 +148,7 @@ class Ledger:
                 for k in carried:
                     carried[k] += int(usage.get(k, 0))
         if repair and dirty:
-            _write_jsonl_atomic(self.path, self.entries.values(), durable=True)
+            write_jsonl_atomic(self.path, self.entries.values(), durable=True)
 
     def write(self, entries: list[dict]) -> None:
         """Append entries and fsync once: a task is finished only when its line is on disk.
@@ -585,7 +558,7 @@ def _finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image
         else:
             failed[_category(e.get("reason", ""))] += 1
     cards.write_json_atomic(out_dir / "data.json", samples)
-    _write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
+    write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
     summary = Summary(
         out_dir=out_dir, tasks=len(tasks), generated=generated, rejected=dict(rejected), failed=dict(failed),
         pending=pending, prompt_tokens=prompt, completion_tokens=completion, cost=_cost(ppm, prompt, completion),

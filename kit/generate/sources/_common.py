@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
 
-from kit.errors import KitError
+from kit.files import read_jsonl as _read_jsonl, write_bytes_atomic as _atomic_write_bytes  # noqa: F401
 from kit.generate.records import Box, Record  # noqa: F401
 PRIVATE_DIR_NAME = "private_data"
 # A box may poke this far past the image edge (rounding in annotation tools) and is clamped.
@@ -103,36 +101,5 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def _read_jsonl(file: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
-    """Non-blank lines of a JSONL file as (line number, object). Raises KitError on bad lines."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KitError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KitError(f"{file.name}:{lineno}: invalid JSON ({e.msg} at column {e.colno}) in {file}; fix the line") from None
-        if not isinstance(obj, dict):
-            raise KitError(f"{file.name}:{lineno}: expected a JSON object per line, got {type(obj).__name__} ({file})")
-        rows.append((lineno, obj))
-    if not rows:
-        raise KitError(f"{file} is empty; add one JSON object per line (see the {what} layout in the docs)")
-    return rows
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
