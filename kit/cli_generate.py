@@ -16,9 +16,6 @@ from kit.errors import KitError
 if TYPE_CHECKING:
     from kit.generate.runner import Summary
 
-SOURCES = ("coco", "manifest", "dicom", "figures")  # kept here too so argument checks need no heavy import
-
-
 def generate_command(
     source: str,
     input: Path,
@@ -53,6 +50,8 @@ def generate_command(
     from kit.generate.prompts import load_domain
     from kit.generate.runner import run_generation, validate_types
 
+    from kit.generate.sources import SOURCES, load_records
+
     if source not in SOURCES:
         raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
     type_list = validate_types(types)
@@ -79,7 +78,6 @@ def generate_command(
             f"labels and boxes; never pixels) to {getattr(engine, 'host', engine.describe())}; use a local backend or pass --allow-remote"
         )
 
-    from kit.generate.sources import load_records
 
     input, out = Path(input), Path(out)
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
