@@ -205,7 +205,7 @@ def data_sample(domain: Annotated[str, typer.Argument(help="Sample set: medical.
     from kit.data.samples import write_sample
 
     card = write_sample(domain, out)
-    typer.echo(f"{out}: {card.get('images', '?')} images, {card.get('questions', '?')} eval questions")
+    typer.echo(f"{out}: {card.get('images', '?')} images, {card.get('eval_items', '?')} eval questions")
 
 
 @data_app.command("ingest")
@@ -252,8 +252,13 @@ def adapters_show(path: Annotated[Path, typer.Argument(help="Adapter folder.")])
 
 
 def main() -> None:
+    import logging
+
     from kit.errors import KitError
 
+    # bitsandbytes' CPU backend warns at import that it could not fetch an optional kernel from the
+    # Hub; kit never lets it download anything, so the warning is only noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app()
     except KitError as e:

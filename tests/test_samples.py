@@ -219,3 +219,29 @@ def test_missing_file_or_codec_is_skipped_not_fatal(tmp_path, monkeypatch):
     assert len(ids) >= 20 and not any(i.startswith(("ct-head", "nm-bone")) for i in ids)
     assert "Skipped in this installation" in (tmp_path / "out" / "README.md").read_text()
     assert not any(q["image"].startswith(("images/ct-head", "images/nm-bone")) for q in _eval(tmp_path / "out"))
+
+
+def test_data_check_reports_on_a_manifest_folder_before_generation(capsys, tmp_path, tiny_base):
+    """`kit data check --data FOLDER` works on the layout users are told to use, before any
+    conversation exists, and stops on a broken manifest line with its line number."""
+    import shutil
+
+    from tests.test_cli_errors import run_cli
+
+    folder = tmp_path / "mine"
+    write_sample("medical", folder)
+    code, report, err = run_cli(capsys, "data", "check", "--recipe", "medical", "--base", str(tiny_base), "--data", str(folder), "--gpu", "24GB")
+    assert code == 0, err
+    assert "36 images (12 distinct" in report
+    assert re.search(r"split: +9 images train, 3 held out", report)
+    assert re.search(r"eval: +eval.jsonl: 70 questions, 18 about held-out images", report)
+    assert "not generated yet" in report and "on a 24GB card: fits" in report
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    lines = (broken / "manifest.jsonl").read_text().splitlines()
+    lines[4] = lines[4].replace('"image"', '"imgae"')
+    (broken / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    code, report, err = run_cli(capsys, "data", "check", "--recipe", "medical", "--base", str(tiny_base), "--data", str(broken))
+    assert code == 2
+    assert "manifest.jsonl:5" in err and len(err.strip().splitlines()) == 1
