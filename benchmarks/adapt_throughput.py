@@ -292,6 +292,9 @@ class Meter(TrainerCallback):
                            "trainable_M": sum(trainable.values()) / 1e6,
                            "total_M": sum(p.numel() for p in model.parameters()) / 1e6,
                            "trainer_bf16": bool(args.bf16), "grad_accum": args.gradient_accumulation_steps,
+                           "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)
+                                                          or getattr(args, "gradient_checkpointing", False)
+                                                          or getattr(args, "activation_checkpointing", False)),
                            "device": str(next(model.parameters()).device)}
         sync()
         self.begin = time.perf_counter()
@@ -368,6 +371,7 @@ def kit_recipe(args):
         over.append(f"quantization={args.quantization}")
     if args.precision:
         over.append(f"train.precision={args.precision}")
+    over += args.kit_set
     return load_recipe("llava15-qlora", over), over
 
 
@@ -473,13 +477,14 @@ def run_system(name: str, fn, *a) -> dict:
 
 
 def table(systems: dict[str, dict]) -> str:
-    rows = [("system", "status", "s/step", "non-pad tokens/s", "pad fraction", "peak GPU GiB")]
+    rows = [("system", "status", "s/step", "non-pad tokens/s", "pad fraction", "peak GPU GiB", "grad ckpt")]
     for name in SYSTEMS:
         r = systems.get(name)
         if r is None:
             continue
         rows.append((name if name == "kit" else "TRL SFTTrainer", r["status"], fmt(r.get("s_per_step"), ".3f"),
-                     fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("pad_fraction"), ".1%"), fmt(r.get("peak_alloc_GiB"), ".2f")))
+                     fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("pad_fraction"), ".1%"), fmt(r.get("peak_alloc_GiB"), ".2f"),
+                     {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -507,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="both systems (default nf4; none with --tiny: bitsandbytes' CPU fallback is slow)")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                     help="kit's train.precision, and TRL's bf16 to match (default: the recipe's, auto)")
+    ap.add_argument("--kit-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for kit, e.g. train.gradient_checkpointing=true (repeatable)")
     ap.add_argument("--order", default="kit,trl", help="which system runs first")
     ap.add_argument("--seed", type=int, default=0, help="data seed")
     ap.add_argument("--check-targets", action="store_true", help="exit 1 when a target is missed")

@@ -1,5 +1,8 @@
 """One-shot GPU check of kit's training path at LLaVA-1.5-7B width: LoRA, QLoRA and full finetuning.
 
+Also benchmark (b) of the adapt issue: peak GPU memory of QLoRA vs 16-bit LoRA vs full finetuning
+on the same model, each beside kit's own estimate (kit.memory, computed from the config alone).
+
 Builds random-weight parts shaped like CLIP ViT-L/14-336 and LLaMA-2-7B (full width, `--layers`
 decoder layers; 8 layers ~ 2 B parameters), assembles them with `kit.building.build`, draws a
 shapes dataset, then runs `kit.train.train` for each mode and reports per mode: s/step, tokens/s,
@@ -258,6 +261,10 @@ def run_mode(mode: str, args, base: Path, data: Path, work: Path, info: dict, to
         recipe = recipe_for(mode, args)
         res["recipe"] = {"name": recipe.name, "quantization": recipe.quantization, "lr": recipe.train.lr,
                          "lora": recipe.lora.model_dump() if recipe.lora else None, "trainable": recipe.train.trainable}
+        from kit.memory import estimate
+
+        # Batches pad to their longest sample, so the estimate is asked about the longest one.
+        res["estimate_GiB"] = estimate(recipe, base, tokens["max"]).total / 2**30
         train(recipe, base=str(base), data=str(data), out=str(out), callbacks=[probe], echo=lambda m: say(f"  [{mode}] {m}"))
         sync()
         res["status"] = "ok"
@@ -333,14 +340,23 @@ def fmt(x, spec: str, empty: str = "-") -> str:
     return empty if x is None else format(x, spec)
 
 
+def ratio(a, b) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
 def table(results: list[dict], info: dict) -> str:
-    rows = [("mode", "status", "s/step", "tokens/s", "peak GiB", "loss first→last", "4-bit layers")]
+    rows = [("mode", "status", "s/step", "tokens/s", "peak GiB", "kit estimate GiB", "estimate/peak", "loss first→last", "4-bit layers")]
     for r in results:
         fb = r.get("linear4bit")
         four = "-" if fb is None else (f"{fb['llm']}/{info.get('llm_linear_layers')} llm, {fb['vision']} vis, {fb['projector']} proj")
         loss = f"{fmt(r.get('loss_first'), '.3f')}→{fmt(r.get('loss_last'), '.3f')}"
         rows.append((r["mode"], r["status"], fmt(r.get("s_per_step"), ".3f"), fmt(r.get("tokens_per_s"), ".0f"),
-                     fmt(r.get("peak_alloc_GiB"), ".2f"), loss, four))
+                     fmt(r.get("peak_alloc_GiB"), ".2f"), fmt(r.get("estimate_GiB"), ".2f"), ratio(r.get("estimate_GiB"), r.get("peak_alloc_GiB")),
+                     loss, four))
+    by_mode = {r["mode"]: r.get("peak_alloc_GiB") for r in results}
+    if by_mode.get("qlora") and by_mode.get("lora") and by_mode.get("full"):
+        rows.append(("qlora / lora / full peak", "", "", "", f"1 : {by_mode['lora'] / by_mode['qlora']:.2f} : {by_mode['full'] / by_mode['qlora']:.2f}",
+                     "", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

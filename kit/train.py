@@ -10,7 +10,7 @@ import datetime as _dt
 import os
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +339,25 @@ def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingA
     )
 
 
+CHECKPOINTING_HEADROOM = 0.85  # the estimate is within ~6% of measured peaks; leave room for fragmentation
+
+
+def resolve_checkpointing(recipe: Recipe, base: Path, longest: int, echo=print) -> Recipe:
+    """`gradient_checkpointing: auto` -> True/False for this GPU and this data (see TrainArgs)."""
+    from kit.memory import GIB, estimate
+
+    if not torch.cuda.is_available():
+        on, why = True, "no CUDA device"
+    else:
+        card = torch.cuda.get_device_properties(0).total_memory
+        without = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+        need = estimate(without, base, longest).total
+        on = need > CHECKPOINTING_HEADROOM * card
+        why = f"estimated {need / GIB:.1f} GiB without it at {longest} tokens, {card / GIB:.0f} GiB on this GPU"
+    echo(f"gradient checkpointing: {'on' if on else 'off'} (auto: {why})")
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": on})})
+
+
 def train(
     recipe: Recipe,
     base: str | None = None,
@@ -368,6 +387,9 @@ def train(
     echo(f"data: {report.summary()}")
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
+    if recipe.train.gradient_checkpointing == "auto":
+        recipe = resolve_checkpointing(recipe, plan.base, max(report.lengths, default=recipe.data.max_length), echo)
+        plan = replace(plan, recipe=recipe)
     if torch.cuda.is_available() and report.lengths:
         from kit.memory import GIB, estimate
 

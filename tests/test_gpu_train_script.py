@@ -55,3 +55,7 @@ def test_gpu_train_script_tiny_on_cpu(smol_tokenizer_dir, tmp_path):
     assert modes["lora"]["trainable_M"] < modes["full"]["trainable_M"]
     assert report["env"]["compute_dtype_auto"] == "torch.float32"  # CPU
     assert "mode  | status" in r.stdout and "4-bit layers" in r.stdout
+    # Benchmark (b): every mode carries kit's estimate, and the estimate orders the modes as memory does.
+    est = {name: m["estimate_GiB"] for name, m in modes.items()}
+    assert est["qlora"] < est["lora"] < est["full"], est
+    assert "kit estimate GiB" in r.stdout
