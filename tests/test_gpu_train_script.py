@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.gpu_machine import ROOT, runner
 
