@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with kit and everything its tests need. Safe to re-run.
-# --browser also installs what the web-page test needs: Debian's chromium (apt, as root) and the
-# playwright client that drives it (it never downloads a browser of its own).
+# --browser also installs what the web-page test needs: Debian's chromium (apt, as root; without it
+# the test is skipped and says so) and the playwright client that drives it (it never downloads a
+# browser of its own).
 # torch: the pinned pair is the one this kind of machine has on disk (CPU use here); on a GPU
 # machine install your own CUDA torch first and this step leaves it alone if it satisfies kit.
 set -euo pipefail
@@ -16,11 +17,11 @@ EXTRAS=test
 if [ "${1:-}" = "--browser" ]; then
   EXTRAS=test,browser
   if ! command -v chromium >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "setup: could not install chromium; the browser test will be skipped" >&2
     else
-      echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2
-      exit 1
+      echo "setup: the browser test needs Debian's chromium (sudo apt-get install chromium); it will be skipped" >&2
     fi
   fi
 fi

@@ -22,12 +22,22 @@ def eval_command(
     baseline: Path | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    judge: str | None = None,
+    judge_model: str | None = None,
+    allow_remote: bool = False,
+    judge_answer_tokens: int = 128,
 ) -> dict[str, Any]:
     """Evaluate `model` (a model or adapter folder) on `data` (JSONL), print a metric table and,
     with `out`, write the predictions as JSONL. With `baseline`, evaluate it on the same questions
     first and print a base | adapted | change table; its result is returned under "baseline".
 
-    Raises KitError for a bad file (file:line), a missing image, or a folder kit cannot load.
+    With `judge` (openai | an OpenAI-compatible URL | hf:PATH, see kit.judge), also answer freely
+    and have the judge score the answers against the references (LLaVA-Bench's relative score);
+    the judged result is returned under "judged" (and under "baseline"/"judged"), and each written
+    prediction carries its judged answer, scores and the judge's replies under "judged".
+
+    Raises KitError for a bad file (file:line), a missing image, or a folder kit cannot load; and,
+    before anything is loaded or sent, for a non-loopback judge without `allow_remote`.
     """
     from kit.evaluate import compare, evaluate, format_result, write_predictions
 
@@ -35,11 +45,29 @@ def eval_command(
         raise KitError(f"--limit must be at least 1 (got {limit})")
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
+    judge_backend = None
+    if judge is not None:
+        from kit.judge import load_judge_items, resolve_judge
+
+        judge_backend = resolve_judge(judge, judge_model, allow_remote)
+        load_judge_items(Path(data), None, limit)  # a bad context/category line fails before any model loads
+    elif judge_model is not None:
+        raise KitError("--judge-model needs --judge")
     before = None
     if baseline is not None:
         before = evaluate(Path(baseline), Path(data), limit, batch_size, max_new_tokens, echo=echo)
     result = evaluate(Path(model), Path(data), limit, batch_size, max_new_tokens, echo=echo)
     echo(compare(before, result) if before is not None else format_result(result))
+    if judge_backend is not None:
+        from kit.judge import compare_judged, format_judged, judged_eval
+
+        kw = {"limit": limit, "batch_size": batch_size, "max_new_tokens": judge_answer_tokens, "echo": echo}
+        if before is not None:
+            before["judged"] = judged_eval(Path(baseline), Path(data), judge_backend, **kw)
+        result["judged"] = judged_eval(Path(model), Path(data), judge_backend, **kw)
+        echo(compare_judged(before["judged"], result["judged"]) if before is not None else format_judged(result["judged"]))
+        for pred, row in zip(result["predictions"], result["judged"]["predictions"]):
+            pred["judged"] = {k: v for k, v in row.items() if k not in ("id", "question", "answer")}
     if out is not None:
         write_predictions(result, Path(out))
         echo(f"predictions -> {out}")

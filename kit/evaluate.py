@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError
+from kit.inference import stop_ids as _stop_ids
 
 FIELDS = ("id", "image", "question", "answer", "answer_type")
 ANSWER_TYPES = ("closed", "open")
@@ -125,36 +126,17 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
 
 def _prompt(processor, question: str, answer_type: str, info: dict[str, Any]) -> str:
     """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
-    from kit.templates import VICUNA_TEMPLATE
+    from kit.inference import build_prompt
 
-    text = f"{question} {SUFFIX[answer_type]}"
-    template = info.get("template")
-    if template == "plain":
-        return "<image>"  # stage-1 models only caption; the question cannot be asked
-    messages: list[dict[str, Any]] = []
-    if info.get("system_prompt"):
-        messages.append({"role": "system", "content": info["system_prompt"]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
-    chat_template = VICUNA_TEMPLATE if template == "vicuna_v1" else None
-    if chat_template is None and not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
-        chat_template = VICUNA_TEMPLATE
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    for tok in (tokenizer.eos_token, "<|im_end|>", "</s>"):
-        if tok and tok in tokenizer.get_vocab():
-            ids.append(tokenizer.convert_tokens_to_ids(tok))
-    return sorted({i for i in ids if i is not None})
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question} {SUFFIX[answer_type]}"}]}]
+    return build_prompt(processor, messages, info)
 
 
 def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
     import torch
 
     from kit.data.images import ImageProblem, prepare_image
+    from kit.inference import encode, pad_id, to_model
 
     tok = processor.tokenizer
     images = []
@@ -164,20 +146,12 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
     prompts = [_prompt(processor, it.question, it.answer_type, info) for it in items]
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = old_side
-    device = next(p.device for p in model.parameters())
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.uint8), torch.float32)
-    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    inputs = to_model(encode(processor, prompts, images), model)
     stop = _stop_ids(model, tok)
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0],
+            eos_token_id=stop or None, pad_token_id=pad_id(tok, stop),
         )
     texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.strip() for t in texts]

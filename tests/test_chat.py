@@ -1,0 +1,121 @@
+"""`kit chat` as users run it (the CLI in a subprocess), and the text handling all answers go through."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_serve import direct_answer, make_adapter
+
+KIT = str(Path(sys.executable).with_name("kit"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory) -> Path:
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("chat") / "alpha", 1, "vicuna_v1")
+
+
+@pytest.fixture(scope="module")
+def image(shapes) -> Path:
+    return Path(shapes["root"]) / "images" / "shape_00001.png"
+
+
+def kit_chat(*args: str, stdin: str | None = None, env: dict | None = None, prefix: tuple[str, ...] = ()):
+    return subprocess.run([*prefix, KIT, "chat", *args], check=False, input=stdin, capture_output=True, text=True,
+                          env=env or ENV, timeout=300)
+
+
+def _user(text: str, with_image: bool = False) -> dict:
+    return {"role": "user", "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_one_shot_prints_the_greedy_answer_of_the_adapter(adapter, image):
+    from kit.inference import load_image_file
+
+    r = kit_chat(str(adapter), "--image", str(image), "--prompt", "What shape is it?", "--max-new-tokens", "10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = direct_answer(adapter, [_user("What shape is it?", True)], [load_image_file(image)], 10)
+    assert r.stdout == want + "\n"
+
+
+def test_interactive_keeps_history_until_reset(tiny_base, image):
+    """Turn 2 is answered with turn 1 in the prompt (and the image attached to turn 2);
+    after /reset the first question gets the first answer again; /exit stops reading."""
+    from kit.inference import load_image_file
+
+    script = f"What is it?\n/image {image}\nAnd the colour?\n/reset\nWhat is it?\n/exit\nnot read\n"
+    r = kit_chat(str(tiny_base), "--max-new-tokens", "8", stdin=script)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = direct_answer(tiny_base, [_user("What is it?")], [], 8)
+    second = direct_answer(tiny_base, [_user("What is it?"), {"role": "assistant", "content": first},
+                                       _user("And the colour?", True)], [load_image_file(image)], 8)
+    assert r.stdout == f"{first}\n{second}\n{first}\n"
+    assert "conversation reset" in r.stderr and "attached" in r.stderr
+
+
+def test_bad_image_is_a_one_line_error(tiny_base, tmp_path):
+    r = kit_chat(str(tiny_base), "--image", str(tmp_path / "nope.png"), "--prompt", "hi")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: image file") and "is missing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    r = kit_chat(str(tiny_base), "--image", str(tmp_path / "bad.png"), "--prompt", "hi")
+    assert r.returncode == 2 and "not an image" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_interactive_bad_image_and_unknown_command_do_not_end_the_chat(tiny_base, tmp_path):
+    r = kit_chat(str(tiny_base), "--max-new-tokens", "4", stdin=f"/image {tmp_path / 'nope.png'}\n/what\nhello\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error: image file" in r.stderr and "unknown command /what" in r.stderr
+    assert r.stdout == direct_answer(tiny_base, [_user("hello")], [], 4) + "\n"  # EOF ends after one answer
+
+
+def test_chat_runs_with_no_network_at_all(tiny_base):
+    """`unshare -n` gives the process a network namespace with no interfaces: any connection fails.
+    HF_HUB_OFFLINE is left unset so kit has to set it itself."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], check=False, capture_output=True).returncode != 0:
+        pytest.skip("unshare -n is not available here (needs root or user namespaces)")
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    r = kit_chat(str(tiny_base), "--prompt", "What is it?", "--max-new-tokens", "4", env=env, prefix=("unshare", "-n"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == direct_answer(tiny_base, [_user("What is it?")], [], 4) + "\n"
+
+
+# ------------------------------------------------------------------------------------ text core
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 100])
+def test_text_filter_gives_the_same_text_however_pieces_are_split(split):
+    from kit.inference import TextFilter
+
+    def run(text, stop):
+        f = TextFilter(stop)
+        out = [f.feed(text[i:i + split]) for i in range(0, len(text), split)]
+        return "".join(out) + f.finish(), f.stopped
+
+    assert run("  \n A red circle.  \n", ()) == ("A red circle.", False)
+    assert run(" A red circle. USER: more", ("USER:",)) == ("A red circle.", True)
+    assert run("abcXYdef", ("XYZ", "Yd")) == ("abcX", True)  # the earliest stop wins, a partial one does not
+    assert run("abcXY", ("XYZ",)) == ("abcXY", False)  # a stop string's prefix at the end is kept
+
+
+def test_prompt_follows_the_template_the_model_was_trained_with(tiny_base):
+    from kit.inference import build_prompt
+    from kit.models import load_processor
+    from kit.templates import VICUNA_SYSTEM
+
+    proc = load_processor(tiny_base)
+    turns = [_user("Hi"), {"role": "assistant", "content": "Hello."}, _user("Colour?", True)]
+    chat = build_prompt(proc, turns, {"template": None, "system_prompt": "Be brief."})
+    assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    assert "<|im_start|>assistant\nHello.<|im_end|>" in chat and chat.endswith("<image>\nColour?<|im_end|>\n<|im_start|>assistant\n")
+    vicuna = build_prompt(proc, turns, {"template": "vicuna_v1"})
+    assert vicuna == f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello.{proc.tokenizer.eos_token}USER: <image>\nColour? ASSISTANT:"
+    assert build_prompt(proc, turns, {"template": "plain"}) == "<image>"

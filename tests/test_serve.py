@@ -1,0 +1,419 @@
+"""`kit serve`: the real server (uvicorn on a loopback port) driven by the official `openai` client.
+
+One tiny base and two tiny LoRA adapters on it (random, non-identity LoRA weights and projector,
+so each answers differently) are served from one model in memory. Every answer is checked against
+the same model loaded on its own by kit.loading and generated with plain `model.generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+KEY = "test-key-123"
+PROMPT = "What is in the picture?"
+
+
+def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path:
+    """A LoRA adapter on `base` as kit.train saves one: LoRA on the LLM, the projector in
+    modules_to_save, and a kit.json card naming the base (path + fingerprint) and the template.
+    init_lora_weights=False and a nudged projector make it answer unlike the base and other seeds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from kit import cards
+    from kit.models import load_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=r"model\.language_model\..*\.(q_proj|v_proj|down_proj)",
+        modules_to_save=["multi_modal_projector"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    cards.write_card(out, cards.new_card("adapter", made_by="tests", base=cards.describe_source(base),
+                                         recipe={"name": f"test-{seed}", "data": {"template": template}}))
+    return out
+
+
+_DIRECT: dict[str, tuple] = {}
+
+
+def direct_answer(path: Path, messages: list[dict], images: list, max_new_tokens: int) -> str:
+    """Greedy answer of the model at `path` loaded on its own (kit.loading), with plain generate + decode."""
+    import torch
+
+    from kit.inference import pad_id, prepare, stop_ids, to_model
+    from kit.loading import load_for_inference
+
+    if str(path) not in _DIRECT:
+        _DIRECT[str(path)] = load_for_inference(path)
+    model, proc, info = _DIRECT[str(path)]
+    inputs = to_model(prepare(proc, info, messages, images), model)
+    stops = stop_ids(model, proc.tokenizer)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=pad_id(proc.tokenizer, stops))
+    return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def png_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    # 'beta' lives in a folder with another name: served as beta=PATH.
+    return {"alpha": make_adapter(tiny_base, root / "alpha", 1, "vicuna_v1"),
+            "beta": make_adapter(tiny_base, root / "lora-b", 2, None)}
+
+
+@pytest.fixture(scope="module")
+def image_root(shapes, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("image-root")
+    shutil.copy(Path(shapes["root"]) / "images" / "shape_00000.png", root / "shape.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_base, adapters):
+    from kit.serve_models import load_pool
+
+    return load_pool(tiny_base, [str(adapters["alpha"]), f"beta={adapters['beta']}"], echo=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def url(pool, image_root):
+    from kit.serve import create_app, running
+
+    app = create_app(pool, api_key=KEY, image_root=image_root, max_request_bytes=100_000, max_tokens_limit=64, max_images=2)
+    with running(app) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_base, adapters) -> dict[str, Path]:
+    return {tiny_base.resolve().name: tiny_base, "alpha": adapters["alpha"], "beta": adapters["beta"]}
+
+
+def _ask(client, model, content, **kw):
+    kw.setdefault("temperature", 0)
+    if "max_completion_tokens" not in kw:
+        kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def _raw(url: str, body: bytes, headers: dict | None = None, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ------------------------------------------------------------------------------------- answers
+
+
+def test_models_lists_the_base_and_both_adapters(client, paths):
+    listed = {m.id: m for m in client.models.list().data}
+    assert list(listed) == list(paths)
+    assert [listed[n].model_extra["kind"] for n in paths] == ["base", "adapter", "adapter"]
+    assert client.models.retrieve("beta").id == "beta"
+
+
+def test_each_name_answers_as_that_model_loaded_alone(client, paths, image_root):
+    """The base (adapters disabled) and each adapter, switched per request on one model in memory,
+    answer exactly as each folder loaded on its own does: text-only and with an image."""
+    from kit.inference import load_image_file
+
+    image = load_image_file(image_root / "shape.png")
+    answers = {}
+    for name, path in paths.items():
+        r = _ask(client, name, PROMPT)
+        assert r.choices[0].message.content == direct_answer(path, [{"role": "user", "content": PROMPT}], [], 8), name
+        assert r.model == name and r.object == "chat.completion"
+        assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        content = [{"type": "image_url", "image_url": {"url": png_data_url(image_root / "shape.png")}}, {"type": "text", "text": PROMPT}]
+        r_img = _ask(client, name, content)
+        want = direct_answer(path, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], [image], 8)
+        assert r_img.choices[0].message.content == want, name
+        # The image tokens are counted: the tiny tower adds 16 per image.
+        assert r_img.usage.prompt_tokens >= r.usage.prompt_tokens + 16
+        answers[name] = r_img.choices[0].message.content
+    assert len(set(answers.values())) == 3, f"base and adapters should answer differently: {answers}"
+
+
+def test_image_by_path_under_the_image_root_equals_the_inline_image(client, image_root):
+    inline = _ask(client, "alpha", [{"type": "image_url", "image_url": {"url": png_data_url(image_root / "shape.png")}},
+                                    {"type": "text", "text": PROMPT}])
+    for ref in ("shape.png", str(image_root / "shape.png"), (image_root / "shape.png").as_uri()):
+        by_path = _ask(client, "alpha", [{"type": "image_url", "image_url": {"url": ref}}, {"type": "text", "text": PROMPT}])
+        assert by_path.choices[0].message.content == inline.choices[0].message.content, ref
+
+
+def test_streaming_deltas_join_to_the_non_streaming_answer(client, image_root):
+    content = [{"type": "image_url", "image_url": {"url": png_data_url(image_root / "shape.png")}}, {"type": "text", "text": PROMPT}]
+    for temperature in (0, 1.0):  # greedy, and sampled with a fixed seed
+        whole = _ask(client, "beta", content, temperature=temperature, seed=7, max_tokens=12)
+        chunks = list(_ask(client, "beta", content, temperature=temperature, seed=7, max_tokens=12,
+                           stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals == [whole.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    again = _ask(client, "beta", content, temperature=1.0, seed=7, max_tokens=12)
+    assert again.choices[0].message.content == whole.choices[0].message.content  # the seed fixes sampling
+
+
+def test_stop_string_cuts_the_answer(client, paths):
+    base = next(iter(paths))
+    full = _ask(client, base, PROMPT, max_tokens=16).choices[0].message.content
+    assert len(full) >= 4, f"the base should say something: {full!r}"
+    stop = full[2:4]
+    cut = full[: full.index(stop)].rstrip()
+    for stream in (False, True):
+        if stream:
+            got = "".join(c.choices[0].delta.content or "" for c in _ask(client, base, PROMPT, max_tokens=16, stop=[stop], stream=True) if c.choices)
+        else:
+            r = _ask(client, base, PROMPT, max_tokens=16, stop=stop)
+            got = r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop"
+        assert got == cut
+
+
+def test_max_tokens_cuts_the_answer_with_finish_reason_length(client, paths):
+    base = next(iter(paths))
+    full = _ask(client, base, PROMPT, max_tokens=16)
+    n = full.usage.completion_tokens
+    assert n >= 2, f"the base should say a few tokens: {full.choices[0].message.content!r}"
+    cut = _ask(client, base, PROMPT, max_completion_tokens=n - 1)
+    assert cut.usage.completion_tokens == n - 1 and cut.choices[0].finish_reason == "length"
+    assert full.choices[0].message.content.startswith(cut.choices[0].message.content)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_bad_requests_get_openai_errors(client, url, image_root, paths, tmp_path):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        _ask(client, "gamma", PROMPT)
+    assert "gamma" in str(e.value) and all(n in str(e.value) for n in paths)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["type"] == "invalid_request_error"
+
+    def image(url_):
+        return [{"type": "image_url", "image_url": {"url": url_}}, {"type": "text", "text": PROMPT}]
+
+    outside = tmp_path / "outside.png"
+    shutil.copy(image_root / "shape.png", outside)
+    not_png = "data:image/png;base64," + base64.b64encode(b"this is not a picture").decode()
+    cases = {
+        "not valid base64": image("data:image/png;base64,@@@not-base64@@@"),
+        "cannot be decoded": image(not_png),
+        "does not fetch https": image("https://example.com/cat.png"),
+        "escapes the image folder": image(str(outside)),
+        "escapes the image folder ": image(outside.as_uri()),
+        "too many images": image(png_data_url(image_root / "shape.png")) * 3,
+    }
+    for message, content in cases.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            _ask(client, "alpha", content)
+        assert message.strip() in e.value.message, e.value.message
+    with pytest.raises(openai.BadRequestError, match="above this server's limit of 64"):
+        _ask(client, "alpha", PROMPT, max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="'messages'"):
+        client.chat.completions.create(model="alpha", messages=[])
+    with pytest.raises(openai.BadRequestError, match="reads at most 512"):  # the tiny LLM's context
+        _ask(client, "alpha", "word " * 600)
+    with pytest.raises(openai.APIStatusError) as e:
+        _ask(client, "alpha", "x" * 150_000)
+    assert e.value.status_code == 413 and "100,000 bytes" in e.value.message
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, body = _raw(url, b'{"model": "alpha", "messages": [', auth)
+    assert status == 400 and "not valid JSON" in body["error"]["message"] and set(body["error"]) >= {"message", "type", "code"}
+    status, body = _raw(url, json.dumps({"model": "alpha"}).encode(), auth)
+    assert status == 400 and "'messages'" in body["error"]["message"]
+    status, body = _raw(url, b"x" * 200_000, {**auth, "Content-Length": "200000"})
+    assert status == 413
+
+
+def test_api_key_guards_every_v1_route(url, client):
+    import openai
+
+    for key in ("wrong-key", ""):
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):
+            _ask(bad, "alpha", PROMPT)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    status, body = _raw(url, json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert _ask(client, "alpha", PROMPT).choices[0].message.content is not None
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:  # no key needed outside /v1
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_web_page_hook(pool, tmp_path, url):
+    from kit.serve import create_app, running
+
+    with urllib.request.urlopen(url + "/", timeout=10) as r:
+        assert "no web page is installed" in r.read().decode() or r.headers["content-type"].startswith("text/html")
+    (tmp_path / "index.html").write_text("<!doctype html><title>kit chat</title>")
+    (tmp_path / "app.js").write_text("console.log('kit')")
+    with running(create_app(pool, web_dir=tmp_path)) as other:
+        with urllib.request.urlopen(other + "/", timeout=10) as r:
+            assert r.headers["content-type"].startswith("text/html") and "<title>kit chat</title>" in r.read().decode()
+        with urllib.request.urlopen(other + "/web/app.js", timeout=10) as r:
+            assert "console.log" in r.read().decode()
+
+
+def test_burst_of_concurrent_requests_is_answered_correctly(url, client, paths):
+    """32 requests at once over three names: the generation lock keeps each answer from its own
+    model (adapter selection is model-wide state) and the server answers afterwards."""
+    from openai import AsyncOpenAI
+
+    names = list(paths)
+    want = {n: _ask(client, n, PROMPT, max_tokens=4).choices[0].message.content for n in names}
+
+    async def burst():
+        aclient = AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        try:
+            tasks = [aclient.chat.completions.create(model=names[i % 3], messages=[{"role": "user", "content": PROMPT}],
+                                                     max_tokens=4, temperature=0) for i in range(32)]
+            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        finally:
+            await aclient.close()
+
+    t0 = time.monotonic()
+    results = asyncio.run(burst())
+    assert len(results) == 32
+    for i, r in enumerate(results):
+        assert r.choices[0].message.content == want[names[i % 3]], i
+    assert time.monotonic() - t0 < 120
+    assert _ask(client, names[0], PROMPT, max_tokens=4).choices[0].message.content == want[names[0]]
+
+
+# ---------------------------------------------------------------------------------- loading / CLI
+
+
+def test_adapters_on_another_base_or_with_clashing_names_are_refused(tiny_base, adapters, tmp_path):
+    from kit.errors import KitError
+    from kit.serve_models import load_pool
+
+    other = tmp_path / "other"
+    shutil.copytree(adapters["alpha"], other)
+    card = json.loads((other / "kit.json").read_text())
+    # The adapter's own base check passes (the path and fingerprint match that base) ...
+    fake_base = tmp_path / "fake-base"
+    shutil.copytree(tiny_base, fake_base)
+    cfg = json.loads((fake_base / "config.json").read_text())
+    cfg["text_config"]["rms_norm_eps"] = 1e-3
+    (fake_base / "config.json").write_text(json.dumps(cfg))
+    from kit import cards
+
+    card["base"] = cards.describe_source(fake_base)
+    (other / "kit.json").write_text(json.dumps(card))
+    # ... but it is not the served base.
+    with pytest.raises(KitError, match="not on the served base"):
+        load_pool(tiny_base, [str(adapters["alpha"]), str(other)], echo=lambda m: None)
+    with pytest.raises(KitError, match="two served models are named 'alpha'"):
+        load_pool(tiny_base, [str(adapters["alpha"]), f"alpha={adapters['beta']}"], echo=lambda m: None)
+    with pytest.raises(KitError, match="is a full model, not an adapter"):
+        load_pool(tiny_base, [str(tiny_base)], echo=lambda m: None)
+
+
+def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
+    from kit.inference import Sampling
+    from kit.serve_models import load_pool
+
+    pool = load_pool(tiny_base, echo=lambda m: None)
+    assert pool.names == [tiny_base.resolve().name] and pool.get(pool.names[0]).kind == "base"
+    messages = [{"role": "user", "content": PROMPT}]
+    gen = pool.start(pool.names[0], pool.prepare(pool.names[0], messages, []), Sampling(max_new_tokens=6))
+    assert gen.result() == direct_answer(tiny_base, messages, [], 6)
+
+
+def test_non_loopback_host_warns_before_loading(tiny_base, monkeypatch):
+    import kit.serve
+    import kit.serve_models
+    from kit.errors import KitError
+
+    lines = []
+    # Tests only ever listen on loopback: the socket the warning is about is not really bound.
+    monkeypatch.setattr(kit.serve, "bind", lambda host, port: kit.serve.socket.create_server(("127.0.0.1", 0)))
+    assert kit.serve.is_loopback("localhost") and kit.serve.is_loopback("::1") and not kit.serve.is_loopback("0.0.0.0")
+
+    def stop(*a, **k):
+        raise KitError("stopped before loading")
+
+    monkeypatch.setattr(kit.serve_models, "load_pool", stop)
+    with pytest.raises(KitError, match="stopped before loading"):
+        kit.serve.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append)
+    assert any(l.startswith("warning: listening on 0.0.0.0") and "--api-key" in l for l in lines), lines
+
+
+def test_kit_serve_command_serves_until_interrupted(tiny_base, adapters):
+    """The CLI runner end to end: a taken port fails fast; then a real `kit serve` answers and stops on Ctrl-C."""
+    import socket
+
+    kit_bin = str(Path(sys.executable).with_name("kit"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        r = subprocess.run([kit_bin, "serve", str(tiny_base), "--port", str(taken.getsockname()[1])],
+                           check=False, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        taken.close()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "choose another --port" in r.stderr, r.stderr
+
+    proc = subprocess.Popen([kit_bin, "serve", str(adapters["alpha"]), "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        while not any("serving" in l for l in lines):
+            line = proc.stderr.readline()
+            assert line, "kit serve exited early: " + "".join(lines)
+            lines.append(line)
+        served = next(l for l in lines if "serving" in l)
+        assert f"serving {tiny_base.resolve().name}, alpha at http://127.0.0.1:" in served
+        port = int(served.split("127.0.0.1:")[1].split("/")[0])
+        from openai import OpenAI
+
+        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == [tiny_base.resolve().name, "alpha"]
+        assert isinstance(_ask(c, "alpha", PROMPT, max_tokens=2).choices[0].message.content, str)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 130), proc.returncode
