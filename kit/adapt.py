@@ -55,9 +55,15 @@ def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
     return folder
 
 
-def _write_eval_subset(eval_file: Path, images: set[str], dest: Path, data_root: Path) -> int:
-    """Keep the VQA items whose image is one of the held-out `images` (paths as in the manifest)."""
-    kept = [item for _, item in read_jsonl(eval_file, "evaluation file", allow_empty=True) if str(Path(str(item.get("image", "")))) in images]
+def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, data_root: Path) -> int:
+    """Keep the VQA items whose image is held out (`contexts`: manifest image path -> what is known
+    about it). Each item gets that text as `context`, for `kit eval --judge` (the judge never sees
+    the image)."""
+    kept = []
+    for _, item in read_jsonl(eval_file, "evaluation file", allow_empty=True):
+        key = str(Path(str(item.get("image", ""))))
+        if key in contexts:
+            kept.append({**item, "context": item.get("context") or contexts[key]})
     write_jsonl_atomic(dest, kept)
     cards.write_card(dest.parent, cards.new_card("data", made_by="kit adapt", image_folder=str(data_root.resolve())))
     return len(kept)
@@ -134,7 +140,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
     if recipe.eval and held and (path / recipe.eval.file).is_file():
         eval_file = work / "eval" / "heldout.jsonl"
         eval_file.parent.mkdir(exist_ok=True)
-        held_images = {str(Path(r.image)) for r in records if image_group(r.id) in held}
+        held_images = {str(Path(r.image)): "\n".join(r.captions + r.findings) for r in records if image_group(r.id) in held}
         n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
         echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
         if n == 0:

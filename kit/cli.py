@@ -304,12 +304,16 @@ def merge(adapters: Annotated[list[Path], typer.Argument(help="Adapter folder(s)
 
 def main() -> None:
     import logging
+    import warnings
 
     from kit.errors import KitError
 
     # bitsandbytes' CPU backend warns at import that it could not fetch an optional kernel from the
     # Hub; kit never lets it download anything, so the warning is only noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Weight-loading progress bars flood a chat or server log; training keeps its own progress bar.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         app()
     except KitError as e:

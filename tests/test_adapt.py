@@ -42,7 +42,11 @@ def test_adapt_runs_the_whole_pipeline_and_records_before_after(capsys, tmp_path
     ev = card["evaluation"]
     assert ev["base"]["n_closed"] == ev["adapted"]["n_closed"] > 0
     assert 0 <= ev["adapted"]["closed_accuracy"] <= 1
-    held = [json.loads(l)["image"] for l in open(ev["data"])]
+    held_items = [json.loads(l) for l in open(ev["data"])]
+    held = [it["image"] for it in held_items]
+    # What the manifest says about each held-out image travels with its questions, for a judge.
+    captions = {r["image"]: r["captions"][0] for r in map(json.loads, open(data / "manifest.jsonl"))}
+    assert held_items and all(it["context"] == captions[it["image"]] for it in held_items)
     train = json.loads((data / ".kit" / "medical" / "train.json").read_text())
     assert not {s["image"] for s in train} & set(held), "held-out images leaked into training"
     assert "closed" in err or "closed" in stdout
