@@ -124,15 +124,18 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
 # ---------------------------------------------------------------------------------------- model
 
 
-def _prompt(processor, question: str, answer_type: str, info: dict[str, Any]) -> str:
-    """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
+def _prompt(processor, question: str, answer_type: str | None, info: dict[str, Any]) -> str:
+    """The prompt in the format the model was trained with (kit recipe template) else its chat
+    template; answer_type None asks the question as it is (free-form answers)."""
     from kit.inference import build_prompt
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question} {SUFFIX[answer_type]}"}]}]
+    text = question if answer_type is None else f"{question} {SUFFIX[answer_type]}"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return build_prompt(processor, messages, info)
 
 
-def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
+def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, free: bool = False) -> list[str]:
+    """Greedy answers for a batch (left padding). free: no short-answer suffix ("Answer yes or no.")."""
     import torch
 
     from kit.data.images import ImageProblem, prepare_image
@@ -145,7 +148,7 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
             images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
-    prompts = [_prompt(processor, it.question, it.answer_type, info) for it in items]
+    prompts = [_prompt(processor, it.question, None if free else it.answer_type, info) for it in items]
     inputs = to_model(encode(processor, prompts, images), model)
     stop = _stop_ids(model, tok)
     with torch.no_grad():

@@ -281,29 +281,10 @@ def load_judge_items(data: Path, image_folder: Path | None = None, limit: int | 
 
 
 def answer_free(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
-    """Greedy free-form answers for a batch (left padding): kit.evaluate.answer_batch without the
-    short-answer suffix, in the format the model was trained with (kit.inference)."""
-    import torch
+    """Greedy free-form answers: the question as asked, no "Answer yes or no." suffix."""
+    from kit.evaluate import answer_batch
 
-    from kit.data.images import ImageProblem, prepare_image
-    from kit.inference import build_prompt, encode, pad_id, stop_ids, to_model
-
-    tok = processor.tokenizer
-    images = []
-    for it in items:
-        try:
-            images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
-        except ImageProblem as e:
-            raise KitError(f"{it.where}: {e}") from None
-    prompts = [build_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}], info)
-               for it in items]
-    inputs = to_model(encode(processor, prompts, images), model)
-    stop = stop_ids(model, tok)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             eos_token_id=stop or None, pad_token_id=pad_id(tok, stop))
-    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)  # [B, new]
-    return [t.strip() for t in texts]
+    return answer_batch(model, processor, info, items, max_new_tokens, free=True)
 
 
 # ------------------------------------------------------------------------------------- runs

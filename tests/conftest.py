@@ -35,6 +35,20 @@ def _guard_network():
 _guard_network()
 
 
+@pytest.fixture
+def no_connect(monkeypatch):
+    """Records every socket connect attempt and refuses it."""
+    attempts: list = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError(f"test: connection to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    return attempts
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kit_cache(tmp_path_factory):
     """Tests never touch the user's ~/.cache/kit unless KIT_TEST_CACHE points at a shared one."""

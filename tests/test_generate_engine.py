@@ -52,20 +52,6 @@ def quiet(lines: list[str]):
     return lines.append
 
 
-@pytest.fixture
-def no_connect(monkeypatch):
-    """Records every socket connect attempt and refuses it."""
-    attempts: list = []
-
-    def connect(self, address):
-        attempts.append(address)
-        raise OSError(f"test: connection to {address} refused")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    return attempts
-
-
 # --------------------------------------------------------------------------- faults and accounting
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,20 +96,6 @@ class MockJudge:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
-
-
-@pytest.fixture
-def no_connect(monkeypatch):
-    """Records every socket connect attempt and refuses it."""
-    attempts: list = []
-
-    def connect(self, address):
-        attempts.append(address)
-        raise OSError(f"test: connection to {address} refused")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    return attempts
 
 
 def write_items(folder: Path, rows: list[dict]) -> Path:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from kit import cards
-from kit.cli import main
+from tests.test_cli_errors import run_cli
 from kit.merge import merge, verification_inputs
 from kit.merge_multi import merge_adapters
 
@@ -250,20 +250,6 @@ def test_ties_and_dare_run_and_differ_from_linear(tiny_base, adapters, linear, t
 
 
 # ------------------------------------------------------------------------------------ bad input
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["kit", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.mark.parametrize(
