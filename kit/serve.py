@@ -29,17 +29,43 @@ from kit.errors import KitError
 
 DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_QUEUE = 64
+
+
+class Admission:
+    """At most `limit` generations admitted at once (the one running + those waiting for the model).
+
+    Past it a request gets 429 with Retry-After instead of queueing without bound: the OpenAI
+    clients back off and retry on 429, while an unbounded queue only turns overload into timeouts.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def enter(self, error) -> None:
+        with self._lock:
+            if self.count >= self.limit:
+                raise error(429, f"the server is busy: {self.count} requests are running or waiting (limit {self.limit}, "
+                                 "kit serve --max-queue); retry shortly", "server_busy")
+            self.count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
 WEB_DIR = Path(__file__).resolve().parent / "assets" / "web"
 
 
 def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               max_images: int = 4, web_dir: Path | None = WEB_DIR):
+               max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR):
     """The FastAPI app serving `pool` (kit.serve_models.ModelPool).
 
     api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise).
     image_root: local image paths / file:// URLs are read only from below it (None: refused).
     max_request_bytes: larger bodies get 413. max_tokens_limit: larger max_tokens get 400.
+    max_queue: more generations than this running or waiting get 429 (see Admission).
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
@@ -69,10 +95,11 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     created = int(time.time())
     app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
+    admission = app.state.admission = Admission(max_queue)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -127,10 +154,15 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
             raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
                            "context_length_exceeded", "messages")
         max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
-        gen = pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop))
+        admission.enter(ApiError)
+        try:
+            gen = pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop))
+        except BaseException:
+            admission.leave()
+            raise
         cid = completion_id()
         if conv.stream:
-            return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage), media_type="text/event-stream",
+            return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage, admission.leave), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text = await run_in_threadpool(gen.result)
@@ -138,6 +170,7 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed") from None
         finally:
             gen.cancel()
+            admission.leave()
         return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
 
     app.include_router(v1)
@@ -181,7 +214,7 @@ def _event(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(gen, cid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _events(gen, cid: str, model: str, include_usage: bool, done) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: role chunk, content chunks, finish chunk, [usage], [DONE]."""
     from starlette.concurrency import run_in_threadpool
 
@@ -201,6 +234,7 @@ async def _events(gen, cid: str, model: str, include_usage: bool) -> AsyncIterat
                                 "param": None, "code": "generation_failed"}})
     finally:
         gen.cancel()  # also when the client went away: stop generating for nobody
+        done()
     yield "data: [DONE]\n\n"
 
 
@@ -259,7 +293,8 @@ def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) 
 
 def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, dtype: str = "auto", echo=print) -> None:
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
+          echo=print) -> None:
     """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or folders."""
     from kit.inference import go_offline
 
@@ -268,6 +303,8 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         raise KitError(f"--max-request-bytes {max_request_bytes}: give at least 1024")
     if max_tokens_limit < 1:
         raise KitError(f"--max-tokens-limit {max_tokens_limit}: give at least 1")
+    if max_queue < 1:
+        raise KitError(f"--max-queue {max_queue}: give at least 1")
     if image_root is not None and not Path(image_root).is_dir():
         raise KitError(f"--image-root {image_root} is not a folder")
     if api_key is not None and not api_key.strip():
@@ -284,7 +321,7 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
 
         pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo)
         app = create_app(pool, api_key=api_key, image_root=image_root, max_request_bytes=max_request_bytes,
-                         max_tokens_limit=max_tokens_limit)
+                         max_tokens_limit=max_tokens_limit, max_queue=max_queue)
         bound = sock.getsockname()
         echo(f"serving {', '.join(pool.names)} at http://{host}:{bound[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -417,3 +417,33 @@ def test_kit_serve_command_serves_until_interrupted(tiny_base, adapters):
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, 130), proc.returncode
+
+
+def test_requests_past_the_queue_limit_get_429_and_the_server_recovers(pool):
+    """With the model held busy, two requests are admitted and wait; the third is refused with 429
+    and Retry-After (the OpenAI client's cue to back off) instead of queueing without bound."""
+    import concurrent.futures
+
+    import openai
+
+    from kit.serve import create_app, running
+
+    app = create_app(pool, max_tokens_limit=8, max_queue=2)
+    ask = {"model": "alpha", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}
+    with running(app) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            with pool.lock:  # what a long generation would do: nobody else gets the model
+                waiting = [ex.submit(client.chat.completions.create, **ask) for _ in range(2)]
+                deadline = time.monotonic() + 30
+                while app.state.admission.count < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert app.state.admission.count == 2
+                with pytest.raises(openai.RateLimitError) as refused:
+                    client.chat.completions.create(**ask)
+                assert refused.value.response.headers.get("retry-after") == "1"
+                assert "limit 2" in refused.value.message
+            answers = [f.result(timeout=60).choices[0].message.content for f in waiting]
+        assert answers[0] == answers[1]
+        assert app.state.admission.count == 0
+        assert client.chat.completions.create(**ask).choices[0].message.content == answers[0]
