@@ -21,13 +21,14 @@ HELP = "/image PATH attaches an image to your next message, /reset forgets the c
 class Conversation:
     """The turns so far and the images they carry, answered by one loaded model."""
 
-    def __init__(self, model, processor, info: dict[str, Any], sampling):
+    def __init__(self, model, processor, info: dict[str, Any], sampling, system: str | None = None):
         self.model, self.processor, self.info, self.sampling = model, processor, info, sampling
-        self.messages: list[dict[str, Any]] = []
-        self.images: list = []
+        # A system message of the user's own replaces the one the model was trained with.
+        self.start = [{"role": "system", "content": system}] if system else []
+        self.reset()
 
     def reset(self) -> None:
-        self.messages, self.images = [], []
+        self.messages, self.images = list(self.start), []
 
     def ask(self, text: str, image=None, out: TextIO = sys.stdout) -> str:
         """Stream the answer to `text` (with `image`, a PIL image, if given) to `out`; returns it.
@@ -53,7 +54,7 @@ class Conversation:
 
 def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, echo: Callable[[str], None] = print, stdin: TextIO | None = None,
-         stdout: TextIO | None = None) -> None:
+         stdout: TextIO | None = None, *, system: str | None = None, seed: int | None = None) -> None:
     """One answer to `prompt`, or a conversation read from `stdin`. Raises KitError for bad options,
     a bad image or model folder (before loading the model where it can)."""
     from kit.inference import Sampling, go_offline, load_image_file
@@ -64,6 +65,8 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
         raise KitError(f"--max-new-tokens {max_new_tokens}: give at least 1")
     if not 0 <= temperature <= 2:
         raise KitError(f"--temperature {temperature}: give a value from 0 (greedy) to 2")
+    if system is not None and not system.strip():
+        raise KitError("--system is empty; give a system message, or leave --system out to use the one the model was trained with")
     if prompt is not None and not prompt.strip():
         raise KitError("--prompt is empty; give a question, or leave --prompt out to chat")
     picture = load_image_file(image) if image is not None else None
@@ -74,7 +77,8 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
         echo(f"note: {note}")
     if info.get("template") == "plain":
         echo("note: this model was trained with the 'plain' (caption-only) template: it captions the image and ignores the text")
-    conv = Conversation(loaded, processor, info, Sampling(max_new_tokens=max_new_tokens, temperature=temperature))
+    conv = Conversation(loaded, processor, info, Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                        system=system)
     if prompt is not None:
         conv.ask(prompt, picture, stdout)
         return

@@ -260,11 +260,14 @@ def chat(model: Annotated[Path, typer.Argument(help="Model folder or adapter fol
          image: Annotated[Optional[Path], typer.Option(help="Image to ask about (attached to the first message).")] = None,
          prompt: Annotated[Optional[str], typer.Option(help="Ask once, print the answer and exit; without it, chat on stdin.")] = None,
          max_new_tokens: Annotated[int, typer.Option(help="Answer length cap, in tokens.")] = 256,
-         temperature: Annotated[float, typer.Option(help="0 answers greedily (reproducible); higher samples.")] = 0.0) -> None:
+         temperature: Annotated[float, typer.Option(help="0 answers greedily (reproducible); higher samples.")] = 0.0,
+         system: Annotated[Optional[str], typer.Option(help="System message (default: the one the model was trained with).")] = None,
+         seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible answers at temperature > 0.")] = None) -> None:
     """Talk to a model or adapter offline: one answer with --prompt, else a conversation (/image PATH, /reset, /exit)."""
     from kit.chat import chat as run_chat
 
-    run_chat(model, image=image, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=_echo)
+    run_chat(model, image=image, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=_echo,
+             system=system, seed=seed)
 
 
 @app.command()

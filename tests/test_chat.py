@@ -46,6 +46,22 @@ def test_one_shot_prints_the_greedy_answer_of_the_adapter(adapter, image):
     assert r.stdout == want + "\n"
 
 
+def test_system_message_and_seed(adapter, image):
+    """--system replaces the trained system prompt (the answer is the one direct generation gives
+    for that conversation); --seed makes sampled answers repeatable."""
+    from kit.inference import load_image_file
+
+    system = "You answer in one word."
+    r = kit_chat(str(adapter), "--image", str(image), "--prompt", "What shape is it?", "--max-new-tokens", "8", "--system", system)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = direct_answer(adapter, [{"role": "system", "content": system}, _user("What shape is it?", True)], [load_image_file(image)], 8)
+    assert r.stdout == want + "\n"
+    sampled = [kit_chat(str(adapter), "--prompt", "Say something.", "--max-new-tokens", "12", "--temperature", "1.5", "--seed", str(seed))
+               for seed in (7, 7, 8)]
+    assert all(x.returncode == 0 for x in sampled), sampled[0].stderr[-2000:]
+    assert sampled[0].stdout == sampled[1].stdout != sampled[2].stdout
+
+
 def test_interactive_keeps_history_until_reset(tiny_base, image):
     """Turn 2 is answered with turn 1 in the prompt (and the image attached to turn 2);
     after /reset the first question gets the first answer again; /exit stops reading."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections import Counter
@@ -219,6 +220,31 @@ def test_missing_file_or_codec_is_skipped_not_fatal(tmp_path, monkeypatch):
     assert len(ids) >= 20 and not any(i.startswith(("ct-head", "nm-bone")) for i in ids)
     assert "Skipped in this installation" in (tmp_path / "out" / "README.md").read_text()
     assert not any(q["image"].startswith(("images/ct-head", "images/nm-bone")) for q in _eval(tmp_path / "out"))
+
+
+def test_text_file_entries_are_checked(tmp_path):
+    """A mistyped key, a lost entry or an unquoted yes (a YAML boolean) in the texts fails, naming the entry."""
+    import yaml
+
+    good = yaml.safe_load(samples._TEXTS_FILE.read_text(encoding="utf-8"))
+    assert samples._load_texts() == good
+    path = tmp_path / "medical_sample.yaml"
+
+    def fails(data, *words):
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        with pytest.raises(RuntimeError) as e:
+            samples._load_texts(path)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+    bad = copy.deepcopy(good)
+    bad["ct-head"]["finding"] = bad["ct-head"].pop("findings")
+    fails(bad, "'ct-head'", "missing keys ['findings']", "unknown keys ['finding']")
+    bad = copy.deepcopy(good)
+    del bad["nm-bone"]
+    fails(bad, "missing ['nm-bone']")
+    bad = copy.deepcopy(good)
+    bad["cell-phase"]["qa"][0][1] = True
+    fails(bad, "'cell-phase'", "quote")
 
 
 def test_data_check_reports_on_a_manifest_folder_before_generation(capsys, tmp_path, tiny_base):

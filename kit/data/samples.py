@@ -4,7 +4,9 @@ The medical sample uses only images already on disk after `pip install`: pydicom
 files, scikit-image's bundled data and matplotlib's sample data. Nothing is downloaded, so the
 sample works on an air-gapped machine, and because every caption, finding and question was
 written for one exact file, each source is checked (modality, size, segment label) before use and
-skipped when a package release ships something else.
+skipped when a package release ships something else. Those texts are in `medical_sample.yaml`
+next to this module; the code here only reads pixels, finds boxes and fills in the values the
+texts quote (package versions, frame numbers).
 
 Output layout (what `kit.generate.sources.from_manifest` reads)::
 
@@ -32,10 +34,12 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from kit.errors import KitError
@@ -160,6 +164,21 @@ def _png(pixels: np.ndarray, level: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- sources
+#
+# A builder reads one source file and returns only what is computed from it: pixels, boxes and the
+# values its texts quote. The texts themselves (captions, findings, questions, licence notes,
+# variants) live in medical_sample.yaml under the builder's id; see `_load_texts`.
+
+
+@dataclass
+class _Pixels:
+    pixels: np.ndarray  # uint8, (H, W) or (H, W, 3)
+    boxes: list[tuple[str, PixelBox]] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)  # str.format values for this id's texts
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # for `pixels` variants, by name
+
+
+_Builder = Callable[[str, list[str]], _Pixels]  # (source file name, identifying values found so far)
 
 
 def _version(dist: str) -> str:
@@ -195,262 +214,57 @@ def _dicom(name: str, modality: str, frame: int | None = None) -> tuple[Any, np.
     return ds, decoded, _render(ds, decoded), _dicom_metadata(ds), _dataset_phi(ds)
 
 
-def _pydicom_licence(extra: str = "") -> str:
-    text = f"pydicom test file, distributed with pydicom {_version('pydicom')} under that package's licence (MIT)"
-    return text + (f"; {extra}" if extra else "")
-
-
 def _need_shape(name: str, pixels: np.ndarray, shape: tuple[int, ...]) -> None:
     if pixels.shape != shape:
         raise _Skip(f"{name} has shape {pixels.shape}, not the {shape} its texts were written for")
 
 
-def _ct_chest(phi: list[str]) -> _Base:
-    _, _, image, md, values = _dicom("CT_small.dcm", "CT")
+def _kept(keep: PixelBox) -> dict[str, str]:
+    """The rows and columns `_keep_only(image, *keep)` leaves, inclusive, as the README states them."""
+    x1, y1, x2, y2 = keep
+    return {"kept_rows": f"{y1}-{y2 - 1}", "kept_columns": f"{x1}-{x2 - 1}"}
+
+
+def _dicom_image(name: str, phi: list[str], *, modality: str, shape: tuple[int, ...], keep: PixelBox | None = None) -> _Pixels:
+    """The rendered middle frame, blacked out outside `keep` when given."""
+    _, _, image, md, values = _dicom(name, modality)
     phi += values
-    _need_shape("CT_small.dcm", image, (128, 128))
-    return _Base(
-        id="ct-chest",
-        pixels=image,
-        captions=[
-            "Axial CT slice through the chest at the level of a thoracic vertebra.",
-            "Computed tomography cross-section of the thorax centred on the spine.",
-        ],
-        findings=[
-            "A vertebral body with the spinal canal and the posterior arch sits in the middle of the image, surrounded by the paraspinal muscles.",
-            "Dark, air-filled lung with fine vessels shows in both upper corners.",
-            "A round soft-tissue structure just in front of the vertebra is most likely the descending aorta.",
-        ],
-        metadata={"modality": "CT", "body_part": "chest", "plane": md.get("ImagePlane", "axial")},
-        qa=[
-            ("Is this a CT image?", "yes"),
-            ("Is this an MRI?", "no"),
-            ("Is a vertebra visible?", "yes"),
-            ("Is this a colour image?", "no"),
-            ("What imaging modality is shown?", "CT"),
-            ("In which plane is this slice?", "axial"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: CT_small.dcm (`pydicom.data.get_testdata_file`)",
-        licence=_pydicom_licence("a reduced copy of a NEMA sample image, as pydicom's test-file notes say"),
-        rendering="rescale slope/intercept applied; the file stores no window, so min-max scaled to 8 bits",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("gamma", 0.8, "gamma 0.8 (brighter mid-tones)")],
-    )
+    _need_shape(name, image, shape)
+    fields = {"plane": md.get("ImagePlane", "axial")}
+    if keep is not None:
+        image = _keep_only(image, *keep)
+        fields |= _kept(keep)
+    return _Pixels(image, fields=fields)
 
 
-def _mr_small(phi: list[str]) -> _Base:
-    _, _, image, md, values = _dicom("MR_small.dcm", "MR")
-    phi += values
-    _need_shape("MR_small.dcm", image, (64, 64))
-    return _Base(
-        id="mr-small",
-        pixels=image,
-        captions=[
-            "Low-resolution axial magnetic resonance slice; the body region is not recorded.",
-            "Small greyscale MR image in the axial plane.",
-        ],
-        findings=[
-            "Soft tissue of mixed signal with bright and dark bands fills the field.",
-            "At this resolution the anatomy cannot be named with confidence.",
-        ],
-        metadata={"modality": "MRI", "plane": md.get("ImagePlane", "axial")},
-        qa=[
-            ("Is this an MRI?", "yes"),
-            ("Is this a CT image?", "no"),
-            ("Is this a greyscale image?", "yes"),
-            ("Is this a colour image?", "no"),
-            ("What imaging modality is shown?", "MRI"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: MR_small.dcm",
-        licence=_pydicom_licence("a reduced copy of a NEMA sample image, as pydicom's test-file notes say"),
-        rendering="modality LUT, then the window stored in the file",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("gamma", 1.25, "gamma 1.25 (darker mid-tones)")],
-    )
-
-
-def _ct_head(phi: list[str]) -> _Base:
-    _, _, image, md, values = _dicom("693_J2KI.dcm", "CT")
-    phi += values
-    _need_shape("693_J2KI.dcm", image, (512, 512))
-    return _Base(
-        id="ct-head",
-        pixels=image,
-        captions=[
-            "Axial CT slice of the head shown in a narrow brain window.",
-            "Head computed tomography in the axial plane; the skull appears bright white.",
-        ],
-        findings=[
-            "The skull forms a thick bright ring around the brain, which appears mid-grey.",
-            "Strong lossy compression has caused blotchy artefacts, so fine brain detail cannot be assessed.",
-            "Thin curved lines outside the head are most likely the head holder of the scanner.",
-        ],
-        metadata={"modality": "CT", "body_part": "head", "plane": md.get("ImagePlane", "axial"), "window": "brain"},
-        qa=[
-            ("Is this a CT image?", "yes"),
-            ("Is the skull visible?", "yes"),
-            ("Is this an image of the chest?", "no"),
-            ("Is this an ultrasound image?", "no"),
-            ("What body region is imaged?", "head"),
-            ("In which plane is this slice?", "axial"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: 693_J2KI.dcm (JPEG 2000 compressed; decoded by Pillow's JPEG 2000 support through pydicom)",
-        licence=_pydicom_licence(
-            "pydicom ships it as a regression file for its issue 693; it appears to come from a public head-CT research "
-            "collection whose own terms may limit commercial use, so check before using it beyond tests and demos"
-        ),
-        rendering="rescale slope/intercept, then the window stored in the file (a brain window)",
-        augs=[_Aug("crop", 0.85, "centred crop to 85%"), _Aug("flip", note="horizontal flip")],
-    )
-
-
-def _nm_bone(phi: list[str]) -> _Base:
-    _, _, image, _, values = _dicom("JPEG2000.dcm", "NM")
-    phi += values
-    _need_shape("JPEG2000.dcm", image, (1024, 256))
-    return _Base(
-        id="nm-bone",
-        pixels=image,
-        captions=[
-            "Planar whole-body nuclear medicine image showing tracer uptake in the skeleton, a bone scan.",
-            "Whole-body bone scintigraphy from head to feet.",
-        ],
-        findings=[
-            "Faint, fairly even uptake outlines the skeleton from the skull down to the legs.",
-            "The brightest focus projects over the pelvis, where excreted tracer normally collects in the urinary bladder.",
-            "The image is blurred by strong lossy compression, so small foci cannot be judged.",
-        ],
-        metadata={"modality": "nuclear medicine", "body_part": "whole body", "view": "planar"},
-        qa=[
-            ("Is this a nuclear medicine image?", "yes"),
-            ("Does the image show the whole body?", "yes"),
-            ("Is this a CT image?", "no"),
-            ("Is this a single cross-sectional slice?", "no"),
-            ("What imaging modality is shown?", "nuclear medicine"),
-            ("Over which body region is the brightest focus of uptake?", "pelvis"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: JPEG2000.dcm (JPEG 2000 compressed)",
-        licence=_pydicom_licence("an edited NEMA sample image, as pydicom's test-file notes say"),
-        rendering="modality LUT; no window in the file, so min-max scaled to 8 bits",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("gamma", 0.7, "gamma 0.7 (faint uptake brighter)")],
-    )
-
-
-def _us_lymph_node(phi: list[str]) -> _Base:
-    _, _, image, _, values = _dicom("examples_rgb_color.dcm", "US")
-    phi += values
-    _need_shape("examples_rgb_color.dcm", image, (240, 320, 3))
-    # The site name, settings and a time are burned into the header rows and the colour-bar labels
-    # overlap both edges; only the scanned rectangle survives.
-    image = _keep_only(image, 24, 54, 296, 168)
-    return _Base(
-        id="us-lymph-node",
-        pixels=image,
-        captions=[
-            "Power Doppler ultrasound of a lymph node with flow signal inside it.",
-            "Small-parts ultrasound with a colour power Doppler overlay on a greyscale image.",
-        ],
-        findings=[
-            "An elongated, lobulated, mostly dark (hypoechoic) structure spans much of the image width, surrounded by brighter, layered soft tissue.",
-            "Orange-yellow power Doppler signal fills a large part of the structure, showing blood flow inside it.",
-            "Two rectangular outlines mark the Doppler sampling boxes.",
-            "The black areas above, below and beside the scan are where on-screen lettering was removed.",
-        ],
-        metadata={"modality": "ultrasound", "body_part": "lymph node", "mode": "power Doppler"},
-        qa=[
-            ("Is this an ultrasound image?", "yes"),
-            ("Is Doppler flow signal shown?", "yes"),
-            ("Is this an MRI?", "no"),
-            ("Is this a histology slide?", "no"),
-            ("What imaging modality is shown?", "ultrasound"),
-            ("What structure is shown?", "lymph node"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: examples_rgb_color.dcm",
-        licence=_pydicom_licence("a cropped NEMA ultrasound sample, as pydicom's test-file notes say"),
-        rendering="RGB pixels as stored; everything outside the scanned rectangle (rows 54-167, columns 24-295) set to black because the header carries burned-in identifying lettering",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("gamma", 0.8, "gamma 0.8")],
-    )
-
-
-def _us_echo(phi: list[str]) -> _Base:
+def _us_echo(name: str, phi: list[str]) -> _Pixels:
     # The patient-name field is burned into the top-left corner, and settings run down the right edge
     # and along a bottom toolbar; only the sector area is kept.
     keep = (44, 12, 286, 224)
-    ds, _, image, _, values = _dicom("examples_ybr_color.dcm", "US")
+    ds, _, image, _, values = _dicom(name, "US")
     phi += values
-    _need_shape("examples_ybr_color.dcm", image, (240, 320, 3))
+    _need_shape(name, image, (240, 320, 3))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     middle = n_frames // 2
     early = n_frames // 6
-    _, _, other, _, _ = _dicom("examples_ybr_color.dcm", "US", frame=early)
-    return _Base(
-        id="us-echo",
-        pixels=_keep_only(image, *keep),
-        captions=[
-            "Cardiac ultrasound (echocardiography) frame showing the heart chambers in a fan-shaped sector.",
-            "Greyscale echocardiogram frame from a cine loop.",
-        ],
-        findings=[
-            "The heart walls and valve leaflets appear bright against the dark, blood-filled chambers.",
-            "The fan-shaped sector narrows to its apex at the top of the image, where the transducer sits.",
-            "The black margins are where on-screen lettering was removed.",
-        ],
-        metadata={"modality": "ultrasound", "body_part": "heart", "mode": "B-mode"},
-        qa=[
-            ("Is this an ultrasound image?", "yes"),
-            ("Is the heart shown?", "yes"),
-            ("Is this a CT image?", "no"),
-            ("Is this a whole-body image?", "no"),
-            ("Which organ is imaged?", "heart"),
-            ("What imaging modality is shown?", "ultrasound"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: examples_ybr_color.dcm (JPEG baseline, YBR colour, {n_frames} frames)",
-        licence=_pydicom_licence("a reduced copy of a multi-frame colour test image, as pydicom's test-file notes say"),
-        rendering=f"frame {middle + 1} of {n_frames}, YBR converted to RGB by pydicom; everything outside the sector area (rows {keep[1]}-{keep[3] - 1}, columns {keep[0]}-{keep[2] - 1}) set to black because burned-in lettering carries an identifying field",
-        augs=[
-            _Aug("pixels", _keep_only(other, *keep), f"frame {early + 1} of {n_frames} of the same loop, same masking"),
-            _Aug("gamma", 0.8, "gamma 0.8"),
-        ],
+    _, _, other, _, _ = _dicom(name, "US", frame=early)
+    return _Pixels(
+        _keep_only(image, *keep),
+        fields={"n_frames": n_frames, "frame": middle + 1, "early_frame": early + 1} | _kept(keep),
+        images={"early_frame_pixels": _keep_only(other, *keep)},
     )
 
 
-def _seg_liver(phi: list[str]) -> _Base:
+def _seg_liver(name: str, phi: list[str]) -> _Pixels:
     from kit.generate.sources.dicom import _segments
 
-    ds, frame, image, md, values = _dicom("liver_1frame.dcm", "SEG")
+    ds, frame, image, md, values = _dicom(name, "SEG")
     phi += values
-    _need_shape("liver_1frame.dcm", image, (512, 512))
+    _need_shape(name, image, (512, 512))
     labels, _ = _segments(ds, 0, frame, values)
     if [label.lower() for label in labels] != ["liver"]:
-        raise _Skip(f"liver_1frame.dcm segments {labels}, not the single liver segment its texts describe")
-    mask = image > 0
-    return _Base(
-        id="seg-liver",
-        pixels=image,
-        captions=[
-            "Binary segmentation mask of the liver on one axial CT slice.",
-            "Axial liver segmentation: the liver in white on a black background.",
-        ],
-        findings=[
-            "A single white region marks the liver; everything else is background.",
-            "The region has a smooth, rounded outer contour and a tapering lobe that extends across the upper abdomen.",
-        ],
-        sided=[
-            "In the usual radiological display the region lies on the image left, so the liver occupies the patient's right upper abdomen.",
-        ],
-        metadata={"modality": "segmentation mask", "source_modality": "CT", "body_part": "abdomen", "plane": md.get("ImagePlane", "axial"), "segment": "liver"},
-        boxes=[("liver", _mask_box(mask))],
-        qa=[
-            ("Is the liver segmented in this image?", "yes"),
-            ("Is this a binary segmentation mask?", "yes"),
-            ("Is the spleen segmented in this image?", "no"),
-            ("Is more than one organ segmented?", "no"),
-            ("Which organ is segmented?", "liver"),
-            ("In which plane is the slice?", "axial"),
-        ],
-        origin=f"pydicom {_version('pydicom')}: liver_1frame.dcm (DICOM SEG made with dcmqi, one frame)",
-        licence=_pydicom_licence("an example produced with the dcmqi library, as pydicom's test-file notes say"),
-        rendering="the binary segment frame scaled to 0/255 (the CT it was drawn on is not shipped); the box is the mask's extent",
-        augs=[_Aug("crop", 0.8, "centred crop to 80%, shifted to keep the liver whole"), _Aug("flip", note="horizontal flip")],
-    )
+        raise _Skip(f"{name} segments {labels}, not the single liver segment its texts describe")
+    return _Pixels(image, boxes=[("liver", _mask_box(image > 0))], fields={"plane": md.get("ImagePlane", "axial")})
 
 
 def _skimage_file(name: str) -> Path:
@@ -464,203 +278,174 @@ def _skimage_file(name: str) -> Path:
     return path
 
 
-def _skimage_licence(terms: str) -> str:
-    return f"scikit-image {_version('scikit-image')} bundled data (package under BSD-3-Clause); {terms}"
+def _skimage_image(name: str, mode: str, shape: tuple[int, ...]) -> np.ndarray:
+    with Image.open(_skimage_file(name)) as im:
+        image = np.asarray(im.convert(mode))
+    _need_shape(name, image, shape)
+    return image
 
 
-def _fundus(phi: list[str]) -> _Base:
-    with Image.open(_skimage_file("retina.jpg")) as im:
+def _fundus(name: str, phi: list[str]) -> _Pixels:
+    with Image.open(_skimage_file(name)) as im:
         if im.size != (1411, 1411):
-            raise _Skip(f"retina.jpg is {im.size}, not the 1411 x 1411 photograph its texts describe")
+            raise _Skip(f"{name} is {im.size}, not the 1411 x 1411 photograph its texts describe")
         image = np.asarray(im.convert("RGB").resize((512, 512), Image.Resampling.LANCZOS))
-    disc = _bright_blob_box(image.mean(axis=2), sigma=6.0, level=0.5)
-    return _Base(
-        id="fundus-retina",
-        pixels=image,
-        captions=[
-            "Colour fundus photograph of the retina with the optic disc, the macula and the retinal vessels.",
-            "Retinal photograph showing the back of the eye through a circular field.",
-        ],
-        findings=[
-            "The bright, round optic disc sits near one edge of the field, and retinal arteries and veins branch out from it.",
-            "The darker macula with the fovea at its centre lies near the middle of the image.",
-            "No haemorrhages or exudates are evident at this resolution.",
-        ],
-        sided=["This is a left eye: the optic disc lies to the left of the macula."],
-        sided_metadata={"laterality": "left eye"},
-        metadata={"modality": "fundus photograph", "body_part": "eye (retina)"},
-        boxes=[("optic disc", disc)],
-        qa=[
-            ("Is this a fundus photograph of the retina?", "yes"),
-            ("Is the optic disc visible?", "yes"),
-            ("Is this a CT image?", "no"),
-            ("Is this a histology image?", "no"),
-            ("What is the bright round structure where the vessels converge?", "optic disc"),
-            ("What imaging modality is shown?", "fundus photography"),
-        ],
-        origin=f"scikit-image {_version('scikit-image')}: skimage/data/retina.jpg (`skimage.data.retina()`)",
-        licence=_skimage_licence("the photograph is from Wikimedia Commons (M. Haggstrom), CC0 1.0 public domain dedication"),
-        rendering="RGB, resized from 1411 x 1411 to 512 x 512 (Lanczos); optic disc box = the bright region around the brightest smoothed point",
-        augs=[_Aug("flip", note="horizontal flip (left-eye statements dropped)"), _Aug("crop", 0.85, "centred crop to 85%, shifted to keep the optic disc whole")],
-    )
+    return _Pixels(image, boxes=[("optic disc", _bright_blob_box(image.mean(axis=2), sigma=6.0, level=0.5))])
 
 
-def _microaneurysms(phi: list[str]) -> _Base:
+def _microaneurysms(name: str, phi: list[str]) -> _Pixels:
     from kit.generate.sources.dicom import _min_max, _to_uint8
 
-    with Image.open(_skimage_file("microaneurysms.png")) as im:
-        raw = np.asarray(im.convert("L"))
-    _need_shape("microaneurysms.png", raw, (102, 102))
-    image = _to_uint8(_min_max(raw.astype(np.float64)))
+    raw = _skimage_image(name, "L", (102, 102))
     dots = _dark_dot_boxes(raw)  # the threshold is in the original grey levels
     # Two dots are what the image shows; any other count means the detector misfired, and no box
     # is better than a wrong one.
     boxes = [("microaneurysm", b) for b in dots] if len(dots) == 2 else []
-    return _Base(
-        id="fundus-microaneurysms",
-        pixels=image,
-        captions=[
-            "Greyscale close-up of the retina, the green channel of a fundus photograph, with vessels and small dark dots.",
-            "Detail of a fundus image from an eye with diabetic retinopathy, showing microaneurysms.",
-        ],
-        findings=[
-            "Several dark retinal vessels cross the field roughly horizontally.",
-            "Two small, round, dark dots lie between the vessels; these are the microaneurysms the crop was chosen for.",
-        ],
-        metadata={"modality": "fundus photograph (green channel)", "body_part": "eye (retina)"},
-        boxes=boxes,
-        qa=[
-            ("Are microaneurysms visible?", "yes"),
-            ("Are retinal vessels visible?", "yes"),
-            ("Is this a colour image?", "no"),
-            ("Is this an ultrasound image?", "no"),
-            ("What are the small dark dots?", "microaneurysms"),
-        ],
-        origin=f"scikit-image {_version('scikit-image')}: skimage/data/microaneurysms.png (`skimage.data.microaneurysms()`)",
-        licence=_skimage_licence("a crop of an image from the High-Resolution Fundus (HRF) database, CC0 given by its owner"),
-        rendering="grey levels min-max stretched to 0-255 (the original spans a narrow range); boxes = compact dark spots found against a median background",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("gamma", 0.8, "gamma 0.8")],
-    )
+    return _Pixels(_to_uint8(_min_max(raw.astype(np.float64))), boxes=boxes)
 
 
-def _ihc(phi: list[str]) -> _Base:
-    with Image.open(_skimage_file("ihc.png")) as im:
-        image = np.asarray(im.convert("RGB"))
-    _need_shape("ihc.png", image, (512, 512, 3))
-    return _Base(
-        id="ihc-colon",
-        pixels=image,
-        captions=[
-            "Immunohistochemistry of colonic glands: brown DAB staining with a blue hematoxylin counterstain.",
-            "Light micrograph of colon tissue stained for the FHL2 protein by immunohistochemistry.",
-        ],
-        findings=[
-            "Several colonic glands are cut in cross and longitudinal section; their epithelial cells are stained brown.",
-            "Blue nuclei line the glands and are scattered through the pale connective tissue between them.",
-            "The brown signal is strongest in the gland epithelium, while the stroma is largely unstained.",
-        ],
-        metadata={"modality": "brightfield microscopy", "body_part": "colon", "stain": "immunohistochemistry (DAB) with hematoxylin counterstain"},
-        qa=[
-            ("Is this a histology image?", "yes"),
-            ("Is brown DAB staining present?", "yes"),
-            ("Is this a radiograph?", "no"),
-            ("Is this a CT image?", "no"),
-            ("Which chromogen produces the brown colour?", "DAB"),
-            ("What is the counterstain?", "hematoxylin"),
-        ],
-        origin=f"scikit-image {_version('scikit-image')}: skimage/data/ihc.png (`skimage.data.immunohistochemistry()`)",
-        licence=_skimage_licence("acquired at the Center for Microscopy And Molecular Imaging (CMMI); no known copyright restrictions"),
-        rendering="RGB as stored",
-        augs=[_Aug("flip", note="horizontal flip"), _Aug("crop", 0.8, "centred crop to 80%")],
-    )
+def _ihc(name: str, phi: list[str]) -> _Pixels:
+    return _Pixels(_skimage_image(name, "RGB", (512, 512, 3)))
 
 
-def _cell(phi: list[str]) -> _Base:
-    with Image.open(_skimage_file("cell.png")) as im:
-        image = np.asarray(im.convert("L"))
-    _need_shape("cell.png", image, (660, 550))
-    return _Base(
-        id="cell-phase",
-        pixels=image,
-        captions=[
-            "Quantitative phase microscopy image of a single round cell floating in saline.",
-            "Label-free phase image: one bright spherical cell on a grey background with faint banding.",
-        ],
-        findings=[
-            "One round cell appears bright because its phase value is higher than the background's.",
-            "A faint banding pattern in the background is an artefact of the holographic reconstruction.",
-            "No stain is used; the contrast comes from the optical phase shift.",
-        ],
-        sided=["The cell lies in the lower right part of the field."],
-        metadata={"modality": "quantitative phase microscopy", "body_part": "single cell", "stain": "none (label-free)"},
-        boxes=[("cell", _bright_blob_box(image, sigma=3.0, level=0.2, pad=2))],
-        qa=[
-            ("Is there a cell in this image?", "yes"),
-            ("Is more than one cell visible?", "no"),
-            ("Is this image stained with hematoxylin?", "no"),
-            ("Is the cell round?", "yes"),
-            ("How many cells are visible?", "one"),
-            ("What imaging technique produced this image?", "quantitative phase microscopy"),
-        ],
-        origin=f"scikit-image {_version('scikit-image')}: skimage/data/cell.png (`skimage.data.cell()`)",
-        licence=_skimage_licence("a phase image from Mueller et al., Optics Express 2018, CC0 public domain dedication"),
-        rendering="grey levels as stored; cell box = the bright region around the brightest smoothed point, 2 px margin",
-        augs=[_Aug("crop", 0.8, "centred crop to 80%, shifted to keep the cell whole"), _Aug("flip", note="horizontal flip (position statement dropped)")],
-    )
+def _cell(name: str, phi: list[str]) -> _Pixels:
+    image = _skimage_image(name, "L", (660, 550))
+    return _Pixels(image, boxes=[("cell", _bright_blob_box(image, sigma=3.0, level=0.2, pad=2))])
 
 
-def _mri_head(phi: list[str]) -> _Base:
+def _mri_head(name: str, phi: list[str]) -> _Pixels:
     import matplotlib
     import matplotlib.cbook
 
     from kit.generate.sources.dicom import _min_max, _to_uint8
 
     try:
-        path = Path(matplotlib.cbook.get_sample_data("s1045.ima.gz", asfileobj=False))
+        path = Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
         raw = gzip.decompress(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise _Skip(f"matplotlib {matplotlib.__version__} has no readable s1045.ima.gz ({type(e).__name__})") from None
+        raise _Skip(f"matplotlib {matplotlib.__version__} has no readable {name} ({type(e).__name__})") from None
     if len(raw) != 256 * 256 * 2:
-        raise _Skip(f"s1045.ima.gz holds {len(raw)} bytes, not one 256 x 256 16-bit image")
+        raise _Skip(f"{name} holds {len(raw)} bytes, not one 256 x 256 16-bit image")
     values = np.frombuffer(raw, dtype=">u2").reshape(256, 256).astype(np.float64)
-    return _Base(
-        id="mri-head-sagittal",
-        pixels=_to_uint8(_min_max(values)),
-        captions=[
-            "Sagittal MR image of the head showing the brain, the skull and the face.",
-            "Sagittal magnetic resonance slice through the head and upper neck.",
-        ],
-        findings=[
-            "The cerebral hemisphere with its folded gyri fills the upper part of the head.",
-            "The face, the oral cavity and the soft tissues of the upper neck lie below the brain.",
-            "The scalp fat appears bright and the bone of the skull dark.",
-        ],
-        sided=["The face points to the image left."],
-        metadata={"modality": "MRI", "body_part": "head", "plane": "sagittal"},
-        qa=[
-            ("Is this an MRI?", "yes"),
-            ("Is this a sagittal image?", "yes"),
-            ("Is this a CT image?", "no"),
-            ("Is the abdomen shown?", "no"),
-            ("What body region is imaged?", "head"),
-            ("In which plane is the image?", "sagittal"),
-        ],
-        origin=f"matplotlib {matplotlib.__version__}: mpl-data/sample_data/s1045.ima.gz (`matplotlib.cbook.get_sample_data`)",
-        licence=f"matplotlib {matplotlib.__version__} sample data, distributed with matplotlib under its licence; the package does not document the image's origin",
-        rendering="gzip-compressed raw big-endian 16-bit 256 x 256 image, min-max scaled to 8 bits",
-        augs=[_Aug("flip", note="horizontal flip (face-direction statement dropped)"), _Aug("gamma", 0.8, "gamma 0.8")],
-    )
+    return _Pixels(_to_uint8(_min_max(values)), fields={"matplotlib_version": matplotlib.__version__})
 
 
-_MEDICAL: tuple[Callable[[list[str]], _Base], ...] = (
-    _ct_chest, _mr_small, _ct_head, _nm_bone, _us_lymph_node, _us_echo, _seg_liver,
-    _fundus, _microaneurysms, _ihc, _cell, _mri_head,
+# (id in medical_sample.yaml, source file, builder), in the order the sample lists them.
+_MEDICAL: tuple[tuple[str, str, _Builder], ...] = (
+    ("ct-chest", "CT_small.dcm", partial(_dicom_image, modality="CT", shape=(128, 128))),
+    ("mr-small", "MR_small.dcm", partial(_dicom_image, modality="MR", shape=(64, 64))),
+    ("ct-head", "693_J2KI.dcm", partial(_dicom_image, modality="CT", shape=(512, 512))),
+    ("nm-bone", "JPEG2000.dcm", partial(_dicom_image, modality="NM", shape=(1024, 256))),
+    # The site name, settings and a time are burned into the header rows and the colour-bar labels
+    # overlap both edges; only the scanned rectangle survives.
+    ("us-lymph-node", "examples_rgb_color.dcm", partial(_dicom_image, modality="US", shape=(240, 320, 3), keep=(24, 54, 296, 168))),
+    ("us-echo", "examples_ybr_color.dcm", _us_echo),
+    ("seg-liver", "liver_1frame.dcm", _seg_liver),
+    ("fundus-retina", "retina.jpg", _fundus),
+    ("fundus-microaneurysms", "microaneurysms.png", _microaneurysms),
+    ("ihc-colon", "ihc.png", _ihc),
+    ("cell-phase", "cell.png", _cell),
+    ("mri-head-sagittal", "s1045.ima.gz", _mri_head),
 )
-_SOURCE_FILES = {
-    _ct_chest: "CT_small.dcm", _mr_small: "MR_small.dcm", _ct_head: "693_J2KI.dcm", _nm_bone: "JPEG2000.dcm",
-    _us_lymph_node: "examples_rgb_color.dcm", _us_echo: "examples_ybr_color.dcm", _seg_liver: "liver_1frame.dcm",
-    _fundus: "retina.jpg", _microaneurysms: "microaneurysms.png", _ihc: "ihc.png", _cell: "cell.png", _mri_head: "s1045.ima.gz",
-}
+
+
+# --------------------------------------------------------------------------- texts
+
+_TEXTS_FILE = Path(__file__).with_name("medical_sample.yaml")
+_TEXT_KEYS = {"captions", "findings", "metadata", "qa", "origin", "licence", "rendering", "augs"}
+_OPTIONAL_TEXT_KEYS = {"sided", "sided_metadata"}
+_AUG_VALUE = {"flip": None, "gamma": float, "crop": float, "pixels": str}  # kind -> type of its `value`
+
+
+def _texts_error(rid: str, problem: str) -> RuntimeError:
+    # The file ships inside kit, so a bad entry is a kit bug rather than a user error.
+    return RuntimeError(f"{_TEXTS_FILE.name}, entry '{rid}': {problem}; please report this")
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) for s in value)
+
+
+def _is_string_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _check_entry(rid: str, entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise _texts_error(rid, f"expected a mapping, got {type(entry).__name__}")
+    missing, unknown = sorted(_TEXT_KEYS - entry.keys()), sorted(entry.keys() - _TEXT_KEYS - _OPTIONAL_TEXT_KEYS)
+    if missing or unknown:
+        raise _texts_error(rid, f"missing keys {missing}, unknown keys {unknown}")
+    for key in ("captions", "findings", "sided"):
+        if key in entry and not _is_strings(entry[key]):
+            raise _texts_error(rid, f"'{key}' must be a list of strings")
+    for key in ("metadata", "sided_metadata"):
+        if key in entry and not _is_string_map(entry[key]):
+            raise _texts_error(rid, f"'{key}' must map strings to strings")
+    for key in ("origin", "licence", "rendering"):
+        if not isinstance(entry[key], str):
+            raise _texts_error(rid, f"'{key}' must be a string")
+    # An unquoted yes/no is a YAML boolean, which would silently turn a closed question into an open one.
+    if not isinstance(entry["qa"], list) or not all(_is_strings(p) and len(p) == 2 for p in entry["qa"]):
+        raise _texts_error(rid, "'qa' must be a list of [question, answer] string pairs (quote \"yes\" and \"no\")")
+    if not isinstance(entry["augs"], list):
+        raise _texts_error(rid, "'augs' must be a list")
+    for aug in entry["augs"]:
+        kind = aug.get("kind") if isinstance(aug, dict) else None
+        if kind not in _AUG_VALUE or not isinstance(aug.get("note"), str) or set(aug) - {"kind", "value", "note"}:
+            raise _texts_error(rid, f"augmentation {aug!r} needs a kind out of {sorted(_AUG_VALUE)}, a note and nothing else but a value")
+        value_type = _AUG_VALUE[kind]
+        if (value_type is None) != ("value" not in aug) or (value_type is float and not isinstance(aug["value"], int | float)) or (value_type is str and not isinstance(aug["value"], str)):
+            raise _texts_error(rid, f"augmentation {aug!r}: a {kind} takes {'no value' if value_type is None else f'a {value_type.__name__} value'}")
+
+
+def _load_texts(path: Path = _TEXTS_FILE) -> dict[str, dict[str, Any]]:
+    """medical_sample.yaml's entries by id, checked: exactly one per builder, in `_MEDICAL`'s order."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    ids = [rid for rid, _, _ in _MEDICAL]
+    found = list(data) if isinstance(data, dict) else []
+    if found != ids:
+        missing, unknown = [i for i in ids if i not in found], [i for i in found if i not in ids]
+        raise RuntimeError(
+            f"{path.name} must have one entry per sample image, in the order {ids}; missing {missing}, unknown {unknown}; please report this"
+        )
+    for rid, entry in data.items():
+        _check_entry(rid, entry)
+    return data
+
+
+def _base(rid: str, texts: dict[str, Any], built: _Pixels, fields: dict[str, Any]) -> _Base:
+    """The image with its texts, every `{name}` in them filled from `fields`."""
+
+    def fill(text: str) -> str:
+        try:
+            return text.format_map(fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise _texts_error(rid, f"cannot fill {text!r} ({type(e).__name__}: {e}); known fields: {sorted(fields)}") from None
+
+    augs = []
+    for aug in texts["augs"]:
+        value = aug.get("value")
+        if aug["kind"] == "pixels":
+            if value not in built.images:
+                raise _texts_error(rid, f"no image '{value}' for a pixels variant; the builder gives {sorted(built.images)}")
+            value = built.images[value]
+        augs.append(_Aug(aug["kind"], value, fill(aug["note"])))
+    return _Base(
+        id=rid,
+        pixels=built.pixels,
+        captions=[fill(s) for s in texts["captions"]],
+        findings=[fill(s) for s in texts["findings"]],
+        metadata={k: fill(v) for k, v in texts["metadata"].items()},
+        qa=[(fill(q), fill(a)) for q, a in texts["qa"]],
+        origin=fill(texts["origin"]),
+        licence=fill(texts["licence"]),
+        rendering=fill(texts["rendering"]),
+        augs=augs,
+        boxes=built.boxes,
+        sided=[fill(s) for s in texts.get("sided", [])],
+        sided_metadata={k: fill(v) for k, v in texts.get("sided_metadata", {}).items()},
+    )
 
 
 # --------------------------------------------------------------------------- writing
@@ -786,11 +571,15 @@ def write_sample(domain: str, out: Path) -> dict[str, Any]:
     phi: list[str] = []
     bases: list[_Base] = []
     skipped: list[str] = []
-    for make in _MEDICAL:
+    entries = _load_texts()
+    versions = {"pydicom_version": _version("pydicom"), "skimage_version": _version("scikit-image")}
+    for rid, source, build in _MEDICAL:
         try:
-            bases.append(make(phi))
+            built = build(source, phi)
         except _Skip as e:
-            skipped.append(f"{_SOURCE_FILES[make]}: {e}")
+            skipped.append(f"{source}: {e}")
+            continue
+        bases.append(_base(rid, entries[rid], built, versions | built.fields))
     if not bases:
         raise KitError(f"no sample source is available in this installation: {'; '.join(skipped)}")
     # Short values (sex codes, single digits) occur everywhere by chance and identify no one.
@@ -829,7 +618,7 @@ def write_sample(domain: str, out: Path) -> dict[str, Any]:
         for name, text in texts.items():
             leaked = _leaks(text.encode("utf-8"), phi_bytes)
             if leaked:
-                # The texts are fixed in this module, so this is a kit bug, not a user error.
+                # The texts are fixed in medical_sample.yaml, so this is a kit bug, not a user error.
                 raise RuntimeError(f"sample {name} would contain {len(leaked)} identifying DICOM value(s); please report this")
             (staging / name).write_text(text, encoding="utf-8")
 
