@@ -21,6 +21,23 @@ wheels)
     --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d "$WHL" \
     "transformers==5.24.0" "peft==0.21.2" "bitsandbytes==0.50.2" "trl==1.16.0" "datasets==5.2.0" \
     "pydantic==2.14.4" "pydantic_core==2.50.5" typing_inspection annotated_types dill multiprocess
+  # The device tool carries at most 64 MiB: keep only bitsandbytes' CUDA 13 and CPU libraries (the
+  # GPU machine's torch is a cu13x build); the wheel's RECORD drops the removed files.
+  .venv/bin/python - <<'PY'
+import glob, os, re, zipfile
+src = glob.glob(".whl/bitsandbytes-*.whl")[0]
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[0-2]\d|rocm\d+)\.so$")
+tmp = src + ".tmp"
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if drop.search(item.filename):
+            continue
+        data = zin.read(item.filename)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = "".join(l for l in data.decode().splitlines(True) if not drop.search(l.split(",")[0])).encode()
+        zout.writestr(item, data)
+os.replace(tmp, src)
+PY
   # The SmolLM2 tokenizer: the benchmarks' LLM vocabulary (the GPU side has no gguf reader).
   .venv/bin/python - <<'EOF'
 import importlib.util
