@@ -253,6 +253,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
+        # Listening now means a client that connects as soon as "serving ... at" is printed waits
+        # in the backlog until uvicorn accepts, instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise KitError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? choose another --port") from None

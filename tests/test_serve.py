@@ -447,3 +447,37 @@ def test_requests_past_the_queue_limit_get_429_and_the_server_recovers(pool):
         assert answers[0] == answers[1]
         assert app.state.admission.count == 0
         assert client.chat.completions.create(**ask).choices[0].message.content == answers[0]
+
+
+SERVE_OFFLINE = r"""
+import json, signal, subprocess, sys, urllib.request
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)  # loopback only: nothing else exists here
+kit, model, question = sys.argv[1:4]
+proc = subprocess.Popen([kit, "serve", model, "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+try:
+    while "serving" not in (line := proc.stderr.readline()):
+        assert line, "kit serve exited early"
+    url = line.split(" at ")[1].split()[0]
+    body = {"model": "alpha", "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": question}]}
+    req = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    print(json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["message"]["content"])
+finally:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+"""
+
+
+def test_kit_serve_answers_with_no_network_at_all(tiny_base, adapters):
+    """`unshare -n` leaves the server process a loopback interface and nothing else, with
+    HF_HUB_OFFLINE unset: loading and answering must not need the network."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None or subprocess.run(
+            ["unshare", "-n", "true"], check=False, capture_output=True).returncode != 0:
+        pytest.skip("unshare -n / ip are not available here (need root or user namespaces, and iproute2)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["OMP_NUM_THREADS"] = "1"
+    kit_bin = str(Path(sys.executable).with_name("kit"))
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", SERVE_OFFLINE, kit_bin, str(adapters["alpha"]), PROMPT],
+                       check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = direct_answer(adapters["alpha"], [{"role": "user", "content": PROMPT}], [], 4)
+    assert r.stdout == want + "\n"
