@@ -80,7 +80,9 @@ def adapt(recipe: RecipeOpt, base: BaseOpt = None,
             _echo("embedded mini base on CPU: applying the recipe's `embedded` settings")
     from kit.adapt import adapt as run_adapt
 
-    typer.echo(str(run_adapt(r, base, data, out, max_steps, resume, echo=_echo)))
+    path = run_adapt(r, base, data, out, max_steps, resume, echo=_echo)
+    _echo(f"next: kit chat {path} --image IMG --prompt '...'  |  kit serve {path}  |  kit merge {path} --out DIR")
+    typer.echo(str(path))
 
 
 @app.command("eval")
