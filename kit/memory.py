@@ -3,8 +3,9 @@
 The model is built on the meta device (no memory) to count parameters per part; the estimate adds
 weights in their stored precision, what trains (fp32 master weights, gradients and two Adam
 moments: 16 bytes per parameter), activations (checkpointed or not) and the fp32 logits of the
-loss. Checked against measured H100 peaks in benchmarks/README.md (LoRA 2.3B: estimate within
-~10%).
+loss. Checked against measured H100 peaks in benchmarks/README.md (8-layer LLaVA-1.5 shape, 2.3B:
+LoRA 8.8 vs 9.0 GiB, full 33.7 vs 32.4 GiB). `gradient_checkpointing: auto` counts as on here: this
+estimate, taken with it off, is what decides it (kit.train.resolve_checkpointing).
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def estimate(recipe: Recipe, base: Path, tokens: int) -> Estimate:
     b, h = recipe.train.batch_size, text.hidden_size
     layers, inter = text.num_hidden_layers, getattr(text, "intermediate_size", 4 * h)
     per_layer = b * tokens * (16 * h + 3 * inter) * half  # attention + MLP intermediates kept for backward
+    if recipe.lora is not None and recipe.lora.dropout > 0:
+        # PEFT drops out each adapted layer's input separately: q, k, v (and gate, up) each keep their
+        # own dropped copy plus its mask for backward, beside the base layer's saved input.
+        per_layer += b * tokens * sum(i for i, _ in linears) / max(layers, 1) * (half + 1)
     if recipe.train.gradient_checkpointing:
         activations = layers * b * tokens * h * half + per_layer
     else:
