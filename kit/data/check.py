@@ -96,8 +96,6 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
 
     Raises KitError for problems that stop everything (missing file, broken JSON, bad base).
     """
-    from pathlib import Path
-
     from kit.data.dataset import build_dataset
     from kit.models import image_aspect_of, load_processor
     from kit.train import plan_run
