@@ -240,7 +240,10 @@ def adapters_list(root: Annotated[Path, typer.Option(help="Folder to scan.")] = 
         typer.echo(f"no adapters in {root}")
     for p in folders:
         d = describe(p)
-        typer.echo(f"{p.name:36} {d.get('recipe') or '?':16} steps {d.get('steps') or '?':>5}  base {d.get('base') or '?'}")
+        ev = d["evaluation"]
+        before, after = (ev.get("base") or {}).get("overall"), (ev.get("adapted") or {}).get("overall")
+        held = f"  held-out {100 * before:.1f} -> {100 * after:.1f}" if before is not None and after is not None else ""
+        typer.echo(f"{p.name:36} {d.get('recipe') or '?':16} steps {d.get('steps') or '?':>5}{held}  base {d.get('base') or '?'}")
 
 
 @adapters_app.command("show")

@@ -211,4 +211,5 @@ def describe(path: Path) -> dict[str, Any]:
         "created": card.get("created"),
         "steps": card.get("steps"),
         "metrics": card.get("metrics") or {},
+        "evaluation": card.get("evaluation") or {},
     }

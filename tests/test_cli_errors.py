@@ -111,3 +111,25 @@ def test_help_does_not_import_torch():
     for argv in ("['kit','--help']", "['kit','finetune','--help']", "['kit','recipes','list']"):
         r = subprocess.run([sys.executable, "-c", code.replace("['kit','--help']", argv)], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (argv, r.stderr[-500:])
+
+
+def test_adapters_list_shows_each_adapter_with_its_held_out_change(capsys, tmp_path):
+    import json
+
+    good = tmp_path / "medical-1"
+    good.mkdir()
+    (good / "adapter_config.json").write_text("{}")
+    (good / "kit.json").write_text(json.dumps({
+        "kind": "adapter", "recipe": {"name": "medical"}, "steps": 60, "base": {"path": "/bases/mini"},
+        "evaluation": {"base": {"overall": 0.278}, "adapted": {"overall": 0.611}},
+    }))
+    bare = tmp_path / "other"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    code, out, err = run_cli(capsys, "adapters", "list", "--root", str(tmp_path))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("medical-1") and "held-out 27.8 -> 61.1" in lines[0] and "/bases/mini" in lines[0]
+    assert lines[1].startswith("other") and "held-out" not in lines[1]
