@@ -39,32 +39,47 @@ def eval_command(
     Raises KitError for a bad file (file:line), a missing image, or a folder kit cannot load; and,
     before anything is loaded or sent, for a non-loopback judge without `allow_remote`.
     """
-    from kit.evaluate import compare, evaluate, format_result, write_predictions
+    from kit.evaluate import compare, evaluate, format_result, model_notes, write_predictions
+    from kit.loading import load_for_inference
 
     if limit is not None and limit < 1:
         raise KitError(f"--limit must be at least 1 (got {limit})")
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
-    judge_backend = None
+    judge_backend = judge_items = None
     if judge is not None:
         from kit.judge import load_judge_items, resolve_judge
 
         judge_backend = resolve_judge(judge, judge_model, allow_remote)
-        load_judge_items(Path(data), None, limit)  # a bad context/category line fails before any model loads
+        judge_items = load_judge_items(Path(data), None, limit)  # a bad context/category line fails before any model loads
     elif judge_model is not None:
         raise KitError("--judge-model needs --judge")
-    before = None
+
+    def run(path: Path) -> tuple[dict[str, Any], list[str] | None]:
+        """VQA result and, for the judge, free-form answers: one load of the model for both."""
+        loaded = load_for_inference(Path(path))
+        result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded)
+        answers = None
+        if judge_items is not None:
+            from kit.judge import free_answers
+
+            echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")
+            answers = free_answers(loaded, judge_items, batch_size=batch_size, max_new_tokens=judge_answer_tokens)
+            result["judge_notes"] = model_notes(loaded[2])
+        return result, answers
+
+    before = before_answers = None
     if baseline is not None:
-        before = evaluate(Path(baseline), Path(data), limit, batch_size, max_new_tokens, echo=echo)
-    result = evaluate(Path(model), Path(data), limit, batch_size, max_new_tokens, echo=echo)
+        before, before_answers = run(baseline)
+    result, answers = run(model)  # the baseline's model is gone by now: one model in memory at a time
     echo(compare(before, result) if before is not None else format_result(result))
     if judge_backend is not None:
-        from kit.judge import compare_judged, format_judged, judged_eval
+        from kit.judge import compare_judged, format_judged, judge_run
 
-        kw = {"limit": limit, "batch_size": batch_size, "max_new_tokens": judge_answer_tokens, "echo": echo}
-        if before is not None:
-            before["judged"] = judged_eval(Path(baseline), Path(data), judge_backend, **kw)
-        result["judged"] = judged_eval(Path(model), Path(data), judge_backend, **kw)
+        echo(f"judge: {judge_backend.describe()}")
+        for res, ans, path in ((before, before_answers, baseline), (result, answers, model)):
+            if res is not None:
+                res["judged"] = judge_run(judge_backend, judge_items, ans, model=str(path), data=Path(data), notes=res.pop("judge_notes"))
         echo(compare_judged(before["judged"], result["judged"]) if before is not None else format_judged(result["judged"]))
         for pred, row in zip(result["predictions"], result["judged"]["predictions"]):
             pred["judged"] = {k: v for k, v in row.items() if k not in ("id", "question", "answer")}

@@ -184,13 +184,15 @@ def evaluate(
     max_new_tokens: int = 32,
     echo: Callable[[str], None] = print,
     image_folder: Path | None = None,
+    loaded: tuple[Any, Any, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Answer every question greedily and score them.
 
     Returns closed_accuracy, open_recall, overall (mean per-question score; None where a type has no
     questions), n_closed, n_open, model, data, notes and predictions (one dict per question: id,
     answer_type, question, answer, prediction, score). The file is fully checked before the model
-    is loaded; KitError (file:line) for bad lines or missing images.
+    is loaded; KitError (file:line) for bad lines or missing images. `loaded`: the model as
+    kit.loading.load_for_inference already returned it, for callers that ask it more than once.
     """
     from kit.loading import load_for_inference
 
@@ -199,14 +201,12 @@ def evaluate(
     if max_new_tokens < 1:
         raise KitError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     items = load_items(Path(data), image_folder, limit)
-    model, processor, info = load_for_inference(Path(model_path))
+    model, processor, info = loaded or load_for_inference(Path(model_path))
     n_c = sum(it.answer_type == "closed" for it in items)
     echo(f"evaluating {model_path} ({info['kind']}) on {len(items)} questions ({n_c} closed, {len(items) - n_c} open) from {data}")
-    for note in info["notes"]:
+    notes = model_notes(info)
+    for note in notes:
         echo(f"note: {note}")
-    if info.get("template") == "plain":
-        echo("note: this model was trained with the 'plain' (caption-only) template; it cannot be asked questions, expect low scores")
-        info["notes"].append("plain template: questions are not shown to the model")
     predictions = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -216,8 +216,16 @@ def evaluate(
                 "prediction": pred, "score": score(pred, it.answer, it.answer_type),
             })
     result = summarise(predictions)
-    result.update({"model": str(model_path), "kind": info["kind"], "data": str(data), "notes": info["notes"], "predictions": predictions})
+    result.update({"model": str(model_path), "kind": info["kind"], "data": str(data), "notes": notes, "predictions": predictions})
     return result
+
+
+def model_notes(info: dict[str, Any]) -> list[str]:
+    """What a report on this loaded model must say (load notes, a caption-only template)."""
+    notes = list(info["notes"])
+    if info.get("template") == "plain":
+        notes.append("plain template: this model was trained to caption only and is not shown the questions; expect low scores")
+    return notes
 
 
 # ------------------------------------------------------------------------------------- output

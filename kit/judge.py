@@ -315,42 +315,38 @@ def summarise_judged(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def judged_eval(
-    model_path: Path,
-    data: Path,
+def free_answers(loaded: tuple[Any, Any, dict[str, Any]], items: list[JudgeItem], *, batch_size: int = 8,
+                 max_new_tokens: int = 128) -> list[str]:
+    """The loaded model's (kit.loading.load_for_inference) greedy free-form answer to each item."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise KitError("batch size and answer length must be at least 1")
+    model, processor, info = loaded
+    answers: list[str] = []
+    for start in range(0, len(items), batch_size):
+        answers += answer_free(model, processor, info, [j.item for j in items[start : start + batch_size]], max_new_tokens)
+    return answers
+
+
+def judge_run(
     backend: Backend,
+    items: list[JudgeItem],
+    answers: list[str],
     *,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 128,
-    image_folder: Path | None = None,
+    model: str,
+    data: Path,
+    notes: list[str],
     judge_max_tokens: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
     concurrency: int = 8,
-    echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Answer every question freely with `model_path`, have `backend` judge each answer against the
-    reference, and summarise. Returns summarise_judged's keys plus judge, prompt_version, model,
-    data, n_with_context, notes and predictions (one row per item, judge replies included).
-
-    Raises KitError for a bad file, a folder kit cannot load, or a judge problem no retry fixes.
-    """
-    from kit.loading import load_for_inference
-
-    if batch_size < 1 or max_new_tokens < 1 or judge_max_tokens < 1 or concurrency < 1:
-        raise KitError("batch size, answer length, judge reply length and concurrency must be at least 1")
+    """Have `backend` judge each answer against its reference and summarise. Returns
+    summarise_judged's keys plus judge, prompt_version, model, data, n_with_context, notes and
+    predictions (one row per item, judge replies included). KitError for a judge problem no retry fixes."""
+    if judge_max_tokens < 1 or concurrency < 1:
+        raise KitError("judge reply length and concurrency must be at least 1")
     prompt = load_prompt()
-    items = load_judge_items(Path(data), image_folder, limit)
-    model, processor, info = load_for_inference(Path(model_path))
-    echo(f"judged eval: {model_path} answers {len(items)} questions freely (up to {max_new_tokens} tokens); judge {backend.describe()}")
-    notes = list(info["notes"])
-    if info.get("template") == "plain":
-        notes.append("plain template: questions are not shown to the model")
-    answers: list[str] = []
-    for start in range(0, len(items), batch_size):
-        answers += answer_free(model, processor, info, [j.item for j in items[start : start + batch_size]], max_new_tokens)
-    del model  # free the candidate before an in-process judge loads
+    notes = list(notes)
     rows = judge_answers(backend, items, answers, prompt=prompt, max_tokens=judge_max_tokens, temperature=temperature,
                          seed=seed, concurrency=concurrency)
     with_context = sum(j.context is not None for j in items)
@@ -361,9 +357,38 @@ def judged_eval(
     result = summarise_judged(rows)
     result.update({
         "judge": backend.describe(), "prompt_version": prompt["version"], "temperature": temperature, "seed": seed,
-        "model": str(model_path), "data": str(data), "n_with_context": with_context, "notes": notes, "predictions": rows,
+        "model": model, "data": str(data), "n_with_context": with_context, "notes": notes, "predictions": rows,
     })
     return result
+
+
+def judged_eval(
+    model_path: Path,
+    data: Path,
+    backend: Backend,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    image_folder: Path | None = None,
+    echo: Callable[[str], None] = print,
+    **judging: Any,
+) -> dict[str, Any]:
+    """Load `model_path`, answer every question freely, free the model (an in-process judge may need
+    the memory), then judge_run (whose keyword arguments `judging` passes on).
+
+    Raises KitError for a bad file, a folder kit cannot load, or a judge problem no retry fixes.
+    """
+    from kit.evaluate import model_notes
+    from kit.loading import load_for_inference
+
+    items = load_judge_items(Path(data), image_folder, limit)
+    loaded = load_for_inference(Path(model_path))
+    echo(f"judged eval: {model_path} answers {len(items)} questions freely (up to {max_new_tokens} tokens); judge {backend.describe()}")
+    answers = free_answers(loaded, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    notes = model_notes(loaded[2])
+    del loaded
+    return judge_run(backend, items, answers, model=str(model_path), data=Path(data), notes=notes, **judging)
 
 
 # ----------------------------------------------------------------------------------- output

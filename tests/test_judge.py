@@ -216,14 +216,19 @@ def test_items_take_context_and_category(tmp_path):
         load_judge_items(bad)
 
 
-def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path):
+def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
+    import kit.loading
     from kit.cli_eval import eval_command
 
+    loads = []
+    real_load = kit.loading.load_for_inference
+    monkeypatch.setattr(kit.loading, "load_for_inference", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
     data = write_items(tmp_path / "data", ITEMS)
     lines: list[str] = []
     with MockJudge() as mock:
         r = eval_command(tiny_base, data, out=tmp_path / "p.jsonl", echo=lines.append, baseline=tiny_base,
                          max_new_tokens=4, judge=mock.base_url, judge_model="mock-judge", judge_answer_tokens=6)
+    assert len(loads) == 2  # baseline and model, each loaded once for both the VQA and the judged answers
     j = r["judged"]
     rows = {p["id"]: p for p in j["predictions"]}
     assert [rows[f"q{i}"]["status"] for i in range(7)] == ["judged", "judged", "unparsed", "judged", "judged", "unparsed", "failed"]
