@@ -51,7 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
-from gpu_train import build_parts, fmt, free_memory, say, sync, version, write_json
+from gpu_train import build_parts, fmt, free_memory, render, say, sync, version, write_json
 from transformers import TrainerCallback
 
 TARGET_RATIO = 1.3
@@ -485,10 +485,7 @@ def table(systems: dict[str, dict]) -> str:
         rows.append((name if name == "kit" else "TRL SFTTrainer", r["status"], fmt(r.get("s_per_step"), ".3f"),
                      fmt(r.get("tokens_per_s"), ".0f"), fmt(r.get("pad_fraction"), ".1%"), fmt(r.get("peak_alloc_GiB"), ".2f"),
                      {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -357,6 +357,11 @@ def table(results: list[dict], info: dict) -> str:
     if by_mode.get("qlora") and by_mode.get("lora") and by_mode.get("full"):
         rows.append(("qlora / lora / full peak", "", "", "", f"1 : {by_mode['lora'] / by_mode['qlora']:.2f} : {by_mode['full'] / by_mode['qlora']:.2f}",
                      "", "", "", ""))
+    return render(rows)
+
+
+def render(rows: list[tuple]) -> str:
+    """Rows of strings as an aligned text table; the first row is the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

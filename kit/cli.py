@@ -28,6 +28,10 @@ OutOpt = Annotated[Optional[str], typer.Option(help="Output folder (default: out
 StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=2e-5 (repeatable).")]
+SourceOpt = Annotated[str, typer.Option(help="coco | manifest | dicom | figures")]
+InputOpt = Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(help="Image folder (COCO, figures).")]
+InstancesOpt = Annotated[Optional[Path], typer.Option(help="COCO instances file (object boxes).")]
 
 
 def _echo(msg: str) -> None:
@@ -176,11 +180,11 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
 
 @app.command()
 def generate(
-    source: Annotated[str, typer.Option(help="coco | manifest | dicom | figures")],
-    input: Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")],
+    source: SourceOpt,
+    input: InputOpt,
     out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, summary.json, ledger.jsonl, kit.json.")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder (COCO, figures).")] = None,
-    instances: Annotated[Optional[Path], typer.Option(help="COCO instances file (object boxes).")] = None,
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
     types: Annotated[str, typer.Option(help="Comma-separated: conversation, detail, complex.")] = "conversation,detail,complex",
     domain: Annotated[str, typer.Option(help="Prompt set: general, medical, ...")] = "general",
     backend: Annotated[str, typer.Option(help="openai (GPT-4 family or any OpenAI-compatible --base-url) or hf (in-process).")] = "hf",
@@ -216,11 +220,11 @@ def data_sample(domain: Annotated[str, typer.Argument(help="Sample set: medical.
 
 @data_app.command("ingest")
 def data_ingest(
-    source: Annotated[str, typer.Option(help="coco | manifest | dicom | figures")],
-    input: Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")],
+    source: SourceOpt,
+    input: InputOpt,
     out: Annotated[Path, typer.Option(help="Stage-1 LLaVA JSON to write (image-caption pairs).")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder (COCO, figures).")] = None,
-    instances: Annotated[Optional[Path], typer.Option(help="COCO instances file (boxes).")] = None,
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
     seed: Annotated[int, typer.Option(help="Chooses the instruction wording per image.")] = 0,
 ) -> None:
     """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""

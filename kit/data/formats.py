@@ -26,15 +26,16 @@ class Sample:
 def _read_records(path: Path) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise KitError(f"data file {path} does not exist; pass --data with a LLaVA .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         from kit.files import read_jsonl
 
         return [(f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path, "LLaVA data file", allow_empty=True)]
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file") from None
+    except UnicodeDecodeError as e:
+        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the data file as UTF-8") from None
     if not isinstance(data, list):
         raise KitError(f"{path}: expected a JSON list of samples (LLaVA format); use .jsonl for one sample per line")
     return [(f"{path}[{i}]", r) for i, r in enumerate(data)]

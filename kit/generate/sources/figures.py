@@ -7,8 +7,8 @@ from pathlib import Path
 
 from kit.errors import KitError
 from kit.generate.records import Record
-from kit.generate.sources._common import _read_jsonl, _under_private
-from kit.generate.sources.manifest import _checked_image, _record_id, _text_list
+from kit.generate.sources._common import _under_private
+from kit.generate.sources.manifest import _text_list, checked_lines
 
 
 _FIGURE_FIELDS = {"id", "image", "caption", "mentions"}
@@ -35,14 +35,7 @@ def from_figures(file: Path, images_dir: Path) -> list[Record]:
         raise KitError(f"figure images folder {images_dir} does not exist")
     private = _under_private(file, images_dir)
     records: list[Record] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in _read_jsonl(file, "figure-caption file"):
-        where = f"{file.name}:{lineno}"
-        unknown = sorted(set(obj) - _FIGURE_FIELDS)
-        if unknown:
-            raise KitError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_FIGURE_FIELDS))} ({file})")
-        rel, _ = _checked_image(obj.get("image"), images_dir, where)
-        rid = _record_id(obj, rel, where, seen, lineno)
+    for where, lineno, obj, rel, _, rid in checked_lines(file, "figure-caption file", _FIGURE_FIELDS, images_dir):
         caption = obj.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise KitError(f"{where}: 'caption' must be a non-empty string")

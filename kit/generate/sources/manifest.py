@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +100,7 @@ def from_manifest(folder: Path) -> list[Record]:
     if not manifest.is_file():
         raise KitError(f"{manifest} does not exist; put a {MANIFEST_NAME} (one JSON object per image) in {folder}")
     records: list[Record] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in _read_jsonl(manifest, "manifest"):
-        where = f"{MANIFEST_NAME}:{lineno}"
-        unknown = sorted(set(obj) - _MANIFEST_FIELDS)
-        if unknown:
-            raise KitError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_MANIFEST_FIELDS))} ({manifest})")
-        rel, size = _checked_image(obj.get("image"), folder, where)
-        rid = _record_id(obj, rel, where, seen, lineno)
+    for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, folder):
         if "caption" in obj and "captions" in obj:
             raise KitError(f"{where}: give either 'caption' or 'captions', not both")
         captions = _text_list(obj["captions"], "captions", where) if "captions" in obj else []
@@ -148,6 +142,20 @@ def _checked_image(value: Any, folder: Path, where: str) -> tuple[str, tuple[int
     except (OSError, Image.DecompressionBombError) as e:
         raise KitError(f"{where}: cannot read image {path} ({_one_line(e)})") from None
     return rel, size
+
+
+def checked_lines(file: Path, what: str, allowed: set[str], root: Path) -> Iterator[tuple[str, int, dict[str, Any], str, tuple[int, int], str]]:
+    """(where, line number, object, image path relative to `root`, image size, record id) per line of
+    a JSONL file describing images. KitError naming `FILE:LINE` for an unknown field, a bad image
+    path or image, or a duplicate id."""
+    seen: dict[str, int] = {}
+    for lineno, obj in _read_jsonl(file, what):
+        where = f"{file.name}:{lineno}"
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            raise KitError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))} ({file})")
+        rel, size = _checked_image(obj.get("image"), root, where)
+        yield where, lineno, obj, rel, size, _record_id(obj, rel, where, seen, lineno)
 
 
 def _record_id(obj: dict[str, Any], rel: str, where: str, seen: dict[str, int], lineno: int) -> str:
