@@ -349,32 +349,30 @@ def _dry_run(tasks, pending, prompts, domain, backend, ppm, max_tokens, out_dir,
     )
 
 
+@dataclass(eq=False)
 class _Run:
-    def __init__(self, *, backend: Backend, ledger: Ledger, prompts, parse, domain: str,
-                 concurrency: int, max_retries: int, timeout: float, temperature: float, max_tokens: int,
-                 backoff_base: float, backoff_cap: float):
-        self.backend = backend
-        self.ledger = ledger
-        self.prompts = prompts
-        self.parse = parse
-        self.domain = domain
-        self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.fingerprints: dict[str, str] = {}
-        self.requests = 0
-        self._rng = random.Random()
-        self._not_before = 0.0  # a Retry-After pauses every worker, not just the one that was told
-        self._progress: Any = None
-        self._bar: Any = None
-        self._takes_pick: bool | None = None
-        self._unwritten: list[dict] = []
-        self._writer: asyncio.Future | None = None
-        self._write_error: Exception | None = None
+    backend: Backend
+    ledger: Ledger
+    prompts: Any
+    parse: Any
+    domain: str
+    concurrency: int
+    max_retries: int
+    timeout: float
+    temperature: float
+    max_tokens: int
+    backoff_base: float
+    backoff_cap: float
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    requests: int = 0
+    _rng: random.Random = field(default_factory=random.Random)
+    _not_before: float = 0.0  # a Retry-After pauses every worker, not just the one that was told
+    _progress: Any = None
+    _bar: Any = None
+    _takes_pick: bool | None = None
+    _unwritten: list[dict] = field(default_factory=list)
+    _writer: asyncio.Future | None = None
+    _write_error: Exception | None = None
 
     async def run(self, pending: list[_Task], *, total: int, progress: bool) -> None:
         batch = max(1, self.backend.batch_size)
