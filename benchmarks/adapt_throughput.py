@@ -292,7 +292,7 @@ class Meter(TrainerCallback):
                            "trainable_M": sum(trainable.values()) / 1e6,
                            "total_M": sum(p.numel() for p in model.parameters()) / 1e6,
                            "trainer_bf16": bool(args.bf16), "grad_accum": args.gradient_accumulation_steps,
-                           "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)
+                           "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)
                                                           or getattr(args, "gradient_checkpointing", False)
                                                           or getattr(args, "activation_checkpointing", False)),
                            "device": str(next(model.parameters()).device)}
