@@ -8,7 +8,7 @@ the batches the model saw), peak GPU memory; then kit/TRL and the targets (>= 1.
     PYTHONPATH=/tmp/site python3 benchmarks/adapt_throughput.py --tokenizer .whl/tok        # one GPU, ~3 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adapt_throughput.py --tokenizer DIR --tiny  # CPU smoke
 
-The data: procedurally drawn shapes (kit.data.shapes) with a LLaVA-mix-like length spread: ~15%
+The data: procedurally drawn shapes (kit.ingest.shapes) with a LLaVA-mix-like length spread: ~15%
 text-only, image samples with short VQA-style, multi-turn and long detailed answers; ~140 to ~1800
 tokens per sample at full size (576 image tokens included; mean ~830). Both systems use the recipe's batch
 shape (micro-batch 4, 8 accumulated = 32 per optimizer step) and run one epoch by default, so they see
@@ -74,7 +74,7 @@ TRL_NON_DEFAULTS = {
     "bf16": "only where kit's precision is not bf16 (CPU, auto = fp32): False, to match; on a GPU TRL's default, True, is what kit uses",
     "use_cpu": "only without a GPU: True, as kit sets it (transformers refuses bf16 on a CPU otherwise)",
     "peft_config": "kit's own LoraConfig for the recipe (r, alpha, dropout, all linear layers of the LLM, projector in modules_to_save)",
-    "model": "loaded by kit.models.load_model with kit's BitsAndBytesConfig (nf4 + double quant, tower/projector/lm_head unquantized): the same 4-bit model kit trains",
+    "model": "loaded by kit.base.parts.load_model with kit's BitsAndBytesConfig (nf4 + double quant, tower/projector/lm_head unquantized): the same 4-bit model kit trains",
 }
 
 
@@ -138,7 +138,7 @@ def _loguniform(rng: random.Random, lo: float, hi: float) -> float:
 def write_llava_mix(out_dir: Path, n: int, seed: int, size: int, tokenizer, image_tokens: int, max_length: int,
                     text_scale: float = 1.0, text_only_frac: float = 0.15) -> Path:
     """A LLaVA JSON file (plus images/) with LLaVA-mix-like length variety; every sample fits max_length."""
-    from kit.data.shapes import _qa_rounds, caption, draw_scene
+    from kit.ingest.shapes import _qa_rounds, caption, draw_scene
 
     cache: dict[str, int] = {}
 
@@ -275,7 +275,7 @@ class Meter(TrainerCallback):
             self._images += pv.shape[0]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.models import part_of
+        from kit.base.parts import part_of
 
         self._handle = llava_core(model).register_forward_pre_hook(self._hook, with_kwargs=True)
         four_bit: dict[str, int] = {}
@@ -361,7 +361,7 @@ def summarize(meter: Meter, warmup: int, accum: int) -> dict:
 
 
 def kit_recipe(args):
-    from kit.recipes import load_recipe
+    from kit.core.recipes import load_recipe
 
     over = [f"train.batch_size={args.batch}", f"train.global_batch_size={args.global_batch}", f"train.max_steps={args.steps}",
             "train.save_steps=1000000"]
@@ -376,7 +376,7 @@ def kit_recipe(args):
 
 
 def run_kit(args, base: Path, data: Path, work: Path) -> dict:
-    from kit.train import train
+    from kit.train.run import train
 
     out = work / "run-kit"
     shutil.rmtree(out, ignore_errors=True)
@@ -400,7 +400,7 @@ def kit_lora_config(model, recipe):
     """Exactly the LoraConfig kit.train.prepare_model builds for this recipe."""
     from peft import LoraConfig
 
-    from kit.train import lora_target_regex
+    from kit.train.run import lora_target_regex
 
     return LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
@@ -413,8 +413,8 @@ def kit_lora_config(model, recipe):
 def run_trl(args, base: Path, rows: list[dict], work: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from kit.models import load_model, load_processor
-    from kit.train import compute_dtype, quantization_config
+    from kit.base.parts import load_model, load_processor
+    from kit.train.run import compute_dtype, quantization_config
 
     out = work / "run-trl"
     shutil.rmtree(out, ignore_errors=True)
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="data seed")
     ap.add_argument("--check-targets", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
-    from kit.recipes import load_recipe
+    from kit.core.recipes import load_recipe
 
     shipped = load_recipe("llava15-qlora").train
     args.samples = args.samples or (32 if args.tiny else 512)
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     out_json = args.out_json or (Path(os.environ["OUT"]) / "adapt_throughput.json" if os.environ.get("OUT") else work / "adapt_throughput.json")
 
-    from kit.train import compute_dtype
+    from kit.train.run import compute_dtype
 
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "parts", ignore_errors=True)
 
         from kit.data.dataset import build_dataset
-        from kit.models import image_aspect_of, image_token_count, load_processor
+        from kit.base.parts import image_aspect_of, image_token_count, load_processor
 
         recipe, _ = kit_recipe(args)
         proc = load_processor(base)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kit.generate.backends import OpenAIBackend
-from kit.generate.records import Record
+from kit.ingest.records import Record
 from kit.generate.runner import run_generation
 
 

@@ -1,10 +1,10 @@
 """One-shot GPU check of kit's training path at LLaVA-1.5-7B width: LoRA, QLoRA and full finetuning.
 
 Also benchmark (b) of the adapt issue: peak GPU memory of QLoRA vs 16-bit LoRA vs full finetuning
-on the same model, each beside kit's own estimate (kit.memory, computed from the config alone).
+on the same model, each beside kit's own estimate (kit.base.memory, computed from the config alone).
 
 Builds random-weight parts shaped like CLIP ViT-L/14-336 and LLaMA-2-7B (full width, `--layers`
-decoder layers; 8 layers ~ 2 B parameters), assembles them with `kit.building.build`, draws a
+decoder layers; 8 layers ~ 2 B parameters), assembles them with `kit.base.build.build`, draws a
 shapes dataset, then runs `kit.train.train` for each mode and reports per mode: s/step, tokens/s,
 peak GPU memory, first/last loss, and (QLoRA) how many linear layers are 4-bit and where.
 
@@ -107,8 +107,8 @@ def build_parts(args, work: Path, timings: dict, info: dict) -> Path:
         LlamaForCausalLM,
     )
 
-    from kit.building import build
-    from kit.train import compute_dtype
+    from kit.base.build import build
+    from kit.train.run import compute_dtype
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype("auto")  # bf16 on a bf16-capable GPU, fp32 on CPU: what training will use
@@ -163,7 +163,7 @@ def build_parts(args, work: Path, timings: dict, info: dict) -> Path:
 
 
 def recipe_for(mode: str, args):
-    from kit.recipes import load_recipe
+    from kit.core.recipes import load_recipe
 
     over = COMMON + [f"train.batch_size={args.batch}", f"train.global_batch_size={args.batch}",
                      f"train.max_steps={args.steps}", f"train.num_workers={args.workers}"]
@@ -187,7 +187,7 @@ class Probe(TrainerCallback):
         self.model_info: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.models import part_of
+        from kit.base.parts import part_of
 
         sync()
         self.begin = time.perf_counter()
@@ -238,7 +238,7 @@ class Probe(TrainerCallback):
 def tokens_per_sample(base: Path, data: Path, recipe) -> dict:
     """Non-pad tokens per sample (image tokens included), from the dataset exactly as train() builds it."""
     from kit.data.dataset import build_dataset
-    from kit.models import image_aspect_of, load_processor
+    from kit.base.parts import image_aspect_of, load_processor
 
     proc = load_processor(base)
     _, report = build_dataset(data, proc, recipe.data.template, recipe.data.max_length,
@@ -248,8 +248,8 @@ def tokens_per_sample(base: Path, data: Path, recipe) -> dict:
 
 
 def run_mode(mode: str, args, base: Path, data: Path, work: Path, info: dict, tokens: dict) -> dict:
-    from kit.train import train
-    from kit.train_logs import read_losses
+    from kit.train.run import train
+    from kit.train.logs import read_losses
 
     res: dict = {"mode": mode, "status": "error"}
     out = work / f"run-{mode}"
@@ -261,7 +261,7 @@ def run_mode(mode: str, args, base: Path, data: Path, work: Path, info: dict, to
         recipe = recipe_for(mode, args)
         res["recipe"] = {"name": recipe.name, "quantization": recipe.quantization, "lr": recipe.train.lr,
                          "lora": recipe.lora.model_dump() if recipe.lora else None, "trainable": recipe.train.trainable}
-        from kit.memory import estimate
+        from kit.base.memory import estimate
 
         # Batches pad to their longest sample, so the estimate is asked about the longest one.
         res["estimate_GiB"] = estimate(recipe, base, tokens["max"]).total / 2**30
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     out_json = args.out_json or (Path(os.environ["OUT"]) / "gpu_train.json" if os.environ.get("OUT") else work / "gpu_train.json")
 
-    from kit.train import compute_dtype
+    from kit.train.run import compute_dtype
 
     env = {
         "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         base = build_parts(args, work, timings, info)
         timings["build_total_s"] = time.perf_counter() - t
         shutil.rmtree(work / "parts", ignore_errors=True)  # base holds everything; free the disk
-        from kit.data.shapes import write_shapes_dataset
+        from kit.ingest.shapes import write_shapes_dataset
 
         t = time.perf_counter()
         data = Path(write_shapes_dataset(work / "data", args.samples, seed=0, size=shapes_for(args)[2])["instruct"])

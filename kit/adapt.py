@@ -13,10 +13,10 @@ import json
 import re
 from pathlib import Path
 
-from kit import cards
-from kit.errors import KitError
-from kit.files import read_jsonl, write_json_atomic, write_jsonl_atomic
-from kit.recipes import Recipe
+from kit.core import cards
+from kit.core.errors import KitError
+from kit.core.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from kit.core.recipes import Recipe
 
 PRIVATE_ROOT = Path("private_data")
 
@@ -48,7 +48,7 @@ def _resolve_data(recipe: Recipe, data: str | None, echo) -> Path:
         raise KitError(f"recipe '{recipe.name}' names no sample set; pass --data (a manifest folder or a LLaVA .json file)")
     folder = sample_folder(recipe)
     if not (folder / "manifest.jsonl").is_file():
-        from kit.data.samples import write_sample
+        from kit.ingest.samples.write import write_sample
 
         echo(f"sample data: writing the '{recipe.data.sample}' sample set to {folder}")
         write_sample(recipe.data.sample, folder)
@@ -71,7 +71,7 @@ def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, da
 
 def vqa_samples(eval_file: Path, images: set[str]) -> list[dict]:
     """The eval file's items about `images` as training conversations, asked exactly as kit eval asks."""
-    from kit.evaluate import SUFFIX
+    from kit.eval.vqa import SUFFIX
 
     out = []
     for lineno, item in read_jsonl(eval_file, "evaluation file", allow_empty=True):
@@ -102,7 +102,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
         raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), or pass a LLaVA .json file")
     from kit.generate.backends import make_backend
     from kit.generate.runner import run_generation
-    from kit.generate.sources import from_manifest, write_caption_pairs
+    from kit.ingest.sources import from_manifest, write_caption_pairs
 
     records = from_manifest(path)
     fraction = recipe.eval.held_out if recipe.eval else 0.0
@@ -150,8 +150,8 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
 
 def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, max_steps: int | None, resume: bool, echo=print) -> Path:
     """The whole pipeline. Raises KitError on bad input before anything is trained."""
-    from kit.evaluate import compare, evaluate
-    from kit.train import last_checkpoint, resolve_base, train
+    from kit.eval.vqa import compare, evaluate
+    from kit.train.run import last_checkpoint, resolve_base, train
 
     base_path = resolve_base(recipe, base)
     # Output problems surface before minutes of generation, not after.

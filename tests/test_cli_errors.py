@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kit.cli import main
+from kit.cli.main import main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -107,7 +107,7 @@ def test_recipe_stage_mismatch_is_explained(capsys, tmp_path):
 def test_help_does_not_import_torch():
     import subprocess
 
-    code = "import sys; sys.argv=['kit','--help']\nfrom kit.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')"
+    code = "import sys; sys.argv=['kit','--help']\nfrom kit.cli.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\nprint('ok')"
     for argv in ("['kit','--help']", "['kit','finetune','--help']", "['kit','recipes','list']"):
         r = subprocess.run([sys.executable, "-c", code.replace("['kit','--help']", argv)], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (argv, r.stderr[-500:])

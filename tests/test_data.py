@@ -12,8 +12,8 @@ from PIL import Image
 from kit.data.dataset import IGNORE, Collator, build_dataset, encode_sample
 from kit.data.formats import Sample, load_samples
 from kit.data.sampler import modality_length_order
-from kit.errors import KitError
-from kit.templates import Rendered
+from kit.core.errors import KitError
+from kit.core.templates import Rendered
 
 
 @pytest.fixture(scope="module")

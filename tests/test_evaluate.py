@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kit.errors import KitError
-from kit.evaluate import (
+from kit.core.errors import KitError
+from kit.eval.vqa import (
     closed_correct,
     compare,
     evaluate,
@@ -19,7 +19,7 @@ from kit.evaluate import (
     open_recall,
     write_predictions,
 )
-from kit.loading import describe, load_for_inference
+from kit.infer.load import describe, load_for_inference
 
 TINY = [
     "train.batch_size=4", "train.global_batch_size=4", "train.precision=fp32", "train.gradient_checkpointing=false",
@@ -29,8 +29,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def adapter(tiny_base, shapes, tmp_path_factory) -> Path:
-    from kit.recipes import load_recipe
-    from kit.train import train
+    from kit.core.recipes import load_recipe
+    from kit.train.run import train
 
     recipe = load_recipe("llava15-lora", TINY + ["train.max_steps=3", "lora.r=4", "lora.alpha=8", "train.lr=1e-2", "train.projector_lr=1e-3"])
     return train(recipe, base=str(tiny_base), data=shapes["instruct"], out=str(tmp_path_factory.mktemp("ad") / "lora"), echo=lambda m: None)
@@ -192,9 +192,9 @@ print(type(model).__name__, type(processor).__name__)
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["PeftModelForCausalLM", "LlavaProcessor"]
-    import kit.loading
+    import kit.infer.load
 
-    assert "PeftModel.from_pretrained(model, \"path/to/adapter\")" in kit.loading.__doc__
+    assert "PeftModel.from_pretrained(model, \"path/to/adapter\")" in kit.infer.load.__doc__
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -226,7 +226,7 @@ def test_evaluate_scores_base_and_adapter(tiny_base, adapter, eval_file, tmp_pat
 
 
 def test_eval_command_prints_a_table_and_writes_predictions(adapter, tiny_base, eval_file, tmp_path):
-    from kit.cli_eval import eval_command
+    from kit.eval.command import eval_command
 
     lines = []
     r = eval_command(adapter, eval_file, limit=2, out=tmp_path / "p.jsonl", echo=lines.append, baseline=tiny_base, max_new_tokens=4)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(HERE))
 
 from mock_openai import MockOpenAI
 
-from kit.errors import KitError
+from kit.core.errors import KitError
 from kit.generate.backends import HFBackend, OpenAIBackend, is_loopback_host, make_backend, parse_retry_after
-from kit.generate.records import Box, Record
+from kit.ingest.records import Box, Record
 from kit.generate.runner import Ledger, price_for, run_generation
 
 FAST = dict(backoff_base=0.02, backoff_cap=2.0, progress=False)
@@ -327,7 +327,7 @@ def _manifest(folder: Path, n: int, private: bool = True) -> Path:
 
 
 def test_generate_command_validates_before_writing(tmp_path, no_connect):
-    from kit.cli_generate import generate_command
+    from kit.generate.command import generate_command
 
     folder = _manifest(tmp_path / "data", 2)
     out = tmp_path / "out"
@@ -349,7 +349,7 @@ def test_generate_command_validates_before_writing(tmp_path, no_connect):
 
 
 def test_generate_command_end_to_end(tmp_path):
-    from kit.cli_generate import generate_command
+    from kit.generate.command import generate_command
 
     folder = _manifest(tmp_path / "data", 3)
     out = tmp_path / "out"
@@ -376,7 +376,7 @@ def test_hf_backend_batches_the_packaged_model(tmp_path, monkeypatch):
     # A one-example prompt set keeps the CPU prefill short; the packaged sets are ~600 tokens.
     import yaml
 
-    from kit.generate.records import TYPES
+    from kit.ingest.records import TYPES
 
     prompts_dir = tmp_path / "prompts"
     prompts_dir.mkdir()

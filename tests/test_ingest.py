@@ -9,7 +9,7 @@ from pydicom.data import get_testdata_file
 
 from kit.data.dataset import build_dataset, default_image_folder
 from kit.data.formats import load_samples
-from kit.generate.sources import phi_values
+from kit.ingest.sources import phi_values
 from test_cli_errors import run_cli
 
 

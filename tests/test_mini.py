@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kit.mini import ALIGNED_PROJECTOR, mini_base
+from kit.base.mini import ALIGNED_PROJECTOR, mini_base
 
 # Thresholds well above chance (colour 20%, shape 25%, position 20%) and below what the shipped
 # projector measured (see kit/assets/README.md), so noise in 60 images does not flake.
@@ -42,7 +42,7 @@ print(type(m).__name__, sum(x.numel() for x in m.parameters()), m.config.image_s
 
 
 def test_shipped_projector_makes_the_mini_base_see(aligned_mini):
-    from kit.mini_align import evaluate_mini
+    from kit.train.mini_align import evaluate_mini
 
     assert ALIGNED_PROJECTOR.is_file()
     acc = evaluate_mini(aligned_mini, 60, echo=lambda m: None)
@@ -52,7 +52,7 @@ def test_shipped_projector_makes_the_mini_base_see(aligned_mini):
 
 @pytest.mark.slow
 def test_align_mini_reproduces_the_shipped_projector_quality(tmp_path):
-    from kit.mini_align import align_mini
+    from kit.train.mini_align import align_mini
 
     acc = align_mini(tmp_path / "work", echo=print)
     for k, floor in MIN_ACCURACY.items():

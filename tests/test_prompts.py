@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kit.errors import KitError
+from kit.core.errors import KitError
 from kit.generate.parse import Rejected, fingerprint, parse_reply, to_sample
 from kit.generate.prompts import HERE, available_domains, build_context, build_messages
-from kit.generate.records import TYPES, Box, Record
+from kit.ingest.records import TYPES, Box, Record
 
 
 def _record(**kw) -> Record:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from conftest import state_dict_of
-from kit.recipes import load_recipe
-from kit.train import prepare_model, train
+from kit.core.recipes import load_recipe
+from kit.train.run import prepare_model, train
 from test_training import TINY
 
 

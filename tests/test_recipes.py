@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kit.errors import KitError
-from kit.recipes import available_recipes, load_recipe
+from kit.core.errors import KitError
+from kit.core.recipes import available_recipes, load_recipe
 
 SHIPPED = sorted(available_recipes())
 

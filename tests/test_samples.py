@@ -1,4 +1,4 @@
-"""`kit.data.samples`: the medical sample built from images that ship inside installed packages."""
+"""`kit.ingest.samples.write`: the medical sample built from images that ship inside installed packages."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from kit.data import samples
-from kit.data.samples import SAMPLE_DOMAINS, write_sample
-from kit.errors import KitError
-from kit.generate.sources import from_manifest, phi_values
+from kit.ingest.samples.write import SAMPLE_DOMAINS, write_sample
+from kit.core.errors import KitError
+from kit.ingest.sources import from_manifest, phi_values
 
 SOURCE_DICOMS = (
     "CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "JPEG2000.dcm",

@@ -2,7 +2,7 @@
 
 One tiny base and two tiny LoRA adapters on it (random, non-identity LoRA weights and projector,
 so each answers differently) are served from one model in memory. Every answer is checked against
-the same model loaded on its own by kit.loading and generated with plain `model.generate`.
+the same model loaded on its own by kit.infer.load and generated with plain `model.generate`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ PROMPT = "What is in the picture?"
 
 
 def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path:
-    """A LoRA adapter on `base` as kit.train saves one: LoRA on the LLM, the projector in
+    """A LoRA adapter on `base` as kit.train.run saves one: LoRA on the LLM, the projector in
     modules_to_save, and a kit.json card naming the base (path + fingerprint) and the template.
     init_lora_weights=False and a nudged projector make it answer unlike the base and other seeds."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from kit import cards
-    from kit.models import load_model
+    from kit.core import cards
+    from kit.base.parts import load_model
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(base), LoraConfig(
@@ -54,11 +54,11 @@ _DIRECT: dict[str, tuple] = {}
 
 
 def direct_answer(path: Path, messages: list[dict], images: list, max_new_tokens: int) -> str:
-    """Greedy answer of the model at `path` loaded on its own (kit.loading), with plain generate + decode."""
+    """Greedy answer of the model at `path` loaded on its own (kit.infer.load), with plain generate + decode."""
     import torch
 
-    from kit.inference import pad_id, prepare, stop_ids, to_model
-    from kit.loading import load_for_inference
+    from kit.infer.generation import pad_id, prepare, stop_ids, to_model
+    from kit.infer.load import load_for_inference
 
     if str(path) not in _DIRECT:
         _DIRECT[str(path)] = load_for_inference(path)
@@ -92,14 +92,14 @@ def image_root(shapes, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool(tiny_base, adapters):
-    from kit.serve_models import load_pool
+    from kit.serve.pool import load_pool
 
     return load_pool(tiny_base, [str(adapters["alpha"]), f"beta={adapters['beta']}"], echo=lambda m: None)
 
 
 @pytest.fixture(scope="module")
 def url(pool, image_root):
-    from kit.serve import create_app, running
+    from kit.serve.app import create_app, running
 
     app = create_app(pool, api_key=KEY, image_root=image_root, max_request_bytes=100_000, max_tokens_limit=64, max_images=2)
     with running(app) as base_url:
@@ -147,7 +147,7 @@ def test_models_lists_the_base_and_both_adapters(client, paths):
 def test_each_name_answers_as_that_model_loaded_alone(client, paths, image_root):
     """The base (adapters disabled) and each adapter, switched per request on one model in memory,
     answer exactly as each folder loaded on its own does: text-only and with an image."""
-    from kit.inference import load_image_file
+    from kit.infer.generation import load_image_file
 
     image = load_image_file(image_root / "shape.png")
     answers = {}
@@ -282,7 +282,7 @@ def test_api_key_guards_every_v1_route(url, client):
 
 
 def test_web_page_hook(pool, tmp_path, url):
-    from kit.serve import create_app, running
+    from kit.serve.app import create_app, running
 
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert "no web page is installed" in r.read().decode() or r.headers["content-type"].startswith("text/html")
@@ -325,8 +325,8 @@ def test_burst_of_concurrent_requests_is_answered_correctly(url, client, paths):
 
 
 def test_adapters_on_another_base_or_with_clashing_names_are_refused(tiny_base, adapters, tmp_path):
-    from kit.errors import KitError
-    from kit.serve_models import load_pool
+    from kit.core.errors import KitError
+    from kit.serve.pool import load_pool
 
     other = tmp_path / "other"
     shutil.copytree(adapters["alpha"], other)
@@ -337,7 +337,7 @@ def test_adapters_on_another_base_or_with_clashing_names_are_refused(tiny_base, 
     cfg = json.loads((fake_base / "config.json").read_text())
     cfg["text_config"]["rms_norm_eps"] = 1e-3
     (fake_base / "config.json").write_text(json.dumps(cfg))
-    from kit import cards
+    from kit.core import cards
 
     card["base"] = cards.describe_source(fake_base)
     (other / "kit.json").write_text(json.dumps(card))
@@ -351,8 +351,8 @@ def test_adapters_on_another_base_or_with_clashing_names_are_refused(tiny_base, 
 
 
 def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
-    from kit.inference import Sampling
-    from kit.serve_models import load_pool
+    from kit.infer.generation import Sampling
+    from kit.serve.pool import load_pool
 
     pool = load_pool(tiny_base, echo=lambda m: None)
     assert pool.names == [tiny_base.resolve().name] and pool.get(pool.names[0]).kind == "base"
@@ -362,19 +362,19 @@ def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
 
 
 def test_non_loopback_host_warns_before_loading(tiny_base, monkeypatch):
-    import kit.serve
-    import kit.serve_models
-    from kit.errors import KitError
+    import kit.serve.app
+    import kit.serve.pool
+    from kit.core.errors import KitError
 
     lines = []
     # Tests only ever listen on loopback: the socket the warning is about is not really bound.
-    monkeypatch.setattr(kit.serve, "bind", lambda host, port: kit.serve.socket.create_server(("127.0.0.1", 0)))
+    monkeypatch.setattr(kit.serve.app, "bind", lambda host, port: kit.serve.socket.create_server(("127.0.0.1", 0)))
     assert kit.serve.is_loopback("localhost") and kit.serve.is_loopback("::1") and not kit.serve.is_loopback("0.0.0.0")
 
     def stop(*a, **k):
         raise KitError("stopped before loading")
 
-    monkeypatch.setattr(kit.serve_models, "load_pool", stop)
+    monkeypatch.setattr(kit.serve.pool, "load_pool", stop)
     with pytest.raises(KitError, match="stopped before loading"):
         kit.serve.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append)
     assert any(l.startswith("warning: listening on 0.0.0.0") and "--api-key" in l for l in lines), lines
@@ -426,7 +426,7 @@ def test_requests_past_the_queue_limit_get_429_and_the_server_recovers(pool):
 
     import openai
 
-    from kit.serve import create_app, running
+    from kit.serve.app import create_app, running
 
     app = create_app(pool, max_tokens_limit=8, max_queue=2)
     ask = {"model": "alpha", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}

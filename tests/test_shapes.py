@@ -1,4 +1,4 @@
-"""Tests for kit.data.shapes: determinism, exact bboxes, COCO/LLaVA files, scoring."""
+"""Tests for kit.ingest.shapes: determinism, exact bboxes, COCO/LLaVA files, scoring."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from kit.data.shapes import (
+from kit.ingest.shapes import (
     COLOURS,
     POSITIONS,
     SHAPES,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kit.errors import KitError
-from kit.generate.sources import (
+from kit.core.errors import KitError
+from kit.ingest.sources import (
     CAPTION_INSTRUCTIONS,
     from_coco,
     from_dicom,
@@ -99,7 +99,7 @@ def test_coco_private_default_from_path(tmp_path, coco):
 
 
 def test_coco_loads_drawn_shapes(tmp_path):
-    from kit.data.shapes import write_shapes_dataset
+    from kit.ingest.shapes import write_shapes_dataset
 
     paths = write_shapes_dataset(tmp_path / "shapes", 4, seed=1, size=32)
     records = from_coco(Path(paths["captions"]), Path(paths["root"]), Path(paths["instances"]))
@@ -387,7 +387,7 @@ def test_figures(tmp_path):
 
 
 def test_caption_pairs_one_root(coco, tmp_path):
-    from kit.cards import read_card
+    from kit.core.cards import read_card
     from kit.data.formats import IMAGE_TOKEN, load_samples
 
     records = from_coco(coco["captions"], coco["images_dir"], coco["instances"])
@@ -407,7 +407,7 @@ def test_caption_pairs_one_root(coco, tmp_path):
 
 
 def test_caption_pairs_mixed_roots(coco, manifest_dir, tmp_path):
-    from kit.cards import read_card
+    from kit.core.cards import read_card
     from kit.data.formats import IMAGE_TOKEN, load_samples
 
     _manifest(manifest_dir, {"image": "images/one.png", "caption": "A red bar."}, {"image": "scans/knee/two.jpg", "findings": "no caption"})

@@ -11,9 +11,9 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import held_out_loss, state_dict_of
-from kit.recipes import load_recipe
-from kit.train import train
-from kit.train_logs import read_losses
+from kit.core.recipes import load_recipe
+from kit.train.run import train
+from kit.train.logs import read_losses
 
 TINY = [
     "train.batch_size=4", "train.global_batch_size=4", "train.precision=fp32", "train.gradient_checkpointing=false",

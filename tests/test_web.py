@@ -53,9 +53,9 @@ def adapter(tmp_path_factory, tiny_base) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from kit import cards
-    from kit.models import load_model
-    from kit.train import lora_target_regex
+    from kit.core import cards
+    from kit.base.parts import load_model
+    from kit.train.run import lora_target_regex
 
     torch.manual_seed(1)
     model = load_model(tiny_base, dtype=torch.float32)

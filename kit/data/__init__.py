@@ -1,0 +1,1 @@
+"""LLaVA data -> tensors: formats, images, VQA items, dataset, collator, sampler."""

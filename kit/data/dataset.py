@@ -11,8 +11,8 @@ import torch
 
 from kit.data.formats import IMAGE_TOKEN, Sample, load_samples
 from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
-from kit.errors import KitError
-from kit.templates import TemplateError, render
+from kit.core.errors import KitError
+from kit.core.templates import TemplateError, render
 
 IGNORE = -100
 
@@ -187,7 +187,7 @@ def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict
 
 def default_image_folder(data_path: Path) -> Path:
     """The data file's folder, unless a `kit.json` data card there (kit generate / ingest) names another."""
-    from kit.cards import read_card
+    from kit.core.cards import read_card
 
     card = read_card(data_path.parent) or {}
     if card.get("kind") == "data" and card.get("image_folder"):
@@ -210,7 +210,7 @@ def build_dataset(
     Raises KitError on structural errors, and on any unusable sample when `on_bad_sample` is
     "error" (listing them); with "skip" they are left out and counted in the report.
     """
-    from kit.models import image_token_count
+    from kit.base.parts import image_token_count
 
     data_path = Path(data_path)
     samples = load_samples(data_path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit.errors import KitError
+from kit.core.errors import KitError
 
 IMAGE_TOKEN = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -27,7 +27,7 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise KitError(f"data file {path} does not exist; pass --data with a LLaVA .json or .jsonl file")
     if path.suffix == ".jsonl":
-        from kit.files import read_jsonl
+        from kit.core.files import read_jsonl
 
         return [(f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path, "LLaVA data file", allow_empty=True)]
     try:

@@ -6,12 +6,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from kit.errors import KitError
+from kit.core.errors import KitError
 
 
 def ingest(source: str, input: Path, out: Path, images: Path | None = None, instances: Path | None = None, seed: int = 0) -> int:
     """Read the source fully, then write `out` (+ its data card). Raises KitError; writes nothing on error."""
-    from kit.generate.sources import load_records, write_caption_pairs
+    from kit.ingest.sources import load_records, write_caption_pairs
 
     out = Path(out)
     if out.suffix != ".json":

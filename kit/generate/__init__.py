@@ -1,0 +1,1 @@
+"""Instruction data: text-only LLM backends, prompt sets, reply parsing, the resumable runner."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from kit.errors import KitError
+from kit.core.errors import KitError
 
 BACKENDS = ("openai", "hf")
 OPENAI_HOST = "api.openai.com"
@@ -269,7 +269,7 @@ class HFBackend(Backend):
         if self._llm is not None:
             return
         if self.model_path is None:
-            from kit.mini import _smollm2
+            from kit.base.mini import _smollm2
 
             llm, tok = _smollm2()
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from kit.generate.records import Record
+from kit.ingest.records import Record
 
 IMAGE_TOKEN = "<image>"
 

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit import cards
-from kit.errors import KitError
-from kit.files import write_jsonl_atomic
+from kit.core import cards
+from kit.core.errors import KitError
+from kit.core.files import write_jsonl_atomic
 from kit.generate.backends import Backend, BackendError, Completion
-from kit.generate.records import TYPES, Record, image_folder_for
+from kit.ingest.records import TYPES, Record, image_folder_for
 
 LEDGER = "ledger.jsonl"
 FINAL = ("ok", "rejected")  # statuses a resume skips; "failed" is tried again

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from kit.errors import KitError
-from kit.generate.records import TYPES, Record
+from kit.core.errors import KitError
+from kit.ingest.records import TYPES, Record
 
 HERE = Path(__file__).resolve().parent
 BOX_TYPES = ("detail", "complex")

@@ -1,0 +1,112 @@
+"""Peak GPU memory estimate for a recipe on a base, before any weight is loaded.
+
+The model is built on the meta device (no memory) to count parameters per part; the estimate adds
+weights in their stored precision, what trains (fp32 master weights, gradients and two Adam
+moments: 16 bytes per parameter), activations (checkpointed or not) and the fp32 logits of the
+loss. Checked against measured H100 peaks in benchmarks/README.md (8-layer LLaVA-1.5 shape, 2.3B:
+LoRA 8.8 vs 9.0 GiB, full 33.7 vs 32.4 GiB). `gradient_checkpointing: auto` counts as on here: this
+estimate, taken with it off, is what decides it (kit.train.resolve_checkpointing).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kit.core.errors import KitError
+from kit.core.recipes import Recipe
+
+GIB = 1024**3
+OVERHEAD_GIB = 0.8  # CUDA context, allocator fragmentation, cuBLAS workspaces
+
+
+@dataclass
+class Estimate:
+    weights: float
+    trainable: float
+    activations: float
+    logits: float
+    total: float
+    detail: dict
+
+    def lines(self) -> list[str]:
+        return [
+            f"weights (frozen, stored precision)  {self.weights / GIB:7.2f} GiB",
+            f"trainable (fp32 + grads + Adam)      {self.trainable / GIB:7.2f} GiB  ({self.detail['trainable_params'] / 1e6:.1f}M parameters)",
+            f"activations                         {self.activations / GIB:7.2f} GiB  (batch {self.detail['batch']} x {self.detail['tokens']} tokens)",
+            f"logits (loss)                       {self.logits / GIB:7.2f} GiB",
+            f"estimated peak                      {self.total / GIB:7.2f} GiB (incl. {OVERHEAD_GIB} GiB CUDA overhead)",
+        ]
+
+
+def parse_gpu(spec: str) -> float:
+    """'24GB', '80G', '40 GiB' -> bytes. Raises KitError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(g|gb|gib)?\s*", spec.lower())
+    if not m:
+        raise KitError(f"--gpu {spec!r}: give the card's memory like 24GB or 80GB")
+    return float(m.group(1)) * GIB
+
+
+def _parts(base: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    counts = {"vision": 0, "projector": 0, "llm_linear": 0, "llm_other": 0}
+    linears: list[tuple[int, int]] = []
+    for name, module in model.named_modules():
+        if name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear):
+            linears.append((module.in_features, module.out_features))
+    for name, p in model.named_parameters():
+        if "vision_tower" in name:
+            counts["vision"] += p.numel()
+        elif "multi_modal_projector" in name:
+            counts["projector"] += p.numel()
+        elif name.startswith("model.language_model.") and name.endswith(".weight") and p.dim() == 2 and "embed" not in name:
+            counts["llm_linear"] += p.numel()
+        else:
+            counts["llm_other"] += p.numel()
+    text = cfg.text_config
+    return counts, linears, text
+
+
+def estimate(recipe: Recipe, base: Path, tokens: int) -> Estimate:
+    """Peak bytes for one training step at the recipe's batch size and `tokens` per sample."""
+    counts, linears, text = _parts(base)
+    half = 4 if recipe.train.precision == "fp32" else 2
+    nf4 = recipe.quantization == "nf4"
+    trainable_parts = set(recipe.train.trainable)
+    weights = counts["vision"] * half + counts["llm_other"] * half
+    weights += counts["llm_linear"] * (0.5 + 0.5 / 64 * 1.03 if nf4 else half)  # nf4 + double-quantized absmax
+    trainable = 0
+    if recipe.lora is not None:
+        lora = sum(recipe.lora.r * (i + o) for i, o in linears)
+        trainable += lora
+    elif "llm" in trainable_parts:
+        trainable += counts["llm_linear"] + counts["llm_other"]
+        weights -= counts["llm_linear"] * half + counts["llm_other"] * half
+    if "projector" in trainable_parts:
+        trainable += counts["projector"]
+        if recipe.lora is not None:
+            weights += counts["projector"] * half  # PEFT keeps the original next to the trained copy
+    else:
+        weights += counts["projector"] * half
+    train_bytes = trainable * 16
+    b, h = recipe.train.batch_size, text.hidden_size
+    layers, inter = text.num_hidden_layers, getattr(text, "intermediate_size", 4 * h)
+    per_layer = b * tokens * (16 * h + 3 * inter) * half  # attention + MLP intermediates kept for backward
+    if recipe.lora is not None and recipe.lora.dropout > 0:
+        # PEFT drops out each adapted layer's input separately: q, k, v (and gate, up) each keep their
+        # own dropped copy plus its mask for backward, beside the base layer's saved input.
+        per_layer += b * tokens * sum(i for i, _ in linears) / max(layers, 1) * (half + 1)
+    if recipe.train.gradient_checkpointing:
+        activations = layers * b * tokens * h * half + per_layer
+    else:
+        activations = layers * per_layer
+    logits = b * tokens * text.vocab_size * (4 * 2 + half)  # fp32 logits + their gradient, and the half copy
+    total = weights + train_bytes + activations + logits + OVERHEAD_GIB * GIB
+    return Estimate(weights, train_bytes, activations, logits, total,
+                    {"trainable_params": trainable, "batch": b, "tokens": tokens, "parts": counts})

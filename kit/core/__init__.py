@@ -1,0 +1,1 @@
+"""Foundations every stage shares: errors, files, cards, recipes, templates, precision, network rules."""

@@ -1,0 +1,1 @@
+"""Evaluation: VQA metrics, judged scores, before/after tables."""

@@ -1,0 +1,94 @@
+"""`kit generate`: instruction data from images' symbolic descriptions, written by a text-only LLM.
+
+A plain function so the CLI can register it; everything heavy is imported inside it, so importing
+this module costs nothing (no torch, no openai).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kit.core.errors import KitError
+
+if TYPE_CHECKING:
+    from kit.generate.runner import Summary
+
+def generate_command(
+    source: str,
+    input: Path,
+    out: Path,
+    images: Path | None = None,
+    instances: Path | None = None,
+    types: str = "conversation,detail,complex",
+    domain: str = "general",
+    backend: str = "hf",
+    model: str | None = None,
+    base_url: str | None = None,
+    concurrency: int = 8,
+    limit: int | None = None,
+    seed: int = 0,
+    dry_run: bool = False,
+    allow_remote: bool = False,
+    max_tokens: int = 1024,
+    temperature: float = 0.7,
+    *,
+    timeout: float = 60,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> Summary:
+    """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,
+    ledger.jsonl and kit.json into `out`; rerunning the same command resumes.
+
+    Raises KitError, before `out` is created, for an unknown source, type, domain or backend, a
+    flag that does not fit the source, or DICOM input bound for a remote backend without
+    `allow_remote`; and whatever the source reader and `run_generation` raise.
+    """
+    from kit.generate.backends import make_backend
+    from kit.generate.prompts import load_domain
+    from kit.generate.runner import run_generation, validate_types
+
+    from kit.ingest.sources import SOURCES, load_records
+
+    if source not in SOURCES:
+        raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
+    type_list = validate_types(types)
+    load_domain(domain)
+    if concurrency < 1:
+        raise KitError(f"--concurrency must be at least 1 (got {concurrency})")
+    if limit is not None and limit < 1:
+        raise KitError(f"--limit must be at least 1 (got {limit})")
+    if max_tokens < 1:
+        raise KitError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    if not 0 <= temperature <= 2:
+        raise KitError(f"--temperature must be between 0 and 2 (got {temperature})")
+    if source in ("coco", "figures") and images is None:
+        raise KitError(f"--images is required for --source {source}: the folder the image paths are relative to")
+    if source not in ("coco", "figures") and images is not None:
+        raise KitError(f"--images applies only to --source coco and figures; {source} input names its own images")
+    if instances is not None and source != "coco":
+        raise KitError("--instances applies only to --source coco")
+    engine = make_backend(backend, model, base_url, timeout=timeout)
+    if source == "dicom" and engine.is_remote and not allow_remote:
+        # DICOM records are always private; refuse before converting anything into `out`.
+        raise KitError(
+            f"DICOM records are private and --backend {backend} would send their text (metadata, captions, segment "
+            f"labels and boxes; never pixels) to {getattr(engine, 'host', engine.describe())}; use a local backend or pass --allow-remote"
+        )
+
+
+    input, out = Path(input), Path(out)
+    # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
+    scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
+    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances)
+    try:
+        return run_generation(
+            records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,
+            limit=limit, seed=seed, temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote,
+            dry_run=dry_run, echo=echo, progress=progress,
+        )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()

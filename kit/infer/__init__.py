@@ -1,0 +1,1 @@
+"""Inference: loading anything kit wrote, prompts in the trained format, generation."""

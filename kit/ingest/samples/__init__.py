@@ -1,0 +1,1 @@
+"""Samples of real images that ship inside pip packages."""

@@ -1,0 +1,1 @@
+"""Merging adapters: verification, single merge, ΔW multi-merge."""

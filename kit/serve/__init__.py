@@ -1,0 +1,1 @@
+"""Serving: OpenAI-compatible app, model pool, request schema, terminal chat."""

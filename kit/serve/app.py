@@ -1,0 +1,333 @@
+"""`kit serve`: an OpenAI-compatible chat server for a base and its adapters, offline.
+
+    POST /v1/chat/completions   OpenAI schema; text and images (data: URLs; files under --image-root)
+    GET  /v1/models             the base and every adapter, by the names requests use
+    GET  /                      the web page (kit/assets/web/index.html) when installed
+    GET  /health                liveness, no auth
+
+`create_app(pool, ...)` builds the FastAPI app from a loaded kit.serve.pool.ModelPool (tests and
+pages build on it); `serve(...)` loads the models and runs uvicorn; `running(app)` serves an app
+from a background thread. Generation runs in worker threads, one at a time (one model in memory),
+so the event loop keeps answering while a long answer is generated.
+
+(No `from __future__ import annotations` here: FastAPI reads the route functions' annotations,
+which name classes imported inside create_app.)
+"""
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from kit.core.errors import KitError
+from kit.core.files import ASSETS
+
+DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
+DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_QUEUE = 64
+
+
+class Admission:
+    """At most `limit` generations admitted at once (the one running + those waiting for the model).
+
+    Past it a request gets 429 with Retry-After instead of queueing without bound: the OpenAI
+    clients back off and retry on 429, while an unbounded queue only turns overload into timeouts.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def enter(self, error) -> None:
+        with self._lock:
+            if self.count >= self.limit:
+                raise error(429, f"the server is busy: {self.count} requests are running or waiting (limit {self.limit}, "
+                                 "kit serve --max-queue); retry shortly", "server_busy")
+            self.count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+WEB_DIR = ASSETS / "web"
+
+
+def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+               max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR):
+    """The FastAPI app serving `pool` (kit.serve.pool.ModelPool).
+
+    api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise).
+    image_root: local image paths / file:// URLs are read only from below it (None: refused).
+    max_request_bytes: larger bodies get 413. max_tokens_limit: larger max_tokens get 400.
+    max_queue: more generations than this running or waiting get 429 (see Admission).
+    web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
+    Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
+    """
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import (
+        FileResponse,
+        JSONResponse,
+        PlainTextResponse,
+        StreamingResponse,
+    )
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from kit.infer.generation import Sampling
+    from kit.serve.openai_schema import (
+        ApiError,
+        Limits,
+        completion,
+        completion_id,
+        model_card,
+        parse_request,
+    )
+
+    limits = Limits(max_tokens=max_tokens_limit, default_max_tokens=min(512, max_tokens_limit), max_images=max_images,
+                    image_root=Path(image_root).resolve() if image_root else None)
+    created = int(time.time())
+    app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pool = pool
+    admission = app.state.admission = Admission(max_queue)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return await api_error(request, ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return await api_error(request, ApiError(400, f"invalid request: {e.errors()}", "invalid_request"))
+
+    def authorised(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server was started with",
+                           "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(s.name, s.kind, s.path, created) for s in pool.served.values()]}
+
+    @v1.get("/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        s = _served(name)
+        return model_card(s.name, s.kind, s.path, created)
+
+    def _served(name: Any):
+        if not isinstance(name, str) or name not in pool.served:
+            raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(pool.names)}", "model_not_found", "model")
+        return pool.get(name)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await _read_body(request, max_request_bytes, ApiError)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+        if isinstance(body, dict) and "model" in body:
+            _served(body["model"])  # an unknown model is reported before any image is decoded
+        conv = await run_in_threadpool(parse_request, body, limits)
+        try:
+            inputs = await run_in_threadpool(pool.prepare, conv.model, conv.messages, conv.images)
+        except KitError as e:
+            raise ApiError(400, str(e), "invalid_request") from None
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        context = pool.max_positions()
+        if context and prompt_tokens >= context:
+            raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
+                           "context_length_exceeded", "messages")
+        max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
+        admission.enter(ApiError)
+        try:
+            gen = pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop))
+        except BaseException:
+            admission.leave()
+            raise
+        cid = completion_id()
+        if conv.stream:
+            return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage, admission.leave), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text = await run_in_threadpool(gen.result)
+        except Exception as e:  # noqa: BLE001 - a failed generation is the server's fault: 500, not a dropped connection
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed") from None
+        finally:
+            gen.cancel()
+            admission.leave()
+        return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+
+    app.include_router(v1)
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": pool.names}
+
+    # The web page is another file: served from the package's assets when it is installed.
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = Path(web_dir) / "index.html" if web_dir else None
+        if page is not None and page.is_file():
+            return FileResponse(page, media_type="text/html")
+        return PlainTextResponse("kit serve: OpenAI-compatible API at /v1 (GET /v1/models, POST /v1/chat/completions); "
+                                 "no web page is installed (kit/assets/web/index.html).\n")
+
+    if web_dir and Path(web_dir).is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/web", StaticFiles(directory=str(web_dir)), name="web")
+    return app
+
+
+async def _read_body(request, limit: int, error) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_big = error(413, f"the request body is larger than this server's limit of {limit:,} bytes "
+                         "(set with kit serve --max-request-bytes)", "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def _event(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _events(gen, cid: str, model: str, include_usage: bool, done) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: role chunk, content chunks, finish chunk, [usage], [DONE]."""
+    from starlette.concurrency import run_in_threadpool
+
+    from kit.serve.openai_schema import chunk, usage
+
+    created = int(time.time())
+    pieces = iter(gen)
+    try:
+        yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+            yield _event(chunk(cid, model, created, {"content": piece}))
+        yield _event(chunk(cid, model, created, {}, gen.finish_reason))
+        if include_usage:
+            yield _event(chunk(cid, model, created, None, usage_=usage(gen.prompt_tokens, gen.completion_tokens)))
+    except Exception as e:  # noqa: BLE001 - headers are sent: the error travels as an event the client raises
+        yield _event({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
+                                "param": None, "code": "generation_failed"}})
+    finally:
+        gen.cancel()  # also when the client went away: stop generating for nobody
+        done()
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (uvicorn listens on it). KitError if the address cannot be used."""
+    if not 0 <= port <= 65535:
+        raise KitError(f"--port {port}: give a port between 1 and 65535 (0 picks a free one)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise KitError(f"--host {host}: cannot be resolved ({e.strerror}); use an IP address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        # Listening now means a client that connects as soon as "serving ... at" is printed waits
+        # in the backlog until uvicorn accepts, instead of being refused.
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise KitError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? choose another --port") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (reachable from this machine only)."""
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+@contextlib.contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` from a background thread; yields its base URL (http://host:port). Port 0 picks a free port."""
+    import uvicorn
+
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="kit-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise KitError(f"the server on {host}:{port} did not start within {timeout:.0f} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
+          echo=print) -> None:
+    """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or folders."""
+    from kit.infer.generation import go_offline
+
+    go_offline()
+    if max_request_bytes < 1024:
+        raise KitError(f"--max-request-bytes {max_request_bytes}: give at least 1024")
+    if max_tokens_limit < 1:
+        raise KitError(f"--max-tokens-limit {max_tokens_limit}: give at least 1")
+    if max_queue < 1:
+        raise KitError(f"--max-queue {max_queue}: give at least 1")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise KitError(f"--image-root {image_root} is not a folder")
+    if api_key is not None and not api_key.strip():
+        raise KitError("--api-key is empty; give a key or leave the option out")
+    sock = bind(host, port)  # before loading: a taken port fails in a second, not after the weights load
+    try:
+        if not is_loopback(host):
+            echo(f"warning: listening on {host}, reachable from other machines: they can use the models"
+                 + (" (--api-key guards /v1)" if api_key else " without a key: add --api-key")
+                 + (f" and read images below {image_root}" if image_root else ""))
+        import uvicorn
+
+        from kit.serve.pool import load_pool
+
+        pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo)
+        app = create_app(pool, api_key=api_key, image_root=image_root, max_request_bytes=max_request_bytes,
+                         max_tokens_limit=max_tokens_limit, max_queue=max_queue)
+        bound = sock.getsockname()
+        echo(f"serving {', '.join(pool.names)} at http://{host}:{bound[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,182 @@
+"""The models one `kit serve` offers: one base in memory plus any number of PEFT adapters on it.
+
+The base loads once; each adapter is attached with `PeftModel.load_adapter` under its own name and
+chosen per request (`set_adapter`); the base itself answers inside `disable_adapter()`. Every
+adapter's card must name this very base (same fingerprint) — checked before any weights load.
+One lock serialises generation: adapter selection is model-wide state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit.core.errors import KitError
+
+
+@dataclass
+class Served:
+    """One name a client can ask for."""
+
+    name: str
+    kind: str  # 'base' | 'model' | 'adapter'
+    path: str
+    processor: Any
+    info: dict[str, Any]  # template / system_prompt / image_aspect, as kit.infer.load gives them
+    adapter: str | None = None  # the PEFT adapter name inside the shared model; None for the base
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    """'name=path' or 'path' (named after its folder)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and path and "/" not in name:
+        return name, Path(path)
+    p = Path(spec)
+    return p.resolve().name, p
+
+
+class ModelPool:
+    """Served models by name, all sharing `model`. Use `start()` to answer a conversation."""
+
+    def __init__(self, model, served: dict[str, Served], device: str = "cpu"):
+        self.model = model
+        self.served = served
+        self.device = device
+        self.lock = threading.Lock()  # one generation at a time: one model, one active adapter
+        self.tokenize_lock = threading.Lock()  # fast tokenizers refuse concurrent use
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.served)
+
+    def get(self, name: str) -> Served:
+        """KeyError for a name not served."""
+        return self.served[name]
+
+    @contextlib.contextmanager
+    def selected(self, name: str):
+        """The shared model answering as `name` (hold `lock`)."""
+        from peft import PeftModel
+
+        s = self.served[name]
+        if s.adapter is None:
+            ctx = self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+            with ctx:
+                yield
+        else:
+            self.model.set_adapter(s.adapter)
+            yield
+
+    def prepare(self, name: str, messages: list[dict[str, Any]], images: list) -> dict[str, Any]:
+        """Model inputs for a conversation (see kit.infer.generation.prepare); KitError if it cannot be rendered."""
+        from kit.infer.generation import prepare
+
+        s = self.served[name]
+        with self.tokenize_lock:
+            return prepare(s.processor, s.info, messages, images)
+
+    def max_positions(self) -> int | None:
+        cfg = getattr(self.model, "config", None)
+        text = getattr(cfg, "text_config", None) or cfg
+        return getattr(text, "max_position_embeddings", None)
+
+    def start(self, name: str, inputs: dict[str, Any], sampling):
+        """A kit.infer.generation.Generation for prepared inputs, queued behind any running one."""
+        from kit.infer.generation import Generation
+
+        s = self.served[name]
+        return Generation(self.model, s.processor.tokenizer, inputs, sampling, lock=self.lock, select=lambda: self.selected(name))
+
+
+def _dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise KitError(f"--dtype {dtype}: choose auto, fp32, bf16 or fp16") from None
+
+
+def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print) -> ModelPool:
+    """Load the base (MODEL_OR_ADAPTER itself, or the base an adapter names) once and attach every adapter.
+
+    Names: the base's folder name, then each adapter's folder name (or NAME=PATH). Raises KitError for
+    folders kit cannot load, duplicate names, or an adapter trained on another base — before loading weights.
+    """
+    import torch
+
+    from kit.core import cards
+    from kit.infer.load import (
+        _card,
+        _processor_from,
+        _recipe_settings,
+        adapter_base,
+        folder_kind,
+    )
+    from kit.base.parts import load_model
+
+    first = Path(model_or_adapter)
+    specs = [parse_adapter_spec(a) for a in adapters]
+    if folder_kind(first) == "adapter":
+        base, _, _ = adapter_base(first)
+        specs.insert(0, (first.resolve().name, first))
+    else:
+        base = first
+    base_name = base.resolve().name
+    base_fp = cards.describe_source(base)["fingerprint"]
+    names = [base_name]
+    plans = []
+    for name, path in specs:
+        if folder_kind(path) != "adapter":
+            raise KitError(f"{path} is a full model, not an adapter: one server holds one base; give adapters after the base")
+        if name in names:
+            raise KitError(f"two served models are named '{name}'; name them apart with NAME=PATH (e.g. {name}-2={path})")
+        names.append(name)
+        trained_on, fingerprint, card = adapter_base(path)
+        same = fingerprint == base_fp if fingerprint else trained_on.resolve() == base.resolve()
+        if not same:
+            raise KitError(
+                f"adapter {path} was trained on base {trained_on} (fingerprint {fingerprint}), not on the served base {base} "
+                f"(fingerprint {base_fp}); serve it with its own base: kit serve {trained_on} {path}"
+            )
+        plans.append((name, path, card))
+
+    quants = {((card.get("recipe") or {}).get("quantization")) or "none" for _, _, card in plans}
+    cuda = torch.cuda.is_available()
+    torch_dtype = _dtype(dtype)
+    notes = []
+    if cuda and quants == {"nf4"}:
+        from kit.train.run import quantization_config
+
+        model = load_model(base, dtype=torch_dtype, quantization_config=quantization_config(torch_dtype), device_map={"": 0})
+    else:
+        if "nf4" in quants:
+            notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
+        model = load_model(base, dtype=torch_dtype)
+        model.to("cuda" if cuda else "cpu")
+    base_card = _card(base)
+    served = {base_name: Served(base_name, "base" if base_card.get("kind") == "base" else "model", str(base),
+                                _processor_from(base, None), _recipe_settings(base_card, base))}
+    for i, (name, path, card) in enumerate(plans):
+        internal = f"adapter_{i}"  # folder names may hold characters PEFT's module names cannot
+        if i == 0:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=internal)
+        else:
+            model.load_adapter(str(path), adapter_name=internal)
+        s = Served(name, "adapter", str(path), _processor_from(path, base), _recipe_settings(card, base), adapter=internal)
+        if not card:
+            s.notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
+        served[name] = s
+        echo(f"loaded adapter {name} from {path}")
+    model.eval()
+    for note in notes + [n for s in served.values() for n in s.notes]:
+        echo(f"note: {note}")
+    return ModelPool(model, served, device="cuda" if cuda else "cpu")

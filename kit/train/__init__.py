@@ -1,0 +1,1 @@
+"""Training: run plan, the one trainer, pre-flight checks, logs, mini alignment."""

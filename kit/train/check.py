@@ -1,0 +1,137 @@
+"""`kit data check`: everything a run would reject or silently lose, before the run."""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+from kit.core.recipes import Recipe
+
+
+def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
+    if not lengths:
+        return []
+    arr = np.asarray(lengths)
+    edges = np.linspace(0, max(max_length, int(arr.max())), bins + 1).astype(int)
+    counts, _ = np.histogram(arr, bins=edges)
+    top = max(counts.max(), 1)
+    return [f"{lo:6d}-{hi:<6d} {'#' * int(round(width * c / top)):<{width}} {c}" for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, gpu: str | None) -> None:
+    from kit.base.memory import estimate, parse_gpu
+    from kit.train.run import resolve_base
+
+    est = estimate(recipe, resolve_base(recipe, base), tokens)
+    echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}):")
+    for line in est.lines():
+        echo("  " + line)
+    if gpu:
+        card = parse_gpu(gpu)
+        verdict = "fits" if est.total <= card else "does NOT fit: lower train.batch_size, enable gradient checkpointing or use quantization=nf4"
+        echo(f"  on a {gpu} card: {verdict}")
+
+
+def _manifest_folder(recipe: Recipe, data: str | None):
+    """The manifest folder `kit adapt` would read (--data FOLDER, or an adapt recipe's sample set), else None."""
+    from pathlib import Path
+
+    from kit.core.errors import KitError
+
+    if data is not None:
+        path = Path(data)
+        if path.is_dir():
+            if not (path / "manifest.jsonl").is_file():
+                raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), or pass a LLaVA .json file")
+            return path
+        return None
+    if recipe.stage == "adapt" and recipe.data.sample and not recipe.data.path:
+        from kit.adapt import sample_folder
+
+        folder = sample_folder(recipe)
+        if not (folder / "manifest.jsonl").is_file():
+            raise KitError(f"the '{recipe.data.sample}' sample set is not in {folder} yet; write it with `kit data sample {recipe.data.sample} --out {folder}` or pass --data")
+        return folder
+    return None
+
+
+def check_manifest(recipe: Recipe, folder, echo=print):
+    """Report on a manifest folder (records, images, held-out split, eval questions).
+
+    Returns the training file an earlier `kit adapt` generated from it, or None. Raises KitError
+    (manifest.jsonl:LINE or the eval file's FILE:LINE) for anything `kit adapt` would stop on.
+    """
+    from collections import Counter
+
+    from kit.adapt import held_out_groups, image_group
+    from kit.ingest.sources import from_manifest
+
+    records = from_manifest(folder)  # checks every line and opens every image
+    groups = {image_group(r.id) for r in records}
+    held = held_out_groups(groups, recipe.eval.held_out if recipe.eval else 0.0)
+    kinds = Counter(
+        "findings" if r.findings else "captions" if r.captions else "boxes only" for r in records
+    )
+    echo(f"data:     {folder}/manifest.jsonl: {len(records)} images ({len(groups)} distinct, counting augmented copies once); "
+         + ", ".join(f"{n} with {k}" for k, n in sorted(kinds.items())))
+    echo(f"split:    {len(groups) - len(held)} images train, {len(held)} held out for evaluation")
+    if recipe.eval and (folder / recipe.eval.file).is_file():
+        from kit.eval.vqa import load_items
+
+        items = load_items(folder / recipe.eval.file, image_folder=folder)
+        held_images = {str(r.image) for r in records if image_group(r.id) in held}
+        on_held = sum(str(it.image.relative_to(folder.resolve())) in held_images for it in items)
+        echo(f"eval:     {recipe.eval.file}: {len(items)} questions, {on_held} about held-out images")
+    elif recipe.eval:
+        echo(f"eval:     no {recipe.eval.file} in {folder}: kit adapt will train without a before/after table")
+    generated = folder / ".kit" / recipe.name / "train.json"
+    if not generated.is_file():
+        echo("conversations: not generated yet (`kit adapt` generates them, then checks token lengths before training)")
+        return None
+    return generated
+
+
+def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: str | None = None) -> bool:
+    """Print a pre-flight report; True when a run would start without errors.
+
+    Raises KitError for problems that stop everything (missing file, broken JSON, bad base).
+    """
+    from kit.data.dataset import build_dataset
+    from kit.base.parts import image_aspect_of, load_processor
+    from kit.train.run import plan_run
+
+    folder = _manifest_folder(recipe, data)
+    if folder is not None:
+        generated = check_manifest(recipe, folder, echo)
+        if generated is None:
+            _memory_report(recipe, base, recipe.data.max_length, "max_length: conversations not generated yet", echo, gpu)
+            return True
+        echo(f"conversations generated by an earlier `kit adapt`: checking {generated}")
+        data = str(generated)
+    plan = plan_run(recipe, base, data, out=None, resume=False)  # nothing is written
+    processor = load_processor(plan.base)
+    dataset, report = build_dataset(
+        plan.data, processor, recipe.data.template, recipe.data.max_length,
+        recipe.data.image_aspect or image_aspect_of(plan.base), image_folder=plan.image_folder,
+        on_bad_sample="skip", system=recipe.data.system_prompt,
+    )
+    n_img = sum(1 for it in dataset.items if it.image is not None)
+    echo(f"data:     {plan.data} ({report.total} samples; {n_img} with an image, {len(dataset) - n_img} text-only)")
+    echo(f"base:     {plan.base} (one image = {report.image_tokens} tokens)")
+    echo(f"template: {recipe.data.template}, max_length {recipe.data.max_length}")
+    lengths = report.lengths
+    if lengths:
+        arr = np.asarray(lengths)
+        echo(f"tokens per sample (image tokens included): min {arr.min()}, median {int(np.median(arr))}, p95 {int(np.percentile(arr, 95))}, max {arr.max()}")
+        for line in length_histogram(lengths, recipe.data.max_length):
+            echo("  " + line)
+    echo(f"text truncated to max_length: {report.truncated_text}")
+    if lengths:
+        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, gpu)
+    if report.problems:
+        echo(f"problems: {len(report.problems)} samples (the run {'stops' if recipe.data.on_bad_sample == 'error' else 'skips them'}):")
+        for line in report.problem_lines(50):
+            echo("  " + line)
+    else:
+        echo("problems: none")
+    return not report.problems or recipe.data.on_bad_sample == "skip"
