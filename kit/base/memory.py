@@ -14,6 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from kit.base.family import part_of
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 
@@ -49,9 +53,6 @@ def parse_gpu(spec: str) -> float:
 
 
 def _parts(base: Path):
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     cfg = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
@@ -61,9 +62,10 @@ def _parts(base: Path):
         if name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear):
             linears.append((module.in_features, module.out_features))
     for name, p in model.named_parameters():
-        if "vision_tower" in name:
+        part = part_of(name)
+        if part == "vision":
             counts["vision"] += p.numel()
-        elif "multi_modal_projector" in name:
+        elif part == "projector":
             counts["projector"] += p.numel()
         elif name.startswith("model.language_model.") and name.endswith(".weight") and p.dim() == 2 and "embed" not in name:
             counts["llm_linear"] += p.numel()

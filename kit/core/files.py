@@ -1,12 +1,14 @@
-"""File helpers every module shares: atomic writes (no half-written file is ever visible) and
-JSONL reading with errors that name the file and line."""
+"""File helpers every stage shares: atomic files, staged output folders (no half-written file or
+folder is ever visible) and JSON / JSONL reading with errors that name the file and line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from kit.core.errors import KitError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `kit` package folder
 ASSETS = PACKAGE_ROOT / "assets"
+STAGING_MARK = ".kit-staging-"  # in the name of every staged folder: `.{name}.kit-staging-{pid}-{random}`
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -59,16 +62,101 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict], *, durable: bool = Fals
     write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
 
 
+# ------------------------------------------------------------------------------ staged folders
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_staging(parent: Path, name: str) -> None:
+    """Remove staged folders for `name` left in `parent` by processes that died (kill -9, power loss).
+    A folder whose process still runs is another build in progress and stays."""
+    for p in Path(parent).glob(f".{name}{STAGING_MARK}*"):
+        pid = p.name.rsplit(STAGING_MARK, 1)[1].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(out: Path, *, replace: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """A temp folder beside `out` that becomes `out` when the block ends cleanly.
+
+    On any error the temp folder is removed, with the parent folders this created, so a failed
+    write leaves nothing. When `out` exists at the end: an empty folder is replaced; with `replace`
+    a non-empty one is too (the old contents are deleted only after the rename); with
+    `keep_existing` the new folder is discarded (another process built the same thing first, e.g.
+    a cache entry); otherwise KitError. Stale temp folders of dead processes are swept first.
+    """
+    out = Path(out)
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_staging(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{STAGING_MARK}{os.getpid()}-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the output's mode
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            if keep_existing:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # rename cannot replace a folder on every platform
+            elif replace:
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{STAGING_MARK}{os.getpid()}-old-"))
+                os.replace(out, old / "x")
+            else:
+                raise KitError(f"{out} appeared while it was being written; choose another folder")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _decode(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
+
+
+def read_json(path: Path, what: str, *, expect: type | None = dict, fix: str = "fix the file") -> Any:
+    """The JSON value in `path`. Raises KitError naming `file:line` for invalid JSON, and the file
+    for non-UTF-8 text or a top-level value that is not an `expect` (None: anything)."""
+    path = Path(path)
+    try:
+        data = json.loads(_decode(path, what))
+    except json.JSONDecodeError as e:
+        raise KitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); {fix}") from None
+    if expect is not None and not isinstance(data, expect):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise KitError(f"{path}: expected {kind} in the {what}, got {type(data).__name__}")
+    return data
+
+
 def read_jsonl(path: Path, what: str, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
     """Non-blank lines as (line number, object). Raises KitError naming `file:line` for a line that
     is not a JSON object, for non-UTF-8 text and (unless `allow_empty`) for an empty file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
     rows: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_decode(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:

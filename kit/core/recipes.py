@@ -213,7 +213,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError, what: str = "recipe") -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -226,7 +226,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
             parts.append(f"'{loc}': {msg}{shown}" if loc != "(top level)" else msg)
-    return f"recipe {source}: " + "; ".join(parts)
+    return f"{what} {source}: " + "; ".join(parts)
 
 
 def validate_recipe(data: dict[str, Any], source: str) -> Recipe:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The image placeholder in LLaVA data and kit's templates; processors expand it to image tokens.
+IMAGE_TOKEN = "<image>"
+
 # The system line LLaVA-1.5 (Vicuna v1) checkpoints were trained with; kept verbatim so that
 # finetuning an existing LLaVA-1.5 sees the prompt it knows.
 VICUNA_SYSTEM = (

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kit.data.formats import IMAGE_TOKEN, Sample, load_samples
-from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
+from kit.base.family import image_token_count
+from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.templates import TemplateError, render
+from kit.core.templates import IMAGE_TOKEN, TemplateError, render
+from kit.data.formats import Sample, load_samples
+from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
 
 IGNORE = -100
 
@@ -187,11 +189,9 @@ def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict
 
 def default_image_folder(data_path: Path) -> Path:
     """The data file's folder, unless a `kit.json` data card there (kit generate / ingest) names another."""
-    from kit.core.cards import read_card
-
-    card = read_card(data_path.parent) or {}
-    if card.get("kind") == "data" and card.get("image_folder"):
-        return Path(card["image_folder"])
+    card = Card.read(data_path.parent)
+    if card is not None and card.kind == "data" and card.image_folder:
+        return Path(card.image_folder)
     return data_path.parent
 
 
@@ -210,8 +210,6 @@ def build_dataset(
     Raises KitError on structural errors, and on any unusable sample when `on_bad_sample` is
     "error" (listing them); with "skip" they are left out and counted in the report.
     """
-    from kit.base.parts import image_token_count
-
     data_path = Path(data_path)
     samples = load_samples(data_path)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)

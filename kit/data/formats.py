@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kit.core.errors import KitError
-
-IMAGE_TOKEN = "<image>"
+from kit.core.files import read_json, read_jsonl
+from kit.core.templates import IMAGE_TOKEN
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -27,15 +26,8 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise KitError(f"data file {path} does not exist; pass --data with a LLaVA .json or .jsonl file")
     if path.suffix == ".jsonl":
-        from kit.core.files import read_jsonl
-
         return [(f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path, "LLaVA data file", allow_empty=True)]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise KitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file") from None
-    except UnicodeDecodeError as e:
-        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the data file as UTF-8") from None
+    data = read_json(path, "data file", expect=None)
     if not isinstance(data, list):
         raise KitError(f"{path}: expected a JSON list of samples (LLaVA format); use .jsonl for one sample per line")
     return [(f"{path}[{i}]", r) for i, r in enumerate(data)]

@@ -1,11 +1,6 @@
-"""LLaVA-Med-style VQA evaluation: closed (yes/no) accuracy and open-answer recall.
+"""LLaVA-Med-style VQA evaluation of a model or adapter folder: closed (yes/no) accuracy and
+open-answer recall, on the items of kit.data.vqa.
 
-Input: JSONL, one question per line::
-
-    {"id": "q1", "image": "images/a.png", "question": "Is there a fracture?", "answer": "yes", "answer_type": "closed"}
-    {"id": "q2", "image": "images/a.png", "question": "Which organ is shown?", "answer": "left lung", "answer_type": "open"}
-
-`image` is relative to the file's folder (or the image folder a kit data card there names).
 Closed questions: the first "yes"/"no" word of the prediction is compared with the answer (no
 yes/no word counts as wrong). Open questions: recall of the ground-truth answer's words (lowercased,
 punctuation stripped) among the prediction's words, averaged — LLaVA-Med's open-set metric.
@@ -14,42 +9,22 @@ Answers are greedy, from the model's prompt format as trained (see kit.infer.loa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kit.core.errors import KitError
-from kit.infer.generation import stop_ids as _stop_ids
-
-FIELDS = ("id", "image", "question", "answer", "answer_type")
-ANSWER_TYPES = ("closed", "open")
-SUFFIX = {"closed": "Answer yes or no.", "open": "Answer briefly."}
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-
-
-@dataclass
-class Item:
-    id: str
-    image: Path
-    question: str
-    answer: str
-    answer_type: str
-    where: str
-
+from kit.core.files import write_jsonl_atomic
+from kit.core.precision import to_model
+from kit.data.images import ImageProblem, prepare_image
+from kit.data.vqa import SUFFIX, Item, load_items, words, yes_no
+from kit.infer.generation import pad_id, stop_ids
+from kit.infer.load import load_for_inference
+from kit.infer.prompts import build_prompt, encode
 
 # ------------------------------------------------------------------------------------- metrics
-
-
-def words(text: str) -> list[str]:
-    """Lowercased words with punctuation stripped ("It's red." -> ["it", "s", "red"])."""
-    return _WORD.findall(str(text).lower())
-
-
-def yes_no(text: str) -> str | None:
-    """The first 'yes' or 'no' word of `text`, or None."""
-    return next((w for w in words(text) if w in ("yes", "no")), None)
 
 
 def closed_correct(prediction: str, answer: str) -> bool:
@@ -70,65 +45,12 @@ def score(prediction: str, answer: str, answer_type: str) -> float:
     return float(closed_correct(prediction, answer)) if answer_type == "closed" else open_recall(prediction, answer)
 
 
-# ---------------------------------------------------------------------------------------- input
-
-
-def load_items(data: Path, image_folder: Path | None = None, limit: int | None = None) -> list[Item]:
-    """Parse and check an evaluation file. KitError (naming file:line) for any problem."""
-    from kit.data.dataset import default_image_folder
-    from kit.data.images import ImageProblem, check_image, resolve_image
-
-    data = Path(data)
-    if limit is not None and limit < 1:
-        raise KitError(f"--limit must be at least 1 (got {limit})")
-    if not data.is_file():
-        raise KitError(f"evaluation file {data} does not exist; give a JSONL file of {{{', '.join(FIELDS)}}} lines")
-    folder = Path(image_folder) if image_folder else default_image_folder(data)
-    from kit.core.files import read_jsonl
-
-    raw: list[tuple[str, dict]] = []
-    for lineno, rec in read_jsonl(data, "evaluation file", allow_empty=True):
-        where = f"{data}:{lineno}"
-        missing = [f for f in FIELDS if rec.get(f) in (None, "")]
-        if missing:
-            raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
-        atype = str(rec["answer_type"]).strip().lower()
-        if atype not in ANSWER_TYPES:
-            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no) or 'open'")
-        for f in ("image", "question"):
-            if not isinstance(rec[f], str):
-                raise KitError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
-        if isinstance(rec["answer"], (dict, list)):
-            raise KitError(f"{where}: field 'answer' must be a string, got {type(rec['answer']).__name__}")
-        answer = str(rec["answer"]).strip()
-        if atype == "closed" and yes_no(answer) is None:
-            raise KitError(f"{where}: closed answer '{answer}' is not yes or no; mark the question answer_type 'open'")
-        if atype == "open" and not words(answer):
-            raise KitError(f"{where}: open answer '{answer}' has no words to recall")
-        raw.append((where, {**rec, "answer": answer, "answer_type": atype}))
-    if not raw:
-        raise KitError(f"evaluation file {data} has no questions")
-    if limit is not None:
-        raw = raw[:limit]
-    items = []
-    for where, rec in raw:
-        try:
-            path = resolve_image(folder, rec["image"])
-            check_image(path)
-        except ImageProblem as e:
-            raise KitError(f"{where}: {e}; fix the path (relative to {folder}) or remove the line") from None
-        items.append(Item(str(rec["id"]), path, rec["question"].strip(), rec["answer"], rec["answer_type"], where))
-    return items
-
-
 # ---------------------------------------------------------------------------------------- model
 
 
 def _prompt(processor, question: str, answer_type: str | None, info: dict[str, Any]) -> str:
     """The prompt in the format the model was trained with (kit recipe template) else its chat
     template; answer_type None asks the question as it is (free-form answers)."""
-    from kit.infer.generation import build_prompt
-
     text = question if answer_type is None else f"{question} {SUFFIX[answer_type]}"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return build_prompt(processor, messages, info)
@@ -136,11 +58,6 @@ def _prompt(processor, question: str, answer_type: str | None, info: dict[str, A
 
 def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, free: bool = False) -> list[str]:
     """Greedy answers for a batch (left padding). free: no short-answer suffix ("Answer yes or no.")."""
-    import torch
-
-    from kit.data.images import ImageProblem, prepare_image
-    from kit.infer.generation import encode, pad_id, to_model
-
     tok = processor.tokenizer
     images = []
     for it in items:
@@ -150,7 +67,7 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
             raise KitError(f"{it.where}: {e}") from None
     prompts = [_prompt(processor, it.question, None if free else it.answer_type, info) for it in items]
     inputs = to_model(encode(processor, prompts, images), model)
-    stop = _stop_ids(model, tok)
+    stop = stop_ids(model, tok)
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -194,8 +111,6 @@ def evaluate(
     is loaded; KitError (file:line) for bad lines or missing images. `loaded`: the model as
     kit.infer.load.load_for_inference already returned it, for callers that ask it more than once.
     """
-    from kit.infer.load import load_for_inference
-
     if batch_size < 1:
         raise KitError(f"batch size must be at least 1 (got {batch_size})")
     if max_new_tokens < 1:
@@ -247,7 +162,7 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """A metric | base | adapted | change table (percent, change in points)."""
     rows = [f"{'metric':16} | {'base':>7} | {'adapted':>7} | {'change':>7}"]
     for label, key in METRICS:
@@ -263,7 +178,5 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def write_predictions(result: dict[str, Any], path: Path) -> Path:
     """One JSON object per prediction, written atomically (temp file + rename)."""
-    from kit.core.files import write_jsonl_atomic
-
     write_jsonl_atomic(Path(path), result["predictions"])
     return Path(path)

@@ -15,39 +15,25 @@ adapter through `modules_to_save`, so nothing else is needed)::
     processor = AutoProcessor.from_pretrained("path/to/adapter")
 
 A QLoRA adapter (recipe quantization nf4) was trained against 4-bit weights: load the base with the
-same BitsAndBytesConfig as training (kit.train.quantization_config) to reproduce it exactly.
+same BitsAndBytesConfig as training (kit.base.load.quantization_config) to reproduce it exactly.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
-from kit.core import cards
+from kit.base.load import image_aspect_of, load_base, load_processor
+from kit.core.cards import CARD_NAME, Card, describe_source
 from kit.core.errors import KitError
+from kit.core.files import read_json
+from kit.core.precision import compute_dtype, default_device
 
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise KitError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); restore the file") from None
-    if not isinstance(data, dict):
-        raise KitError(f"{path}: expected a JSON object")
-    return data
-
-
-def _card(path: Path) -> dict[str, Any]:
-    try:
-        return cards.read_card(path) or {}
-    except json.JSONDecodeError as e:
-        raise KitError(f"{path / cards.CARD_NAME}:{e.lineno}: invalid JSON ({e.msg}); restore the file") from None
 
 
 def folder_kind(path: Path) -> str:
@@ -58,7 +44,7 @@ def folder_kind(path: Path) -> str:
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter"
     if (path / "config.json").is_file():
-        cfg = _read_json(path / "config.json")
+        cfg = read_json(path / "config.json", "model config", fix="restore the file")
         if "vision_config" in cfg:
             return "model"
         raise KitError(
@@ -70,27 +56,26 @@ def folder_kind(path: Path) -> str:
     raise KitError(f"{path} is neither a model folder (config.json) nor an adapter folder ({ADAPTER_CONFIG}){hint}")
 
 
-def adapter_base(path: Path) -> tuple[Path, str | None, dict[str, Any]]:
-    """(base folder, fingerprint the adapter was trained on or None, card) — checked to exist and match."""
+def adapter_base(path: Path) -> tuple[Path, str | None, Card | None]:
+    """(base folder, fingerprint the adapter was trained on or None, card or None) — checked to exist and match."""
     path = Path(path)
-    card = _card(path)
-    base_info = card.get("base") if isinstance(card.get("base"), dict) else {}
-    base_str = base_info.get("path")
-    where = f"{path / cards.CARD_NAME} ('base.path')"
+    card = Card.read(path)
+    base_str = card.base.path if card and card.base else None
+    where = f"{path / CARD_NAME} ('base.path')"
     if not base_str:
-        base_str = _read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path")
+        base_str = read_json(path / ADAPTER_CONFIG, "adapter config", fix="restore the file").get("base_model_name_or_path")
         where = f"{path / ADAPTER_CONFIG} ('base_model_name_or_path')"
     if not base_str:
-        raise KitError(f"adapter {path} does not say which base it was trained on; add \"base\": {{\"path\": ...}} to {path / cards.CARD_NAME}")
+        raise KitError(f"adapter {path} does not say which base it was trained on; add \"base\": {{\"path\": ...}} to {path / CARD_NAME}")
     base = Path(base_str)
     if not base.is_dir():
         raise KitError(
             f"adapter {path} was trained on base {base}, which does not exist (moved or deleted); "
             f"restore the base folder there, or edit {where} to point at its new location"
         )
-    want = base_info.get("fingerprint")
+    want = card.base.fingerprint if card and card.base else None
     if want:
-        got = cards.describe_source(base)["fingerprint"]
+        got = describe_source(base)["fingerprint"]
         if got != want:
             raise KitError(
                 f"adapter {path} was trained on a different base than the folder now at {base} "
@@ -100,32 +85,29 @@ def adapter_base(path: Path) -> tuple[Path, str | None, dict[str, Any]]:
     return base, want, card
 
 
-def _processor_from(path: Path, base: Path | None):
-    from kit.base.parts import load_processor
-
-    if any((path / f).is_file() for f in PROCESSOR_FILES):
+def processor_for(path: Path, base: Path | None):
+    """The processor saved with `path`, else its base's."""
+    if any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
         return load_processor(path)
     if base is None:
         raise KitError(f"{path}: no processor files (processor_config.json); the folder is incomplete")
     return load_processor(base)
 
 
-def _default_device(device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _recipe_settings(card: dict[str, Any], base: Path | None) -> dict[str, Any]:
+def prompting(card: Card, base: Path | None) -> dict[str, Any]:
     """How the model was prompted in training: template, system prompt, image aspect."""
-    from kit.base.parts import image_aspect_of
+    fmt = card.prompt_format()
+    aspect = fmt.image_aspect or (image_aspect_of(base) if base is not None else "pad")
+    return {"template": fmt.template, "system_prompt": fmt.system_prompt, "image_aspect": aspect}
 
-    data = ((card.get("recipe") or {}).get("data")) or {}
-    aspect = data.get("image_aspect")
-    if aspect is None:
-        settings = card.get("settings") or {}
-        aspect = settings.get("image_aspect") or (image_aspect_of(base) if base is not None else "pad")
-    return {"template": data.get("template"), "system_prompt": data.get("system_prompt"), "image_aspect": aspect}
+
+def base_form(quantization: str, device: torch.device) -> str:
+    """'nf4' where a QLoRA adapter's base can be loaded 4-bit as in training (CUDA), else 'full'."""
+    return "nf4" if quantization == "nf4" and device.type == "cuda" else "full"
+
+
+NF4_ON_CPU_NOTE = ("trained against a 4-bit (nf4) base; without CUDA the base is loaded unquantized on CPU, "
+                   "so answers can differ slightly from the trained model's")
 
 
 def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=None) -> tuple[Any, Any, dict[str, Any]]:
@@ -133,48 +115,34 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
 
     info: kind ('model' | 'adapter'), path, base (adapter only), quantization ('none' | 'nf4'),
     template / system_prompt / image_aspect (how training prompted it; None where unknown), notes
-    (things the caller should tell the user), card.
+    (things the caller should tell the user), card (a kit.core.cards.Card).
     Raises KitError for a folder that is neither, a missing base, or a base whose fingerprint differs.
     """
-    from kit.base.parts import load_model
-
     path = Path(path)
     kind = folder_kind(path)
     notes: list[str] = []
-    dev = _default_device(device)
+    dev = default_device(device)
     if kind == "model":
-        card = _card(path)
-        model = load_model(path, dtype=dtype)
-        model.to(dev)
-        processor = _processor_from(path, None)
+        card = Card.read(path) or Card(kind="model")
+        model = load_base(path, dtype, "full", dev)
+        processor = processor_for(path, None)
         info = {"kind": "model", "path": str(path), "base": None, "quantization": "none"}
-        settings = _recipe_settings(card, path)
+        settings = prompting(card, path)
     else:
-        from peft import PeftModel
-
         base, _, card = adapter_base(path)
-        quant = ((card.get("recipe") or {}).get("quantization")) or "none"
-        if quant == "nf4" and torch.cuda.is_available() and dev.type == "cuda":
-            from kit.train.run import compute_dtype, quantization_config
-
-            precision = (((card.get("recipe") or {}).get("train")) or {}).get("precision", "auto")
-            qdtype = compute_dtype(precision)
-            model = load_model(base, dtype=qdtype, quantization_config=quantization_config(qdtype), device_map={"": dev.index or 0})
-        else:
-            if quant == "nf4":
-                notes.append(
-                    "this adapter was trained against a 4-bit (nf4) base; without CUDA the base is loaded unquantized on CPU, "
-                    "so answers can differ slightly from the trained model's"
-                )
-                dev = torch.device("cpu")
-            model = load_model(base, dtype=dtype)
-            model.to(dev)
-        model = PeftModel.from_pretrained(model, str(path))
-        processor = _processor_from(path, base)
-        info = {"kind": "adapter", "path": str(path), "base": str(base), "quantization": quant}
-        settings = _recipe_settings(card, base)
-        if not card:
+        if card is None:
             notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
+            card = Card(kind="adapter")
+        quant = card.quantization
+        form = base_form(quant, dev)
+        if quant == "nf4" and form == "full":
+            notes.append(f"this adapter was {NF4_ON_CPU_NOTE}")
+            dev = torch.device("cpu")
+        model = load_base(base, compute_dtype(card.precision) if form == "nf4" else dtype, form, dev)
+        model = PeftModel.from_pretrained(model, str(path))
+        processor = processor_for(path, base)
+        info = {"kind": "adapter", "path": str(path), "base": str(base), "quantization": quant}
+        settings = prompting(card, base)
     model.eval()
     info.update(settings)
     info["notes"] = notes
@@ -183,33 +151,31 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
     return model, processor, info
 
 
-def describe(path: Path) -> dict[str, Any]:
+def describe_folder(path: Path) -> dict[str, Any]:
     """One folder, for listings: kind, base, recipe name, created, steps, metrics (from its card).
 
     Never loads weights. kind is the card's ('base', 'model', 'adapter', 'checkpoint') or, without a
     card, what the files say; 'unknown' for a folder kit cannot load.
     """
     path = Path(path)
-    card = {}
     try:
-        card = _card(path)
+        card = Card.read(path)
     except KitError:
-        pass
+        card = None
     try:
         kind = folder_kind(path)
     except KitError:
         kind = "unknown"
-    base = card.get("base")
-    recipe = card.get("recipe") or {}
+    recipe = card.recipe if card else None
     return {
         "path": str(path),
-        "kind": card.get("kind") or kind,
+        "kind": card.kind if card else kind,
         "loads_as": kind,
-        "base": base.get("path") if isinstance(base, dict) else base,
-        "recipe": recipe.get("name"),
-        "quantization": recipe.get("quantization"),
-        "created": card.get("created"),
-        "steps": card.get("steps"),
-        "metrics": card.get("metrics") or {},
-        "evaluation": card.get("evaluation") or {},
+        "base": card.base.path if card and card.base else None,
+        "recipe": recipe.name if recipe else None,
+        "quantization": recipe.quantization if recipe else None,
+        "created": card.created if card else None,
+        "steps": card.steps if card else None,
+        "metrics": card.metrics if card else {},
+        "evaluation": (card.evaluation if card else None) or {},
     }

@@ -1,0 +1,73 @@
+"""Loading a LLaVA-family base with plain transformers: weights (full or 4-bit), processor, and the
+image handling its card records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from kit.base.family import FULL_PRECISION_MODULES, check_llava_family
+from kit.core.cards import Card
+from kit.core.errors import KitError
+from kit.core.precision import default_device
+
+
+def quantization_config(compute: torch.dtype):
+    """QLoRA's 4-bit NF4 with double quantization, for the LLM only."""
+    from transformers import BitsAndBytesConfig
+
+    # A custom skip list replaces the default skips, so lm_head is listed too.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=list(FULL_PRECISION_MODULES),
+    )
+
+
+def image_aspect_of(path: Path) -> str:
+    """pad or crop: the base's setting from its card (pad, LLaVA-1.5's, when the card says nothing)."""
+    card = Card.read(path)
+    return (card.settings.get("image_aspect") if card else None) or "pad"
+
+
+def load_processor(path: Path):
+    proc = AutoProcessor.from_pretrained(path)
+    if not hasattr(proc, "image_processor") or not hasattr(proc, "tokenizer"):
+        raise KitError(f"base {path}: no image+text processor found (processor_config.json); rebuild with `kit base build`")
+    return proc
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, quantization_config=None, device_map=None):
+    """Load any LLaVA-family checkpoint with plain transformers. Raises KitError for non-LLaVA folders."""
+    check_llava_family(path)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
+        if not hasattr(model.model, attr):
+            raise KitError(f"base {path}: {type(model).__name__} lacks model.{attr}; kit supports LLaVA-family models")
+    return model
+
+
+def load_base(path: Path, dtype: torch.dtype, form: str = "full", device: torch.device | None = None):
+    """The base in eval mode on `device` (default: the GPU if any): form 'full', 'nf4' (4-bit, as
+    QLoRA trains) or 'dequantized' (nf4 then back to `dtype`: the weights a QLoRA adapter learned
+    against). On CPU bitsandbytes' slow fallback serves the 4-bit forms."""
+    dev = default_device(device)
+    if form == "full":
+        model = load_model(path, dtype=dtype).to(dev)
+    else:
+        # 4-bit weights are placed at load time.
+        model = load_model(path, dtype=dtype, quantization_config=quantization_config(dtype),
+                           device_map={"": dev.index or 0} if dev.type == "cuda" else None)
+        if form == "dequantized":
+            model.dequantize()
+    return model.eval()

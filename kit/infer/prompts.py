@@ -1,0 +1,68 @@
+"""Model inputs in the format a model was trained with: the recipe's template from its card
+(vicuna_v1 / plain) else the processor's own chat template, from OpenAI-style conversations
+(several turns, system message, images as `{"type": "image"}` parts in order); images padded or
+cropped as in training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kit.core.errors import KitError
+from kit.core.templates import IMAGE_TOKEN, VICUNA_TEMPLATE
+from kit.infer.images import fit_image
+
+
+def _is_vicuna(processor, info: dict[str, Any]) -> bool:
+    if info.get("template") == "vicuna_v1":
+        return True
+    return not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None)
+
+
+def build_prompt(processor, messages: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    """The prompt text for a conversation, ending where the assistant's next answer starts.
+
+    messages: [{"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text": ...},
+    {"type": "image"}]}]. info: template / system_prompt as kit.infer.load.load_for_inference gives them;
+    the card's system prompt is used unless the conversation starts with its own. A 'plain'
+    (stage-1, caption-only) model sees only one image token: it was never shown questions.
+    """
+    if info.get("template") == "plain":
+        return getattr(processor, "image_token", None) or IMAGE_TOKEN
+    messages = list(messages)
+    if info.get("system_prompt") and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": info["system_prompt"]})
+    chat_template = VICUNA_TEMPLATE if _is_vicuna(processor, info) else None
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
+
+
+def count_images(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p.get("type") == "image"
+    )
+
+
+def encode(processor, prompts: list[str], images: list) -> dict[str, Any]:
+    """Tokenized, left-padded batch (pixel values included when there are images)."""
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return dict(processor(text=prompts, images=images or None, padding=True, return_tensors="pt"))
+    finally:
+        tok.padding_side = old_side
+
+
+def prepare(processor, info: dict[str, Any], messages: list[dict[str, Any]], images: list) -> dict[str, Any]:
+    """Model inputs (on CPU) for one conversation; `images` are PIL images in the order of the image parts.
+
+    Raises KitError when the image parts and images disagree, or a 'plain' model gets no image.
+    """
+    if count_images(messages) != len(images):
+        raise KitError(f"the conversation has {count_images(messages)} image parts but {len(images)} images were given")
+    if info.get("template") == "plain":
+        if not images:
+            raise KitError("this model was trained with the 'plain' (caption-only) template: send an image to caption")
+        images = images[-1:]
+    aspect = info.get("image_aspect") or "pad"
+    fitted = [fit_image(im, aspect, processor.image_processor) for im in images]
+    return encode(processor, [build_prompt(processor, messages, info)], fitted)
