@@ -275,7 +275,7 @@ class Meter(TrainerCallback):
             self._images += pv.shape[0]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.base.parts import part_of
+        from kit.base.family import part_of
 
         self._handle = llava_core(model).register_forward_pre_hook(self._hook, with_kwargs=True)
         four_bit: dict[str, int] = {}
@@ -400,7 +400,7 @@ def kit_lora_config(model, recipe):
     """Exactly the LoraConfig kit.train.prepare_model builds for this recipe."""
     from peft import LoraConfig
 
-    from kit.train.run import lora_target_regex
+    from kit.train.model import lora_target_regex
 
     return LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
@@ -413,8 +413,9 @@ def kit_lora_config(model, recipe):
 def run_trl(args, base: Path, rows: list[dict], work: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from kit.base.parts import load_model, load_processor
-    from kit.train.run import compute_dtype, quantization_config
+    from kit.base.load import load_model, load_processor
+    from kit.core.precision import compute_dtype
+    from kit.base.load import quantization_config
 
     out = work / "run-trl"
     shutil.rmtree(out, ignore_errors=True)
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     out_json = args.out_json or (Path(os.environ["OUT"]) / "adapt_throughput.json" if os.environ.get("OUT") else work / "adapt_throughput.json")
 
-    from kit.train.run import compute_dtype
+    from kit.core.precision import compute_dtype
 
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -577,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "parts", ignore_errors=True)
 
         from kit.data.dataset import build_dataset
-        from kit.base.parts import image_aspect_of, image_token_count, load_processor
+        from kit.base.load import image_aspect_of, load_processor
+        from kit.base.family import image_token_count
 
         recipe, _ = kit_recipe(args)
         proc = load_processor(base)

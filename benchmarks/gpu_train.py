@@ -108,7 +108,7 @@ def build_parts(args, work: Path, timings: dict, info: dict) -> Path:
     )
 
     from kit.base.build import build
-    from kit.train.run import compute_dtype
+    from kit.core.precision import compute_dtype
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype("auto")  # bf16 on a bf16-capable GPU, fp32 on CPU: what training will use
@@ -187,7 +187,7 @@ class Probe(TrainerCallback):
         self.model_info: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.base.parts import part_of
+        from kit.base.family import part_of
 
         sync()
         self.begin = time.perf_counter()
@@ -238,7 +238,7 @@ class Probe(TrainerCallback):
 def tokens_per_sample(base: Path, data: Path, recipe) -> dict:
     """Non-pad tokens per sample (image tokens included), from the dataset exactly as train() builds it."""
     from kit.data.dataset import build_dataset
-    from kit.base.parts import image_aspect_of, load_processor
+    from kit.base.load import image_aspect_of, load_processor
 
     proc = load_processor(base)
     _, report = build_dataset(data, proc, recipe.data.template, recipe.data.max_length,
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     out_json = args.out_json or (Path(os.environ["OUT"]) / "gpu_train.json" if os.environ.get("OUT") else work / "gpu_train.json")
 
-    from kit.train.run import compute_dtype
+    from kit.core.precision import compute_dtype
 
     env = {
         "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -157,7 +157,8 @@ def held_out_loss(model_dir: Path, data_file: str, template: str) -> float:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from kit.data.dataset import Collator, build_dataset
+    from kit.data.collator import Collator
+    from kit.data.dataset import build_dataset
 
     proc = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()

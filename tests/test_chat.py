@@ -38,7 +38,7 @@ def _user(text: str, with_image: bool = False) -> dict:
 
 
 def test_one_shot_prints_the_greedy_answer_of_the_adapter(adapter, image):
-    from kit.infer.generation import load_image_file
+    from kit.infer.images import load_image_file
 
     r = kit_chat(str(adapter), "--image", str(image), "--prompt", "What shape is it?", "--max-new-tokens", "10")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -49,7 +49,7 @@ def test_one_shot_prints_the_greedy_answer_of_the_adapter(adapter, image):
 def test_system_message_and_seed(adapter, image):
     """--system replaces the trained system prompt (the answer is the one direct generation gives
     for that conversation); --seed makes sampled answers repeatable."""
-    from kit.infer.generation import load_image_file
+    from kit.infer.images import load_image_file
 
     system = "You answer in one word."
     r = kit_chat(str(adapter), "--image", str(image), "--prompt", "What shape is it?", "--max-new-tokens", "8", "--system", system)
@@ -65,7 +65,7 @@ def test_system_message_and_seed(adapter, image):
 def test_interactive_keeps_history_until_reset(tiny_base, image):
     """Turn 2 is answered with turn 1 in the prompt (and the image attached to turn 2);
     after /reset the first question gets the first answer again; /exit stops reading."""
-    from kit.infer.generation import load_image_file
+    from kit.infer.images import load_image_file
 
     script = f"What is it?\n/image {image}\nAnd the colour?\n/reset\nWhat is it?\n/exit\nnot read\n"
     r = kit_chat(str(tiny_base), "--max-new-tokens", "8", stdin=script)
@@ -123,8 +123,8 @@ def test_text_filter_gives_the_same_text_however_pieces_are_split(split):
 
 
 def test_prompt_follows_the_template_the_model_was_trained_with(tiny_base):
-    from kit.infer.generation import build_prompt
-    from kit.base.parts import load_processor
+    from kit.infer.prompts import build_prompt
+    from kit.base.load import load_processor
     from kit.core.templates import VICUNA_SYSTEM
 
     proc = load_processor(tiny_base)

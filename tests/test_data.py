@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kit.data.dataset import IGNORE, Collator, build_dataset, encode_sample
+from kit.data.dataset import IGNORE, build_dataset, encode_sample
+from kit.data.collator import Collator
 from kit.data.formats import Sample, load_samples
 from kit.data.sampler import modality_length_order
 from kit.core.errors import KitError
@@ -184,7 +185,7 @@ def test_supervised_logits_loss_equals_the_full_loss(processor, tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from kit.data.dataset import supervised_loss
+    from kit.data.collator import supervised_loss
 
     ds, _ = build_dataset(_write(tmp_path, [_sample(), {**_sample(), "id": "s2"}]), processor, "chat", 512, "pad")
     full = Collator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])

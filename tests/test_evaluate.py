@@ -11,15 +11,8 @@ from pathlib import Path
 import pytest
 
 from kit.core.errors import KitError
-from kit.eval.vqa import (
-    closed_correct,
-    compare,
-    evaluate,
-    load_items,
-    open_recall,
-    write_predictions,
-)
-from kit.infer.load import describe, load_for_inference
+from kit.eval.vqa import before_after_table, closed_correct, evaluate, load_items, open_recall, write_predictions
+from kit.infer.load import describe_folder, load_for_inference
 
 TINY = [
     "train.batch_size=4", "train.global_batch_size=4", "train.precision=fp32", "train.gradient_checkpointing=false",
@@ -131,9 +124,9 @@ def test_loads_base_folder_and_adapter_folder_from_the_path_alone(tiny_base, ada
     assert isinstance(model, PeftModel) and info["kind"] == "adapter"
     assert Path(info["base"]) == tiny_base.resolve() and info["quantization"] == "none" and info["notes"] == []
     assert info["template"] == "vicuna_v1" and info["image_aspect"] == "pad"
-    d = describe(adapter)
+    d = describe_folder(adapter)
     assert d["kind"] == "adapter" and d["recipe"] == "llava15-lora" and d["steps"] == 3 and "train_loss" in d["metrics"]
-    assert describe(tiny_base)["kind"] == "base"
+    assert describe_folder(tiny_base)["kind"] == "base"
 
 
 def test_neither_model_nor_adapter_is_refused(tmp_path):
@@ -215,7 +208,7 @@ def test_evaluate_scores_base_and_adapter(tiny_base, adapter, eval_file, tmp_pat
     assert [p["prediction"] for p in single["predictions"]] == [p["prediction"] for p in after["predictions"][:4]]
     assert single["n_closed"] + single["n_open"] == 4
 
-    table = compare(base, after)
+    table = before_after_table(base, after)
     assert table.splitlines()[0].split("|")[1:] and "adapted" in table and "change" in table
     assert "closed accuracy" in table and "open recall" in table
 

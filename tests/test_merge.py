@@ -31,9 +31,10 @@ def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8
                  quantization: str = "none", rslora: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from kit.base.parts import load_model, load_processor
+    from kit.base.load import load_model, load_processor
     from kit.core.recipes import load_recipe
-    from kit.train.run import lora_target_regex, quantization_config
+    from kit.train.model import lora_target_regex
+    from kit.base.load import quantization_config
 
     torch.manual_seed(seed)
     qcfg = quantization_config(torch.float32) if quantization == "nf4" else None
@@ -108,9 +109,9 @@ def linear(adapters, tmp_path_factory) -> Path:
 
 
 def _inputs(tiny_base: Path, adapter: Path) -> dict:
-    from kit.base.parts import load_processor
+    from kit.base.load import load_processor
 
-    return verification_inputs(load_processor(tiny_base), cards.read_card(adapter), tiny_base)[0]
+    return verification_inputs(load_processor(tiny_base), cards.Card.read(adapter), tiny_base)[0]
 
 
 # --------------------------------------------------------------------------------- one adapter
@@ -118,7 +119,7 @@ def _inputs(tiny_base: Path, adapter: Path) -> dict:
 
 def test_merge_matches_the_adapter_model_for_both_precisions(tiny_base, adapters, tmp_path):
     from kit.merge.single import logits_of
-    from kit.base.parts import load_model
+    from kit.base.load import load_model
 
     lines = []
     deq = merge(adapters["a"], tmp_path / "deq", echo=lines.append)
@@ -154,7 +155,7 @@ def test_nf4_adapter_default_merge_is_more_faithful_than_full(tiny_base, adapter
     assert d["argmax_agreement"] >= f["argmax_agreement"]
     # Independently of the card: the dequantized merge reproduces the 4-bit adapter model.
     from kit.merge.single import logits_of
-    from kit.base.parts import load_model
+    from kit.base.load import load_model
 
     inputs = _inputs(tiny_base, adapters["q"])
     want = adapter_logits(tiny_base, adapters["q"], inputs, quantized=True)
@@ -165,7 +166,7 @@ def test_nf4_adapter_default_merge_is_more_faithful_than_full(tiny_base, adapter
 
 def test_merged_folder_loads_in_plain_transformers_without_kit(tiny_base, adapters, tmp_path):
     from kit.merge.single import logits_of
-    from kit.base.parts import load_model
+    from kit.base.load import load_model
 
     out = merge(adapters["a"], tmp_path / "m", echo=lambda m: None)
     inputs = _inputs(tiny_base, adapters["a"])

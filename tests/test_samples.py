@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kit.data import samples
+from kit.ingest.samples import write as samples
 from kit.ingest.samples.write import SAMPLE_DOMAINS, write_sample
 from kit.core.errors import KitError
 from kit.ingest.sources import from_manifest, phi_values

@@ -34,7 +34,7 @@ def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path
     from peft import LoraConfig, get_peft_model
 
     from kit.core import cards
-    from kit.base.parts import load_model
+    from kit.base.load import load_model
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(base), LoraConfig(
@@ -57,7 +57,8 @@ def direct_answer(path: Path, messages: list[dict], images: list, max_new_tokens
     """Greedy answer of the model at `path` loaded on its own (kit.infer.load), with plain generate + decode."""
     import torch
 
-    from kit.infer.generation import pad_id, prepare, stop_ids, to_model
+    from kit.infer.generation import pad_id, stop_ids, to_model
+    from kit.infer.prompts import prepare
     from kit.infer.load import load_for_inference
 
     if str(path) not in _DIRECT:
@@ -99,7 +100,8 @@ def pool(tiny_base, adapters):
 
 @pytest.fixture(scope="module")
 def url(pool, image_root):
-    from kit.serve.app import create_app, running
+    from kit.serve.app import create_app
+    from kit.serve.run import running
 
     app = create_app(pool, api_key=KEY, image_root=image_root, max_request_bytes=100_000, max_tokens_limit=64, max_images=2)
     with running(app) as base_url:
@@ -147,7 +149,7 @@ def test_models_lists_the_base_and_both_adapters(client, paths):
 def test_each_name_answers_as_that_model_loaded_alone(client, paths, image_root):
     """The base (adapters disabled) and each adapter, switched per request on one model in memory,
     answer exactly as each folder loaded on its own does: text-only and with an image."""
-    from kit.infer.generation import load_image_file
+    from kit.infer.images import load_image_file
 
     image = load_image_file(image_root / "shape.png")
     answers = {}
@@ -282,7 +284,8 @@ def test_api_key_guards_every_v1_route(url, client):
 
 
 def test_web_page_hook(pool, tmp_path, url):
-    from kit.serve.app import create_app, running
+    from kit.serve.app import create_app
+    from kit.serve.run import running
 
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert "no web page is installed" in r.read().decode() or r.headers["content-type"].startswith("text/html")
@@ -362,21 +365,22 @@ def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
 
 
 def test_non_loopback_host_warns_before_loading(tiny_base, monkeypatch):
-    import kit.serve.app
     import kit.serve.pool
+    import kit.serve.run
+    from kit.core.network import resolves_only_to_loopback
     from kit.core.errors import KitError
 
     lines = []
     # Tests only ever listen on loopback: the socket the warning is about is not really bound.
-    monkeypatch.setattr(kit.serve.app, "bind", lambda host, port: kit.serve.socket.create_server(("127.0.0.1", 0)))
-    assert kit.serve.is_loopback("localhost") and kit.serve.is_loopback("::1") and not kit.serve.is_loopback("0.0.0.0")
+    monkeypatch.setattr(kit.serve.run, "bind", lambda host, port: kit.serve.run.socket.create_server(("127.0.0.1", 0)))
+    assert resolves_only_to_loopback("localhost") and resolves_only_to_loopback("::1") and not resolves_only_to_loopback("0.0.0.0")
 
     def stop(*a, **k):
         raise KitError("stopped before loading")
 
-    monkeypatch.setattr(kit.serve.pool, "load_pool", stop)
+    monkeypatch.setattr(kit.serve.run, "load_pool", stop)
     with pytest.raises(KitError, match="stopped before loading"):
-        kit.serve.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append)
+        kit.serve.run.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append)
     assert any(l.startswith("warning: listening on 0.0.0.0") and "--api-key" in l for l in lines), lines
 
 
@@ -426,7 +430,8 @@ def test_requests_past_the_queue_limit_get_429_and_the_server_recovers(pool):
 
     import openai
 
-    from kit.serve.app import create_app, running
+    from kit.serve.app import create_app
+    from kit.serve.run import running
 
     app = create_app(pool, max_tokens_limit=8, max_queue=2)
     ask = {"model": "alpha", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}

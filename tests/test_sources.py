@@ -12,15 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from kit.core.errors import KitError
-from kit.ingest.sources import (
-    CAPTION_INSTRUCTIONS,
-    from_coco,
-    from_dicom,
-    from_figures,
-    from_manifest,
-    phi_values,
-    write_caption_pairs,
-)
+from kit.ingest.pairs import CAPTION_INSTRUCTIONS, write_caption_pairs
+from kit.ingest.sources import from_coco, from_dicom, from_figures, from_manifest, phi_values
 
 
 def _draw(path: Path, size: tuple[int, int], box: tuple[int, int, int, int], colour: str = "red") -> None:
@@ -387,14 +380,14 @@ def test_figures(tmp_path):
 
 
 def test_caption_pairs_one_root(coco, tmp_path):
-    from kit.core.cards import read_card
+    from kit.core.cards import Card
     from kit.data.formats import IMAGE_TOKEN, load_samples
 
     records = from_coco(coco["captions"], coco["images_dir"], coco["instances"])
     out = tmp_path / "out" / "pretrain.json"
     assert write_caption_pairs(records, out, seed=3) == 2
     samples = load_samples(out)
-    card = read_card(out.parent)
+    card = Card.read(out.parent).model_dump(mode="json")
     assert card["kind"] == "data" and card["image_folder"] == str(coco["images_dir"].resolve())
     for s, r in zip(samples, records):
         assert s.image == r.image and (Path(card["image_folder"]) / s.image).is_file()
@@ -407,19 +400,19 @@ def test_caption_pairs_one_root(coco, tmp_path):
 
 
 def test_caption_pairs_mixed_roots(coco, manifest_dir, tmp_path):
-    from kit.core.cards import read_card
+    from kit.core.cards import Card
     from kit.data.formats import IMAGE_TOKEN, load_samples
 
     _manifest(manifest_dir, {"image": "images/one.png", "caption": "A red bar."}, {"image": "scans/knee/two.jpg", "findings": "no caption"})
     records = from_coco(coco["captions"], coco["images_dir"]) + from_manifest(manifest_dir)
     out = tmp_path / "stage1" / "pairs.jsonl"
     assert write_caption_pairs(records, out) == 3  # the findings-only record has no caption
-    folder = Path(read_card(out.parent)["image_folder"])
+    folder = Path(Card.read(out.parent).image_folder)
     samples = load_samples(out)
     assert [s.id for s in samples] == ["coco-1", "coco-2", "images_one"]
     for s in samples:
         assert s.turns[0][1].startswith(IMAGE_TOKEN) and (folder / s.image).is_file()
-    assert read_card(out.parent)["private"] is True
+    assert Card.read(out.parent).private is True
 
 
 def test_caption_pairs_inside_data_folder_need_no_image_folder(manifest_dir):

@@ -54,8 +54,8 @@ def adapter(tmp_path_factory, tiny_base) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from kit.core import cards
-    from kit.base.parts import load_model
-    from kit.train.run import lora_target_regex
+    from kit.base.load import load_model
+    from kit.train.model import lora_target_regex
 
     torch.manual_seed(1)
     model = load_model(tiny_base, dtype=torch.float32)

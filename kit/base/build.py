@@ -20,7 +20,7 @@ from kit.base.parts import (
     chat_template_for,
     grow_embeddings,
     llm_part,
-    projector_weights,
+    fresh_projector,
     vision_part,
 )
 from kit.core.cards import Card, describe_source
@@ -83,7 +83,7 @@ def build_from_parts(
     grow_embeddings(weights, "model.language_model.embed_tokens.weight", vocab)
     if "lm_head.weight" in weights:
         grow_embeddings(weights, "lm_head.weight", vocab)
-    weights.update(projector_weights(vision_cfg.hidden_size, text_cfg.hidden_size, projector, dtype, seed))
+    weights.update(fresh_projector(vision_cfg.hidden_size, text_cfg.hidden_size, projector, dtype, seed))
 
     is_siglip = "siglip" in vision_cfg.model_type
     config = LlavaConfig(

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
 
-from kit.base.parts import add_image_token, assemble, grow_embeddings, projector_weights
+from kit.base.parts import add_image_token, assemble, fresh_projector, grow_embeddings
 from kit.core.cards import CARD_NAME, Card
 from kit.core.errors import KitError
 from kit.core.files import ASSETS, staged_folder
@@ -98,7 +98,7 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
     if projector_weights is not None:
         weights.update(load_file(str(projector_weights)))
     else:
-        weights.update(projector_weights(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
+        weights.update(fresh_projector(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
 
     vision_cfg = TimmWrapperConfig(architecture="efficientnet_lite0", model_args=EFFNET_ARGS, hidden_size=1280, do_pooling=False)
     config = FastVlmConfig(

@@ -95,7 +95,7 @@ def grow_embeddings(weights: dict[str, torch.Tensor], key: str, rows: int) -> No
     weights[key] = torch.cat([w, extra], 0)
 
 
-def projector_weights(d_in: int, d_out: int, kind: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+def fresh_projector(d_in: int, d_out: int, kind: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lin1 = torch.nn.Linear(d_in, d_out)
     lin2 = torch.nn.Linear(d_out, d_out)

@@ -126,46 +126,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         return out
 
 
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is supervised in any row: the only logits the loss needs."""
-    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
-
-
-def supervised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token loss from logits computed only at `supervised_positions` (see Collator)."""
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]  # [B, K, V]
-    target = labels[:, supervised_positions(labels) + 1]  # [B, K]
-    total = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1).to(logits.device), ignore_index=IGNORE, reduction="sum"
-    )
-    count = num_items_in_batch if num_items_in_batch is not None else (target != IGNORE).sum()
-    return total / count
-
-
-@dataclass
-class Collator:
-    pad_token_id: int
-    # Training only: ask the model for logits at supervised positions. The image tokens and the
-    # prompt (most of a LLaVA sequence) then never reach the LM head: less time, far less memory.
-    supervised_logits_only: bool = False
-
-    def __call__(self, batch: list[dict]) -> dict:
-        longest = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        if self.supervised_logits_only:
-            out["logits_to_keep"] = supervised_positions(labels)
-        pixels = [b["pixel_values"] for b in batch if "pixel_values" in b]
-        if pixels:
-            out["pixel_values"] = torch.stack(pixels)  # [N_img, 3, H, W], only samples that have images
-        return out
-
-
 def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict[str, Path]:
     def one(s: Sample):
         try:

@@ -1,7 +1,5 @@
-"""`kit eval`: LLaVA-Med-style VQA scores of a model or adapter folder, optionally against a baseline.
-
-Importing this module costs nothing (no torch): everything heavy is imported inside the command.
-"""
+"""`kit eval`: LLaVA-Med-style VQA scores of a model or adapter folder, optionally against a
+baseline, optionally judged."""
 
 from __future__ import annotations
 
@@ -10,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from kit.core.errors import KitError
+from kit.eval.judge import resolve_judge
+from kit.eval.judged import compare_judged, format_judged, free_answers, judge_run, load_judge_items
+from kit.eval.vqa import before_after_table, evaluate, format_result, model_notes, write_predictions
+from kit.infer.load import load_for_inference
 
 
 def eval_command(
@@ -39,17 +41,12 @@ def eval_command(
     Raises KitError for a bad file (file:line), a missing image, or a folder kit cannot load; and,
     before anything is loaded or sent, for a non-loopback judge without `allow_remote`.
     """
-    from kit.eval.vqa import compare, evaluate, format_result, model_notes, write_predictions
-    from kit.infer.load import load_for_inference
-
     if limit is not None and limit < 1:
         raise KitError(f"--limit must be at least 1 (got {limit})")
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
     judge_backend = judge_items = None
     if judge is not None:
-        from kit.eval.judge import load_judge_items, resolve_judge
-
         judge_backend = resolve_judge(judge, judge_model, allow_remote)
         judge_items = load_judge_items(Path(data), None, limit)  # a bad context/category line fails before any model loads
     elif judge_model is not None:
@@ -61,8 +58,6 @@ def eval_command(
         result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded)
         answers = None
         if judge_items is not None:
-            from kit.eval.judge import free_answers
-
             echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")
             answers = free_answers(loaded, judge_items, batch_size=batch_size, max_new_tokens=judge_answer_tokens)
             result["judge_notes"] = model_notes(loaded[2])
@@ -72,10 +67,8 @@ def eval_command(
     if baseline is not None:
         before, before_answers = run(baseline)
     result, answers = run(model)  # the baseline's model is gone by now: one model in memory at a time
-    echo(compare(before, result) if before is not None else format_result(result))
+    echo(before_after_table(before, result) if before is not None else format_result(result))
     if judge_backend is not None:
-        from kit.eval.judge import compare_judged, format_judged, judge_run
-
         echo(f"judge: {judge_backend.describe()}")
         for res, ans, path in ((before, before_answers, baseline), (result, answers, model)):
             if res is not None:

@@ -7,7 +7,7 @@ score from 1 to 10 on the first line of its reply. The relative score is
 sum(model scores) / sum(reference scores) x 100, overall and per category (the item's `category`,
 else its `answer_type`), as LLaVA-Bench reports it.
 
-Items are kit eval's JSONL (see kit.eval.vqa) with two optional fields::
+Items are kit eval's JSONL (see kit.data.vqa) with two optional fields::
 
     {"id": "q1", "image": "a.png", "question": "What does the scan show?", "answer": "A fracture of the left radius.",
      "answer_type": "open", "category": "findings", "context": "X-ray of the left wrist. Transverse fracture of the distal radius."}
@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from kit.core.errors import KitError
+import yaml
 
-if TYPE_CHECKING:
-    from kit.eval.vqa import Item
-    from kit.generate.backends import Backend
+from kit.core.errors import KitError
+from kit.data.vqa import Item
+from kit.generate.backends import Backend, BackendError, HFBackend, OpenAIBackend, make_backend
 
 PROMPT_FILE = Path(__file__).resolve().with_name("judge_prompt.yaml")
 # A pinned snapshot: a judge's scores are only comparable with scores from the same judge.
@@ -70,8 +69,6 @@ def resolve_judge(spec: str, judge_model: str | None = None, allow_remote: bool 
     `allow_remote` (private text would leave the machine), or the OpenAI API without a key. Never
     opens a connection or loads a model.
     """
-    from kit.generate.backends import HFBackend, OpenAIBackend, make_backend
-
     spec = (spec or "").strip()
     if spec.startswith("hf:"):
         if judge_model:
@@ -104,8 +101,6 @@ def resolve_judge(spec: str, judge_model: str | None = None, allow_remote: bool 
 
 def load_prompt(path: Path = PROMPT_FILE) -> dict[str, Any]:
     """The judge prompt (system, user, with_context, without_context, retry, version). KitError if incomplete."""
-    import yaml
-
     data = yaml.safe_load(Path(path).read_text())
     missing = [k for k in ("version", "system", "user", "with_context", "without_context", "retry") if not (data or {}).get(k)]
     if missing:
@@ -166,8 +161,6 @@ def parse_scores(reply: str) -> Scores:
 async def _ask_many(backend: Backend, convs: list[list[dict]], *, max_tokens: int, temperature: float, seed: int,
                     concurrency: int) -> list[str | Exception]:
     """One reply text per conversation, or the BackendError that ended its request (KitError propagates)."""
-    from kit.generate.backends import BackendError
-
     if not convs:
         return []
     if backend.batch_size > 1:  # in-process: real batches, nothing to retry
@@ -254,172 +247,3 @@ def judge_answers(
 
 def _reason(error: object) -> str:
     return getattr(error, "reason", None) or str(error) or type(error).__name__
-
-
-# ------------------------------------------------------------------------------ candidates
-
-
-def load_judge_items(data: Path, image_folder: Path | None = None, limit: int | None = None) -> list[JudgeItem]:
-    """kit eval's items plus the optional `context` and `category`. KitError (file:line) for bad lines."""
-    from kit.eval.vqa import load_items
-    from kit.core.files import read_jsonl
-
-    items = load_items(Path(data), image_folder, limit)
-    out = []
-    # load_items keeps every line in file order (or fails), so line i of the file is item i.
-    for it, (lineno, rec) in zip(items, read_jsonl(Path(data), "evaluation file", allow_empty=True)):
-        context = rec.get("context")
-        if isinstance(context, list) and all(isinstance(c, str) for c in context):
-            context = "\n".join(c.strip() for c in context if c.strip())
-        if context is not None and not isinstance(context, str):
-            raise KitError(f"{data}:{lineno}: field 'context' must be a string or a list of strings, got {type(context).__name__}")
-        category = rec.get("category", it.answer_type)
-        if not isinstance(category, str) or not category.strip():
-            raise KitError(f"{data}:{lineno}: field 'category' must be a non-empty string")
-        out.append(JudgeItem(it, (context or "").strip() or None, category.strip()))
-    return out
-
-
-def answer_free(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
-    """Greedy free-form answers: the question as asked, no "Answer yes or no." suffix."""
-    from kit.eval.vqa import answer_batch
-
-    return answer_batch(model, processor, info, items, max_new_tokens, free=True)
-
-
-# ------------------------------------------------------------------------------------- runs
-
-
-def _block(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in rows if r["status"] == "judged"]
-    ref = sum(r["reference_score"] for r in ok)
-    cand = sum(r["candidate_score"] for r in ok)
-    return {
-        "reference": ref / len(ok) if ok else None,
-        "candidate": cand / len(ok) if ok else None,
-        "relative": 100 * cand / ref if ref else None,
-        "n": len(rows),
-        "judged": len(ok),
-        "unparsed": sum(r["status"] == "unparsed" for r in rows),
-        "failed": sum(r["status"] == "failed" for r in rows),
-    }
-
-
-def summarise_judged(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per category (in first-seen order) and overall: mean reference and model scores, relative score
-    (model sum / reference sum x 100, over judged items only), and judged / unparsed / failed counts."""
-    categories = list(dict.fromkeys(r["category"] for r in rows))
-    return {
-        "categories": {c: _block([r for r in rows if r["category"] == c]) for c in categories},
-        "overall": _block(rows),
-    }
-
-
-def free_answers(loaded: tuple[Any, Any, dict[str, Any]], items: list[JudgeItem], *, batch_size: int = 8,
-                 max_new_tokens: int = 128) -> list[str]:
-    """The loaded model's (kit.infer.load.load_for_inference) greedy free-form answer to each item."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise KitError("batch size and answer length must be at least 1")
-    model, processor, info = loaded
-    answers: list[str] = []
-    for start in range(0, len(items), batch_size):
-        answers += answer_free(model, processor, info, [j.item for j in items[start : start + batch_size]], max_new_tokens)
-    return answers
-
-
-def judge_run(
-    backend: Backend,
-    items: list[JudgeItem],
-    answers: list[str],
-    *,
-    model: str,
-    data: Path,
-    notes: list[str],
-    judge_max_tokens: int = 256,
-    temperature: float = 0.0,
-    seed: int = 0,
-    concurrency: int = 8,
-) -> dict[str, Any]:
-    """Have `backend` judge each answer against its reference and summarise. Returns
-    summarise_judged's keys plus judge, prompt_version, model, data, n_with_context, notes and
-    predictions (one row per item, judge replies included). KitError for a judge problem no retry fixes."""
-    if judge_max_tokens < 1 or concurrency < 1:
-        raise KitError("judge reply length and concurrency must be at least 1")
-    prompt = load_prompt()
-    notes = list(notes)
-    rows = judge_answers(backend, items, answers, prompt=prompt, max_tokens=judge_max_tokens, temperature=temperature,
-                         seed=seed, concurrency=concurrency)
-    with_context = sum(j.context is not None for j in items)
-    if with_context == 0:
-        notes.append("no item has a context: the judge saw only the question and the two answers")
-    elif with_context < len(items):
-        notes.append(f"{len(items) - with_context} of {len(items)} items have no context: for those the judge saw only the question and the two answers")
-    result = summarise_judged(rows)
-    result.update({
-        "judge": backend.describe(), "prompt_version": prompt["version"], "temperature": temperature, "seed": seed,
-        "model": model, "data": str(data), "n_with_context": with_context, "notes": notes, "predictions": rows,
-    })
-    return result
-
-
-def judged_eval(
-    model_path: Path,
-    data: Path,
-    backend: Backend,
-    *,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 128,
-    image_folder: Path | None = None,
-    echo: Callable[[str], None] = print,
-    **judging: Any,
-) -> dict[str, Any]:
-    """Load `model_path`, answer every question freely, free the model (an in-process judge may need
-    the memory), then judge_run (whose keyword arguments `judging` passes on).
-
-    Raises KitError for a bad file, a folder kit cannot load, or a judge problem no retry fixes.
-    """
-    from kit.eval.vqa import model_notes
-    from kit.infer.load import load_for_inference
-
-    items = load_judge_items(Path(data), image_folder, limit)
-    loaded = load_for_inference(Path(model_path))
-    echo(f"judged eval: {model_path} answers {len(items)} questions freely (up to {max_new_tokens} tokens); judge {backend.describe()}")
-    answers = free_answers(loaded, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    notes = model_notes(loaded[2])
-    del loaded
-    return judge_run(backend, items, answers, model=str(model_path), data=Path(data), notes=notes, **judging)
-
-
-# ----------------------------------------------------------------------------------- output
-
-
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def format_judged(result: dict[str, Any]) -> str:
-    """A category | reference | model | relative | judged | unparsed | failed table, and the notes."""
-    head = f"judged by {result['judge']} (prompt v{result['prompt_version']}): relative = model / reference x 100"
-    rows = [head, f"{'category':16} | {'reference':>9} | {'model':>6} | {'relative':>8} | {'judged':>7} | {'unparsed':>8} | {'failed':>6}"]
-    for name, b in [*result["categories"].items(), ("overall", result["overall"])]:
-        rows.append(
-            f"{name[:16]:16} | {_num(b['reference'], '.2f'):>9} | {_num(b['candidate'], '.2f'):>6} | {_num(b['relative'], '.1f'):>8} | "
-            f"{b['judged']:>3}/{b['n']:<3} | {b['unparsed']:>8} | {b['failed']:>6}"
-        )
-    return "\n".join(rows + [f"note: {n}" for n in result["notes"] if "context" in n])
-
-
-def compare_judged(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Relative scores side by side: category | base | adapted | change (points)."""
-    rows = [f"judged by {after['judge']} (prompt v{after['prompt_version']}): relative score, model / reference x 100",
-            f"{'category':16} | {'base':>7} | {'adapted':>7} | {'change':>7}"]
-    names = list(dict.fromkeys([*before["categories"], *after["categories"]]))
-    for name in [*names, "overall"]:
-        b = (before["overall"] if name == "overall" else before["categories"].get(name) or {}).get("relative")
-        a = (after["overall"] if name == "overall" else after["categories"].get(name) or {}).get("relative")
-        change = "-" if a is None or b is None else f"{a - b:+.1f}"
-        rows.append(f"{name[:16]:16} | {_num(b, '.1f'):>7} | {_num(a, '.1f'):>7} | {change:>7}")
-    counts = [f"{label} {r['overall']['judged']}/{r['overall']['n']} judged, {r['overall']['unparsed']} unparsed, {r['overall']['failed']} failed"
-              for label, r in (("base", before), ("adapted", after))]
-    return "\n".join(rows + ["judged: " + "; ".join(counts)] + [f"note: {n}" for n in after["notes"] if "context" in n])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
-import ipaddress
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kit.core.errors import KitError
+from kit.core.network import is_loopback_host
 
 BACKENDS = ("openai", "hf")
 OPENAI_HOST = "api.openai.com"
@@ -78,22 +78,6 @@ class Backend:
 
     async def aclose(self) -> None:
         """Release per-event-loop resources; the backend stays usable from a later event loop."""
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """Whether `host` names this machine without a lookup (127.0.0.0/8, ::1, localhost).
-
-    Other names count as remote: resolving them would itself be a network request, and a name can
-    point anywhere."""
-    if not host:
-        return False
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -269,9 +253,9 @@ class HFBackend(Backend):
         if self._llm is not None:
             return
         if self.model_path is None:
-            from kit.base.mini import _smollm2
+            from kit.base.mini import load_smollm2  # torch loads only when generation starts (module docstring)
 
-            llm, tok = _smollm2()
+            llm, tok = load_smollm2()
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 

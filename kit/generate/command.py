@@ -1,7 +1,7 @@
 """`kit generate`: instruction data from images' symbolic descriptions, written by a text-only LLM.
 
-A plain function so the CLI can register it; everything heavy is imported inside it, so importing
-this module costs nothing (no torch, no openai).
+Checks every option against the source before anything is read or written, then reads the
+records and runs the resumable engine (kit.generate.runner).
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kit.core.errors import KitError
+from kit.generate.backends import make_backend
+from kit.generate.prompts import load_domain
+from kit.generate.report import Summary
+from kit.generate.runner import run_generation, validate_types
+from kit.ingest.sources import SOURCES, load_records
 
-if TYPE_CHECKING:
-    from kit.generate.runner import Summary
 
 def generate_command(
     source: str,
@@ -46,12 +48,6 @@ def generate_command(
     flag that does not fit the source, or DICOM input bound for a remote backend without
     `allow_remote`; and whatever the source reader and `run_generation` raise.
     """
-    from kit.generate.backends import make_backend
-    from kit.generate.prompts import load_domain
-    from kit.generate.runner import run_generation, validate_types
-
-    from kit.ingest.sources import SOURCES, load_records
-
     if source not in SOURCES:
         raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
     type_list = validate_types(types)
@@ -77,7 +73,6 @@ def generate_command(
             f"DICOM records are private and --backend {backend} would send their text (metadata, captions, segment "
             f"labels and boxes; never pixels) to {getattr(engine, 'host', engine.describe())}; use a local backend or pass --allow-remote"
         )
-
 
     input, out = Path(input), Path(out)
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 
+from kit.core.templates import IMAGE_TOKEN
 from kit.ingest.records import Record
 
-IMAGE_TOKEN = "<image>"
 
 # Instructions for the detail type: the generator writes the description, kit asks for it.
 DETAIL_PROMPTS = (

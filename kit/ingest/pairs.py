@@ -1,18 +1,17 @@
-"""Stage-1 (concept alignment) caption pairs written from records."""
+"""Stage-1 (concept alignment) caption pairs written from records: `kit data ingest`."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import tempfile
 from pathlib import Path
 
-
-from kit.core import cards
+from kit.core.cards import Card
 from kit.core.errors import KitError
+from kit.core.files import write_json_atomic, write_jsonl_atomic
 from kit.ingest.records import Record, image_folder_for
-from kit.ingest.sources.common import _atomic_write_bytes
-
+from kit.ingest.sources import load_records
 
 CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image concisely.",
@@ -30,7 +29,6 @@ def _instruction(seed: int, rid: str) -> str:
     # sha256 rather than hash(): Python's str hash changes per process.
     digest = hashlib.sha256(f"{seed}\0{rid}".encode("utf-8")).digest()
     return CAPTION_INSTRUCTIONS[int.from_bytes(digest[:8], "big") % len(CAPTION_INSTRUCTIONS)]
-
 
 
 
@@ -70,15 +68,33 @@ def write_caption_pairs(records: list[Record], out_file: Path, seed: int = 0) ->
             }
         )
     if out_file.suffix == ".jsonl":
-        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        _atomic_write_bytes(out_file, text.encode("utf-8"))
+        write_jsonl_atomic(out_file, samples)
     else:
-        cards.write_json_atomic(out_file, samples)
-    cards.write_card(
-        out_file.parent,
-        cards.new_card(
-            "data", made_by="kit data ingest", image_folder=str(folder), files=[out_file.name],
-            samples=len(samples), private=any(r.private for r in usable),
-        ),
-    )
+        write_json_atomic(out_file, samples)
+    Card.new("data", made_by="kit data ingest", image_folder=str(folder), files=[out_file.name],
+             samples=len(samples), private=any(r.private for r in usable)).write(out_file.parent)
     return len(samples)
+
+
+def ingest(source: str, input: Path, out: Path, images: Path | None = None, instances: Path | None = None, seed: int = 0) -> int:
+    """Read the source fully, then write `out` (+ its data card). Raises KitError; writes nothing on error."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise KitError(f"--out {out}: give a .json file path")
+    if out.exists():
+        raise KitError(f"--out {out} already exists; choose another file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # DICOM pixels are rendered next to the output; a failed read leaves no half-filled folder.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ingest.") as scratch:
+        staging = Path(scratch)
+        records = load_records(source, input, staging, images, instances)
+        if not any(r.captions for r in records):
+            raise KitError(f"{input}: no record has a caption to pair with its image")
+        if source == "dicom":
+            target = out.parent / "images"
+            target.mkdir(exist_ok=True)
+            for f in (staging / "images").glob("*.png"):
+                f.replace(target / f.name)
+            for r in records:
+                r.root = out.parent
+        return write_caption_pairs(records, out, seed)

@@ -32,22 +32,20 @@ from typing import Any
 
 import torch
 
-from kit.core import cards
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.merge_utils import dare_linear, ties
+
+from kit.base.load import load_base
+from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
-from kit.merge.single import (
-    PRECISIONS,
-    adapter_info,
-    check_drift,
-    check_out,
-    compare,
-    describe_numbers,
-    load_base,
-    logits_of,
-    processor_for,
-    source_entry,
-    staged,
-    verification_inputs,
-)
+from kit.core.files import staged_folder
+from kit.core.precision import dtype_name
+from kit.infer.load import processor_for
+from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
+from kit.merge.verify import check_drift, describe_numbers, logit_drift, logits_of, verification_inputs
 
 METHODS = ("linear", "ties", "dare", "svd")
 
@@ -133,11 +131,6 @@ def extract(model, infos: list[dict[str, Any]]):
     Returns (model, factors {module: [(adapter index, A [r, in], s·B [out, r])]},
     saved {module: [state dict or None per adapter]}, originals {module: base state dict}).
     """
-    from peft import PeftModel
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
     names = [f"a{i}" for i in range(len(infos))]
     pm = PeftModel.from_pretrained(model, str(infos[0]["path"]), adapter_name=names[0])
     for name, info in zip(names[1:], infos[1:]):
@@ -179,8 +172,6 @@ def restore(model, states: dict[str, dict[str, torch.Tensor]]) -> None:
 
 def combine(entries: list, weights: list[float], method: str, density: float) -> Delta:
     """One module's Σ-style combination of its adapters' (index, A, s·B) factors."""
-    from peft.utils.merge_utils import dare_linear, ties
-
     if method in ("linear", "svd"):
         # Σ w_i B_i A_i == [w_1 B_1 | w_2 B_2 | ...] @ [A_1; A_2; ...]: exact, and stays low-rank.
         return Delta(A=torch.cat([a for _, a, _ in entries]), B=torch.cat([weights[i] * b for i, _, b in entries], dim=1))
@@ -301,7 +292,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     ref_logits = logits_of(model, inputs)
     for h in handles:
         h.remove()
-    effect = compare(ref_logits, base_logits)["max_abs_logit_diff"]
+    effect = logit_drift(ref_logits, base_logits)["max_abs_logit_diff"]
     ref_name = "the base plus the combined ΔW applied unmerged" + (
         f" (truncated to rank {rank})" if rank else " (exact Σ w_i ΔW_i)" if method == "linear" else "")
     what = f"{len(infos)} adapters ({method}, weights {', '.join(f'{x:g}' for x in w)}{f', rank {rank}' if rank else ''})"
@@ -311,12 +302,10 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     if deviation:
         echo(f"{method} vs the exact weighted sum: relative Frobenius deviation max {max(deviation.values()):.3g}")
 
-    with staged(out) as tmp:
+    with staged_folder(out, replace=True) as tmp:
         if as_adapter:
             restore(model, originals)
             model = write_adapter(model, targets, projector, rank, base, tmp)
-            from peft import PeftModel
-
             got = logits_of(PeftModel.from_pretrained(model, str(tmp)).eval(), inputs)
         else:
             with torch.no_grad():
@@ -327,26 +316,24 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
             del model
             got = logits_of(load_base(tmp, dtype, "full"), inputs)
         processor.save_pretrained(tmp)
-        numbers = compare(ref_logits, got)
+        numbers = logit_drift(ref_logits, got)
         echo(f"verify: {describe_numbers(numbers)} vs {ref_name}; the combination moves logits by up to {effect:.3g}")
         check_drift(numbers, tolerance, ref_name)
-        cards.write_card(tmp, _card(infos, as_adapter, base, form, dtype, {
+        _card(infos, as_adapter, base, form, dtype, {
             "method": method, "weights": w, "saved_module_weights": [x / sum(w) for x in w], "rank": rank,
             "density": density if method in ("ties", "dare") else None, "seed": seed if method == "dare" else None,
-            "base_precision": form, "dtype": str(dtype).removeprefix("torch."), "target_modules": len(targets),
+            "base_precision": form, "dtype": dtype_name(dtype), "target_modules": len(targets),
             "saved_modules": sorted(projector),
             "adapters": [source_entry(i) for i in infos],
             "truncation": _summary(truncation) if truncation else None,
             "deviation_from_linear": _summary(deviation) if deviation else None,
-        }, {"reference": ref_name, "samples": samples, "tolerance": tolerance, "combination_effect_max_abs_logit": effect, **numbers}, notes))
+        }, {"reference": ref_name, "samples": samples, "tolerance": tolerance, "combination_effect_max_abs_logit": effect, **numbers}, notes).write(tmp)
     return Path(out)
 
 
 def write_adapter(model, targets: dict[str, Delta], projector: dict[str, dict], rank: int, base: Path, folder: Path):
     """Save the combination as a PEFT LoRA adapter (scaling 1, projector via modules_to_save) and
     return the bare base model (the base's own projector) to load it back onto."""
-    from peft import LoraConfig, get_peft_model
-
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(targets),
                      modules_to_save=sorted({m.rsplit(".", 1)[-1] for m in projector}) or None, task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
@@ -370,9 +357,11 @@ def _summary(per_module: dict[str, float]) -> dict[str, Any]:
     return {"max": max(per_module.values()), "mean": sum(per_module.values()) / len(per_module), "per_module": per_module}
 
 
-def _card(infos, as_adapter: bool, base: Path, form: str, dtype, merge: dict, verification: dict, notes: list[str]) -> dict[str, Any]:
-    recipe = dict(infos[0]["card"].get("recipe") or {})
-    # How kit loads the result: an adapter of nf4-trained sources is put on the 4-bit base again.
-    recipe["quantization"] = "nf4" if as_adapter and all(i["quantization"] == "nf4" for i in infos) else "none"
-    return cards.new_card("adapter" if as_adapter else "model", made_by="kit merge", base=cards.describe_source(base),
-                          recipe=recipe, merge=merge, verification=verification, notes=notes)
+def _card(infos, as_adapter: bool, base: Path, form: str, dtype, merge: dict, verification: dict, notes: list[str]) -> Card:
+    recipe = infos[0]["card"].recipe
+    if recipe is not None:
+        # How kit loads the result: an adapter of nf4-trained sources is put on the 4-bit base again.
+        quantization = "nf4" if as_adapter and all(i["quantization"] == "nf4" for i in infos) else "none"
+        recipe = recipe.model_copy(update={"quantization": quantization})
+    return Card.new("adapter" if as_adapter else "model", made_by="kit merge", base=describe_source(base),
+                    recipe=recipe, merge=merge, verification=verification, notes=notes)

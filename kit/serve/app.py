@@ -6,27 +6,31 @@
     GET  /health                liveness, no auth
 
 `create_app(pool, ...)` builds the FastAPI app from a loaded kit.serve.pool.ModelPool (tests and
-pages build on it); `serve(...)` loads the models and runs uvicorn; `running(app)` serves an app
-from a background thread. Generation runs in worker threads, one at a time (one model in memory),
+pages build on it); kit.serve.run loads the models and listens. Generation runs in worker threads, one at a time (one model in memory),
 so the event loop keeps answering while a long answer is generated.
 
-(No `from __future__ import annotations` here: FastAPI reads the route functions' annotations,
-which name classes imported inside create_app.)
+(No `from __future__ import annotations` here: FastAPI reads the route functions' annotations.)
 """
 
-import contextlib
 import hmac
-import ipaddress
 import json
-import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from kit.core.errors import KitError
 from kit.core.files import ASSETS
+from kit.infer.generation import Sampling
+from kit.serve.openai_schema import ApiError, Limits, chunk, completion, completion_id, model_card, parse_request, usage
 
 DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
@@ -55,6 +59,8 @@ class Admission:
     def leave(self) -> None:
         with self._lock:
             self.count -= 1
+
+
 WEB_DIR = ASSETS / "web"
 
 
@@ -70,27 +76,6 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
-    from fastapi import APIRouter, Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import (
-        FileResponse,
-        JSONResponse,
-        PlainTextResponse,
-        StreamingResponse,
-    )
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from kit.infer.generation import Sampling
-    from kit.serve.openai_schema import (
-        ApiError,
-        Limits,
-        completion,
-        completion_id,
-        model_card,
-        parse_request,
-    )
-
     limits = Limits(max_tokens=max_tokens_limit, default_max_tokens=min(512, max_tokens_limit), max_images=max_images,
                     image_root=Path(image_root).resolve() if image_root else None)
     created = int(time.time())
@@ -190,8 +175,6 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
                                  "no web page is installed (kit/assets/web/index.html).\n")
 
     if web_dir and Path(web_dir).is_dir():
-        from fastapi.staticfiles import StaticFiles
-
         app.mount("/web", StaticFiles(directory=str(web_dir)), name="web")
     return app
 
@@ -217,10 +200,6 @@ def _event(obj: Any) -> str:
 
 async def _events(gen, cid: str, model: str, include_usage: bool, done) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: role chunk, content chunks, finish chunk, [usage], [DONE]."""
-    from starlette.concurrency import run_in_threadpool
-
-    from kit.serve.openai_schema import chunk, usage
-
     created = int(time.time())
     pieces = iter(gen)
     try:
@@ -237,97 +216,3 @@ async def _events(gen, cid: str, model: str, include_usage: bool, done) -> Async
         gen.cancel()  # also when the client went away: stop generating for nobody
         done()
     yield "data: [DONE]\n\n"
-
-
-# ------------------------------------------------------------------------------------- running
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A bound TCP socket (uvicorn listens on it). KitError if the address cannot be used."""
-    if not 0 <= port <= 65535:
-        raise KitError(f"--port {port}: give a port between 1 and 65535 (0 picks a free one)")
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise KitError(f"--host {host}: cannot be resolved ({e.strerror}); use an IP address such as 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-        # Listening now means a client that connects as soon as "serving ... at" is printed waits
-        # in the backlog until uvicorn accepts, instead of being refused.
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise KitError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using it? choose another --port") from None
-    return sock
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address `host` names is a loopback address (reachable from this machine only)."""
-    try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
-    except socket.gaierror:
-        return False
-    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
-
-
-@contextlib.contextmanager
-def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
-    """Serve `app` from a background thread; yields its base URL (http://host:port). Port 0 picks a free port."""
-    import uvicorn
-
-    sock = bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="kit-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise KitError(f"the server on {host}:{port} did not start within {timeout:.0f} s")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-
-
-def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
-          echo=print) -> None:
-    """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or folders."""
-    from kit.infer.generation import go_offline
-
-    go_offline()
-    if max_request_bytes < 1024:
-        raise KitError(f"--max-request-bytes {max_request_bytes}: give at least 1024")
-    if max_tokens_limit < 1:
-        raise KitError(f"--max-tokens-limit {max_tokens_limit}: give at least 1")
-    if max_queue < 1:
-        raise KitError(f"--max-queue {max_queue}: give at least 1")
-    if image_root is not None and not Path(image_root).is_dir():
-        raise KitError(f"--image-root {image_root} is not a folder")
-    if api_key is not None and not api_key.strip():
-        raise KitError("--api-key is empty; give a key or leave the option out")
-    sock = bind(host, port)  # before loading: a taken port fails in a second, not after the weights load
-    try:
-        if not is_loopback(host):
-            echo(f"warning: listening on {host}, reachable from other machines: they can use the models"
-                 + (" (--api-key guards /v1)" if api_key else " without a key: add --api-key")
-                 + (f" and read images below {image_root}" if image_root else ""))
-        import uvicorn
-
-        from kit.serve.pool import load_pool
-
-        pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo)
-        app = create_app(pool, api_key=api_key, image_root=image_root, max_request_bytes=max_request_bytes,
-                         max_tokens_limit=max_tokens_limit, max_queue=max_queue)
-        bound = sock.getsockname()
-        echo(f"serving {', '.join(pool.names)} at http://{host}:{bound[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
-    finally:
-        sock.close()

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kit.core.errors import KitError
+from kit.core.network import go_offline
+from kit.infer.generation import Generation, Sampling
+from kit.infer.images import load_image_file
+from kit.infer.load import load_for_inference
+from kit.infer.prompts import prepare
 
 HELP = "/image PATH attaches an image to your next message, /reset forgets the conversation, /exit quits"
 
@@ -35,8 +40,6 @@ class Conversation:
 
         The turn joins the history only once answered, so a failed turn leaves no trace.
         """
-        from kit.infer.generation import Generation, prepare
-
         content: list[dict[str, Any]] = [{"type": "image"}] if image is not None else []
         content.append({"type": "text", "text": text})
         messages = self.messages + [{"role": "user", "content": content}]
@@ -57,8 +60,6 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
          stdout: TextIO | None = None, *, system: str | None = None, seed: int | None = None) -> None:
     """One answer to `prompt`, or a conversation read from `stdin`. Raises KitError for bad options,
     a bad image or model folder (before loading the model where it can)."""
-    from kit.infer.generation import Sampling, go_offline, load_image_file
-
     go_offline()
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if max_new_tokens < 1:
@@ -70,8 +71,6 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
     if prompt is not None and not prompt.strip():
         raise KitError("--prompt is empty; give a question, or leave --prompt out to chat")
     picture = load_image_file(image) if image is not None else None
-    from kit.infer.load import load_for_inference
-
     loaded, processor, info = load_for_inference(Path(model))
     for note in info["notes"]:
         echo(f"note: {note}")
@@ -86,8 +85,6 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
 
 
 def _repl(conv: Conversation, picture, stdin: TextIO, stdout: TextIO, echo, name: str) -> None:
-    from kit.infer.generation import load_image_file
-
     echo(f"chatting with {name}; {HELP}")
     while True:
         if stdin.isatty():

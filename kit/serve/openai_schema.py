@@ -17,6 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kit.data.images import ImageProblem, check_image, open_rgb, resolve_image
+from kit.infer.images import decode_image
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
@@ -63,7 +66,7 @@ class Limits:
 
 @dataclass
 class ParsedRequest:
-    """A request turned into what kit.infer.generation takes."""
+    """A request turned into what kit.infer takes."""
 
     model: str
     messages: list[dict[str, Any]]  # roles system | user | assistant; image parts as {"type": "image"}
@@ -94,9 +97,6 @@ def _text(content: Any, where: str) -> str:
 
 
 def _image(url: str, where: str, limits: Limits) -> Any:
-    from kit.data.images import ImageProblem, check_image, open_rgb, resolve_image
-    from kit.infer.generation import decode_image
-
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:

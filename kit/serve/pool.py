@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+
+from kit.base.load import load_base
+from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
+from kit.core.precision import compute_dtype, default_device
+from kit.infer.generation import Generation
+from kit.infer.load import adapter_base, base_form, folder_kind, processor_for, prompting
+from kit.infer.prompts import prepare
 
 
 @dataclass
@@ -60,8 +68,6 @@ class ModelPool:
     @contextlib.contextmanager
     def selected(self, name: str):
         """The shared model answering as `name` (hold `lock`)."""
-        from peft import PeftModel
-
         s = self.served[name]
         if s.adapter is None:
             ctx = self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
@@ -72,9 +78,7 @@ class ModelPool:
             yield
 
     def prepare(self, name: str, messages: list[dict[str, Any]], images: list) -> dict[str, Any]:
-        """Model inputs for a conversation (see kit.infer.generation.prepare); KitError if it cannot be rendered."""
-        from kit.infer.generation import prepare
-
+        """Model inputs for a conversation (see kit.infer.prompts.prepare); KitError if it cannot be rendered."""
         s = self.served[name]
         with self.tokenize_lock:
             return prepare(s.processor, s.info, messages, images)
@@ -86,21 +90,8 @@ class ModelPool:
 
     def start(self, name: str, inputs: dict[str, Any], sampling):
         """A kit.infer.generation.Generation for prepared inputs, queued behind any running one."""
-        from kit.infer.generation import Generation
-
         s = self.served[name]
         return Generation(self.model, s.processor.tokenizer, inputs, sampling, lock=self.lock, select=lambda: self.selected(name))
-
-
-def _dtype(dtype: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise KitError(f"--dtype {dtype}: choose auto, fp32, bf16 or fp16") from None
 
 
 def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print) -> ModelPool:
@@ -109,18 +100,7 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     Names: the base's folder name, then each adapter's folder name (or NAME=PATH). Raises KitError for
     folders kit cannot load, duplicate names, or an adapter trained on another base — before loading weights.
     """
-    import torch
-
-    from kit.core import cards
-    from kit.infer.load import (
-        _card,
-        _processor_from,
-        _recipe_settings,
-        adapter_base,
-        folder_kind,
-    )
-    from kit.base.parts import load_model
-
+    torch_dtype = compute_dtype(dtype, option="--dtype")
     first = Path(model_or_adapter)
     specs = [parse_adapter_spec(a) for a in adapters]
     if folder_kind(first) == "adapter":
@@ -129,7 +109,7 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     else:
         base = first
     base_name = base.resolve().name
-    base_fp = cards.describe_source(base)["fingerprint"]
+    base_fp = describe_source(base)["fingerprint"]
     names = [base_name]
     plans = []
     for name, path in specs:
@@ -147,36 +127,29 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
             )
         plans.append((name, path, card))
 
-    quants = {((card.get("recipe") or {}).get("quantization")) or "none" for _, _, card in plans}
-    cuda = torch.cuda.is_available()
-    torch_dtype = _dtype(dtype)
+    quants = {card.quantization if card else "none" for _, _, card in plans}
+    device = default_device()
+    # One base serves every adapter: 4-bit only when all of them were trained on the 4-bit base.
+    form = base_form("nf4" if quants == {"nf4"} else "none", device)
     notes = []
-    if cuda and quants == {"nf4"}:
-        from kit.train.run import quantization_config
-
-        model = load_model(base, dtype=torch_dtype, quantization_config=quantization_config(torch_dtype), device_map={"": 0})
-    else:
-        if "nf4" in quants:
-            notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
-        model = load_model(base, dtype=torch_dtype)
-        model.to("cuda" if cuda else "cpu")
-    base_card = _card(base)
-    served = {base_name: Served(base_name, "base" if base_card.get("kind") == "base" else "model", str(base),
-                                _processor_from(base, None), _recipe_settings(base_card, base))}
+    if "nf4" in quants and form == "full":
+        notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
+    model = load_base(base, torch_dtype, form, device)
+    base_card = Card.read(base) or Card(kind="model")
+    served = {base_name: Served(base_name, "base" if base_card.kind == "base" else "model", str(base),
+                                processor_for(base, None), prompting(base_card, base))}
     for i, (name, path, card) in enumerate(plans):
         internal = f"adapter_{i}"  # folder names may hold characters PEFT's module names cannot
         if i == 0:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, str(path), adapter_name=internal)
         else:
             model.load_adapter(str(path), adapter_name=internal)
-        s = Served(name, "adapter", str(path), _processor_from(path, base), _recipe_settings(card, base), adapter=internal)
-        if not card:
+        s = Served(name, "adapter", str(path), processor_for(path, base), prompting(card or Card(kind="adapter"), base), adapter=internal)
+        if card is None:
             s.notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
         served[name] = s
         echo(f"loaded adapter {name} from {path}")
     model.eval()
     for note in notes + [n for s in served.values() for n in s.notes]:
         echo(f"note: {note}")
-    return ModelPool(model, served, device="cuda" if cuda else "cpu")
+    return ModelPool(model, served, device=device.type)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
+from kit.base.load import image_aspect_of, load_processor
+from kit.base.memory import estimate, parse_gpu
+from kit.core.errors import KitError
 from kit.core.recipes import Recipe
+from kit.data.dataset import build_dataset
+from kit.data.vqa import load_items
+from kit.ingest.sources import from_manifest
+from kit.ingest.split import held_out_groups, image_group, sample_folder
+from kit.train.plan import plan_run, resolve_base
 
 
 def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
@@ -19,9 +29,6 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: 
 
 
 def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, gpu: str | None) -> None:
-    from kit.base.memory import estimate, parse_gpu
-    from kit.train.run import resolve_base
-
     est = estimate(recipe, resolve_base(recipe, base), tokens)
     echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}):")
     for line in est.lines():
@@ -34,10 +41,6 @@ def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, ech
 
 def _manifest_folder(recipe: Recipe, data: str | None):
     """The manifest folder `kit adapt` would read (--data FOLDER, or an adapt recipe's sample set), else None."""
-    from pathlib import Path
-
-    from kit.core.errors import KitError
-
     if data is not None:
         path = Path(data)
         if path.is_dir():
@@ -46,9 +49,7 @@ def _manifest_folder(recipe: Recipe, data: str | None):
             return path
         return None
     if recipe.stage == "adapt" and recipe.data.sample and not recipe.data.path:
-        from kit.adapt import sample_folder
-
-        folder = sample_folder(recipe)
+        folder = sample_folder(recipe.data.sample)
         if not (folder / "manifest.jsonl").is_file():
             raise KitError(f"the '{recipe.data.sample}' sample set is not in {folder} yet; write it with `kit data sample {recipe.data.sample} --out {folder}` or pass --data")
         return folder
@@ -61,11 +62,6 @@ def check_manifest(recipe: Recipe, folder, echo=print):
     Returns the training file an earlier `kit adapt` generated from it, or None. Raises KitError
     (manifest.jsonl:LINE or the eval file's FILE:LINE) for anything `kit adapt` would stop on.
     """
-    from collections import Counter
-
-    from kit.adapt import held_out_groups, image_group
-    from kit.ingest.sources import from_manifest
-
     records = from_manifest(folder)  # checks every line and opens every image
     groups = {image_group(r.id) for r in records}
     held = held_out_groups(groups, recipe.eval.held_out if recipe.eval else 0.0)
@@ -76,8 +72,6 @@ def check_manifest(recipe: Recipe, folder, echo=print):
          + ", ".join(f"{n} with {k}" for k, n in sorted(kinds.items())))
     echo(f"split:    {len(groups) - len(held)} images train, {len(held)} held out for evaluation")
     if recipe.eval and (folder / recipe.eval.file).is_file():
-        from kit.eval.vqa import load_items
-
         items = load_items(folder / recipe.eval.file, image_folder=folder)
         held_images = {str(r.image) for r in records if image_group(r.id) in held}
         on_held = sum(str(it.image.relative_to(folder.resolve())) in held_images for it in items)
@@ -96,10 +90,6 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
 
     Raises KitError for problems that stop everything (missing file, broken JSON, bad base).
     """
-    from kit.data.dataset import build_dataset
-    from kit.base.parts import image_aspect_of, load_processor
-    from kit.train.run import plan_run
-
     folder = _manifest_folder(recipe, data)
     if folder is not None:
         generated = check_manifest(recipe, folder, echo)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from kit.ingest.shapes import COLOURS, POSITIONS, SHAPES, score_caption, write_shapes_dataset
+from kit.base.family import PART_PREFIXES
+from kit.base.mini import mini_base
 from kit.core.errors import KitError
+from kit.core.recipes import load_recipe
+from kit.data.images import prepare_image
+from kit.ingest.shapes import COLOURS, POSITIONS, SHAPES, score_caption, write_shapes_dataset
+from kit.train.run import train
 
-PROJECTOR_PREFIX = "model.multi_modal_projector."
+PROJECTOR_PREFIX = PART_PREFIXES["projector"][0]
 TRAIN_SEED, EVAL_SEED = 0, 1
 
 
 def extract_projector(model_dir: Path, dest: Path) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
@@ -35,10 +42,6 @@ def extract_projector(model_dir: Path, dest: Path) -> Path:
 @torch.no_grad()
 def caption_images(model_dir: Path, images: list[Path], batch_size: int = 16, max_new_tokens: int = 24) -> list[str]:
     """Greedy stage-1 captions (`plain` template: the image alone is the prompt)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from kit.data.images import prepare_image
-
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
     newline_ids = [i for t, i in proc.tokenizer.get_vocab().items() if "\n" in proc.tokenizer.convert_tokens_to_string([t])]
@@ -53,8 +56,6 @@ def caption_images(model_dir: Path, images: list[Path], batch_size: int = 16, ma
 
 
 def shapes_accuracy(model_dir: Path, data_dir: Path, echo=print) -> dict[str, float]:
-    import json
-
     attrs = json.loads((Path(data_dir) / "attributes.json").read_text())
     ids = sorted(attrs)
     captions = caption_images(model_dir, [Path(data_dir) / "images" / f"{i}.png" for i in ids])
@@ -72,9 +73,6 @@ def shapes_accuracy(model_dir: Path, data_dir: Path, echo=print) -> dict[str, fl
 
 
 def align_mini(work: Path, steps: int = 200, n_train: int = 1600, n_eval: int = 100, projector_out: Path | None = None, echo=print) -> dict[str, float]:
-    from kit.core.recipes import load_recipe
-    from kit.train.run import train
-
     work = Path(work)
     if (work / "run").exists():
         raise KitError(f"{work}/run already exists; choose another --work folder")
@@ -91,10 +89,6 @@ def align_mini(work: Path, steps: int = 200, n_train: int = 1600, n_eval: int = 
 
 
 def evaluate_mini(model: Path | None, n_eval: int = 100, echo=print) -> dict[str, float]:
-    import tempfile
-
-    from kit.base.mini import mini_base
-
     model = Path(model) if model else mini_base(aligned=True)
     with tempfile.TemporaryDirectory() as tmp:
         eval_dir = Path(write_shapes_dataset(Path(tmp), n_eval, seed=EVAL_SEED)["root"])

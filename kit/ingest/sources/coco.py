@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from kit.core.errors import KitError
 from kit.ingest.records import Box, Record
-from kit.ingest.sources.common import _BoxError, _clean_texts, _numbers, _pixel_box, _under_private
+from kit.ingest.sources.common import BoxError, clean_texts, numbers, pixel_box, under_private
 
 
 def _load_coco_json(file: Path, what: str) -> dict[str, Any]:
@@ -94,7 +93,7 @@ def from_coco(
     if not images_dir.is_dir():
         raise KitError(f"COCO images folder {images_dir} does not exist; pass the folder that holds the images' file_name paths")
     if private is None:
-        private = _under_private(images_dir, captions_file, instances_file)
+        private = under_private(images_dir, captions_file, instances_file)
 
     cap_images = _coco_images(captions_file, cap_data)
     _check_ann_images(captions_file, cap_data, cap_images)
@@ -111,7 +110,7 @@ def from_coco(
     records: list[Record] = []
     for iid, img in cap_images.items():
         anns = cap_coco.loadAnns(cap_coco.getAnnIds(imgIds=[iid]))
-        captions = _clean_texts(a["caption"] for a in anns)
+        captions = clean_texts(a["caption"] for a in anns)
         if not captions:
             continue
         records.append(
@@ -142,7 +141,7 @@ def _coco_boxes(file: Path, data: dict[str, Any]) -> dict[Any, list[Box]]:
     for ann in data["annotations"]:
         if ann.get("category_id") not in names:
             raise KitError(f"{file}: annotation id {ann['id']} has category_id {ann.get('category_id')!r}, which is not in 'categories'")
-        if _numbers(ann.get("bbox"), 4) is None:
+        if numbers(ann.get("bbox"), 4) is None:
             raise KitError(f"{file}: annotation id {ann['id']} needs 'bbox' as four numbers [x, y, width, height], got {ann.get('bbox')!r}")
     coco = _coco_index(data, file)
 
@@ -151,8 +150,8 @@ def _coco_boxes(file: Path, data: dict[str, Any]) -> dict[Any, list[Box]]:
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[iid])):
             x, y, w, h = (float(v) for v in ann["bbox"])
             try:
-                bbox = _pixel_box(x, y, x + w, y + h, img["width"], img["height"])
-            except _BoxError as e:
+                bbox = pixel_box(x, y, x + w, y + h, img["width"], img["height"])
+            except BoxError as e:
                 raise KitError(
                     f"{file}: annotation id {ann['id']} (image id {iid}, {img['width']} x {img['height']} px): bbox "
                     f"[{x:g}, {y:g}, {w:g}, {h:g}] (x, y, width, height) {e}; fix the box or the image size"

@@ -1,4 +1,4 @@
-"""Helpers shared by the source readers."""
+"""Helpers shared by the source readers: boxes, texts, relative paths, the private-folder rule."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from kit.core.files import read_jsonl as _read_jsonl, write_bytes_atomic as _atomic_write_bytes  # noqa: F401
-from kit.ingest.records import Box, Record  # noqa: F401
+from kit.core.errors import KitError
+
 PRIVATE_DIR_NAME = "private_data"
 # A box may poke this far past the image edge (rounding in annotation tools) and is clamped.
 _EDGE_TOLERANCE_PX = 1.0
@@ -20,30 +20,30 @@ _EDGE_TOLERANCE_PX = 1.0
 # --------------------------------------------------------------------------- shared helpers
 
 
-class _BoxError(ValueError):
+class BoxError(ValueError):
     """A box problem without location; callers add file/line/id before raising KitError."""
 
 
-def _under_private(*paths: Path | None) -> bool:
+def under_private(*paths: Path | None) -> bool:
     for p in paths:
         if p is not None and PRIVATE_DIR_NAME in Path(os.path.abspath(p)).parts:
             return True
     return False
 
 
-def _pixel_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> tuple[float, float, float, float]:
+def pixel_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> tuple[float, float, float, float]:
     """Pixel corners -> normalised corners with three decimals, after the edge check.
 
-    Raises _BoxError when the box is inverted or lies outside the image by more than 1 px.
+    Raises BoxError when the box is inverted or lies outside the image by more than 1 px.
     """
     x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)  # numpy scalars would leak into JSON
     if any(not math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise _BoxError("has a non-finite coordinate")
+        raise BoxError("has a non-finite coordinate")
     if x2 < x1 or y2 < y1:
-        raise _BoxError(f"is inverted ([{x1:g}, {y1:g}, {x2:g}, {y2:g}] has x2 < x1 or y2 < y1)")
+        raise BoxError(f"is inverted ([{x1:g}, {y1:g}, {x2:g}, {y2:g}] has x2 < x1 or y2 < y1)")
     tol = _EDGE_TOLERANCE_PX
     if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
-        raise _BoxError(
+        raise BoxError(
             f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}] (pixels, x1 y1 x2 y2) lies outside the {width} x {height} image"
         )
     x1, x2 = (min(max(v, 0.0), width) for v in (x1, x2))
@@ -51,7 +51,7 @@ def _pixel_box(x1: float, y1: float, x2: float, y2: float, width: int, height: i
     return (round(x1 / width, 3), round(y1 / height, 3), round(x2 / width, 3), round(y2 / height, 3))
 
 
-def _numbers(value: Any, n: int) -> list[float] | None:
+def numbers(value: Any, n: int) -> list[float] | None:
     if not isinstance(value, (list, tuple)) or len(value) != n:
         return None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -59,7 +59,7 @@ def _numbers(value: Any, n: int) -> list[float] | None:
     return [float(v) for v in value]
 
 
-def _clean_texts(values: Iterable[str]) -> list[str]:
+def clean_texts(values: Iterable[str]) -> list[str]:
     """Stripped, blank-free, first occurrence kept: five near-identical captions add nothing."""
     out: list[str] = []
     for v in values:
@@ -69,7 +69,7 @@ def _clean_texts(values: Iterable[str]) -> list[str]:
     return out
 
 
-def _safe_relpath(rel: Any) -> str | None:
+def safe_relpath(rel: Any) -> str | None:
     """A POSIX path that stays inside its folder, or None.
 
     The check is lexical on purpose: a symlinked images folder inside the data folder is fine,
@@ -86,20 +86,25 @@ def _safe_relpath(rel: Any) -> str | None:
     return norm
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     # library messages (pydicom's codec hints) span lines; KitError is printed as one
     return " ".join(str(e).split())
 
 
-def _default_id(rel: str) -> str:
+def default_id(rel: str) -> str:
     return posixpath.splitext(rel)[0].replace("/", "_")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     # Image.open reads only the header; the pixels are never decoded here.
     with Image.open(path) as im:
         return im.size
 
 
-
-
+def text_list(value: Any, field: str, where: str) -> list[str]:
+    """A string or a list of strings, cleaned (see clean_texts). KitError naming `where` otherwise."""
+    if isinstance(value, str):
+        return clean_texts([value])
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return clean_texts(value)
+    raise KitError(f"{where}: '{field}' must be a string or a list of strings")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from kit.core.errors import KitError
 from kit.ingest.records import Record
-from kit.ingest.sources.common import _under_private
-from kit.ingest.sources.manifest import _text_list, checked_lines
+from kit.ingest.sources.common import text_list, under_private
+from kit.ingest.sources.manifest import checked_lines
 
 
 _FIGURE_FIELDS = {"id", "image", "caption", "mentions"}
@@ -33,13 +32,13 @@ def from_figures(file: Path, images_dir: Path) -> list[Record]:
         raise KitError(f"figure-caption file {file} does not exist")
     if not images_dir.is_dir():
         raise KitError(f"figure images folder {images_dir} does not exist")
-    private = _under_private(file, images_dir)
+    private = under_private(file, images_dir)
     records: list[Record] = []
     for where, lineno, obj, rel, _, rid in checked_lines(file, "figure-caption file", _FIGURE_FIELDS, images_dir):
         caption = obj.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise KitError(f"{where}: 'caption' must be a non-empty string")
-        mentions = _text_list(obj["mentions"], "mentions", where) if "mentions" in obj else []
+        mentions = text_list(obj["mentions"], "mentions", where) if "mentions" in obj else []
         records.append(
             Record(
                 id=rid, image=rel, root=images_dir, captions=[caption.strip()], findings=mentions,

@@ -10,7 +10,8 @@ from PIL import Image
 
 from kit.core.errors import KitError
 from kit.ingest.records import Box, Record
-from kit.ingest.sources.common import _BoxError, _clean_texts, _default_id, _image_size, _numbers, _one_line, _pixel_box, _read_jsonl, _safe_relpath
+from kit.core.files import read_jsonl
+from kit.ingest.sources.common import BoxError, clean_texts, default_id, image_size, numbers, one_line, pixel_box, safe_relpath, text_list
 
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -31,7 +32,7 @@ def _parse_box(raw: Any, size: tuple[int, int], where: str) -> Box:
     fmt = raw.get("format", "xyxy_pixels")
     if fmt not in BOX_FORMATS:
         raise KitError(f"{where}: box '{label}' has format {fmt!r}; use one of {', '.join(BOX_FORMATS)}")
-    nums = _numbers(raw.get("bbox"), 4)
+    nums = numbers(raw.get("bbox"), 4)
     if nums is None:
         raise KitError(f"{where}: box '{label}' needs 'bbox' as four numbers, got {raw.get('bbox')!r}")
     width, height = size
@@ -41,17 +42,9 @@ def _parse_box(raw: Any, size: tuple[int, int], where: str) -> Box:
     elif fmt == "xywh_pixels":
         c, d = a + c, b + d
     try:
-        return Box(label.strip(), _pixel_box(a, b, c, d, width, height))
-    except _BoxError as e:
+        return Box(label.strip(), pixel_box(a, b, c, d, width, height))
+    except BoxError as e:
         raise KitError(f"{where}: box '{label}' {nums} ({fmt}) {e}; check the coordinates and 'format'") from None
-
-
-def _text_list(value: Any, field: str, where: str) -> list[str]:
-    if isinstance(value, str):
-        return _clean_texts([value])
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return _clean_texts(value)
-    raise KitError(f"{where}: '{field}' must be a string or a list of strings")
 
 
 def from_manifest(folder: Path) -> list[Record]:
@@ -103,12 +96,12 @@ def from_manifest(folder: Path) -> list[Record]:
     for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, folder):
         if "caption" in obj and "captions" in obj:
             raise KitError(f"{where}: give either 'caption' or 'captions', not both")
-        captions = _text_list(obj["captions"], "captions", where) if "captions" in obj else []
+        captions = text_list(obj["captions"], "captions", where) if "captions" in obj else []
         if "caption" in obj:
             if not isinstance(obj["caption"], str):
                 raise KitError(f"{where}: 'caption' must be a string (use 'captions' for a list)")
-            captions = _clean_texts([obj["caption"]])
-        findings = _text_list(obj["findings"], "findings", where) if "findings" in obj else []
+            captions = clean_texts([obj["caption"]])
+        findings = text_list(obj["findings"], "findings", where) if "findings" in obj else []
         raw_boxes = obj.get("boxes", [])
         if not isinstance(raw_boxes, list):
             raise KitError(f"{where}: 'boxes' must be a list of box objects")
@@ -131,16 +124,16 @@ def from_manifest(folder: Path) -> list[Record]:
 def _checked_image(value: Any, folder: Path, where: str) -> tuple[str, tuple[int, int]]:
     if value is None:
         raise KitError(f"{where}: missing 'image' (a path relative to {folder})")
-    rel = _safe_relpath(value)
+    rel = safe_relpath(value)
     if rel is None:
         raise KitError(f"{where}: image path {value!r} must be relative to {folder} and stay inside it (no absolute paths, no '..')")
     path = folder / rel
     if not path.is_file():
         raise KitError(f"{where}: image file {path} does not exist")
     try:
-        size = _image_size(path)
+        size = image_size(path)
     except (OSError, Image.DecompressionBombError) as e:
-        raise KitError(f"{where}: cannot read image {path} ({_one_line(e)})") from None
+        raise KitError(f"{where}: cannot read image {path} ({one_line(e)})") from None
     return rel, size
 
 
@@ -149,7 +142,7 @@ def checked_lines(file: Path, what: str, allowed: set[str], root: Path) -> Itera
     a JSONL file describing images. KitError naming `FILE:LINE` for an unknown field, a bad image
     path or image, or a duplicate id."""
     seen: dict[str, int] = {}
-    for lineno, obj in _read_jsonl(file, what):
+    for lineno, obj in read_jsonl(file, what):
         where = f"{file.name}:{lineno}"
         unknown = sorted(set(obj) - allowed)
         if unknown:
@@ -159,7 +152,7 @@ def checked_lines(file: Path, what: str, allowed: set[str], root: Path) -> Itera
 
 
 def _record_id(obj: dict[str, Any], rel: str, where: str, seen: dict[str, int], lineno: int) -> str:
-    rid = obj.get("id", _default_id(rel))
+    rid = obj.get("id", default_id(rel))
     if not isinstance(rid, str) or not rid.strip():
         raise KitError(f"{where}: 'id' must be a non-empty string")
     rid = rid.strip()

@@ -1,0 +1,78 @@
+"""`kit data check | sample | ingest` and `kit generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kit.cli.app import BaseOpt, DataOpt, ImagesOpt, InputOpt, InstancesOpt, RecipeOpt, SetOpt, SourceOpt, app, data_app, echo_err
+
+
+@data_app.command("check")
+def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None,
+               gpu: Annotated[Optional[str], typer.Option(help="Card memory to check the estimate against, e.g. 24GB.")] = None) -> None:
+    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory."""
+    from kit.train.check import check
+    from kit.core.recipes import load_recipe
+
+    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, gpu=gpu)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def generate(
+    source: SourceOpt,
+    input: InputOpt,
+    out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, summary.json, ledger.jsonl, kit.json.")],
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
+    types: Annotated[str, typer.Option(help="Comma-separated: conversation, detail, complex.")] = "conversation,detail,complex",
+    domain: Annotated[str, typer.Option(help="Prompt set: general, medical, ...")] = "general",
+    backend: Annotated[str, typer.Option(help="openai (GPT-4 family or any OpenAI-compatible --base-url) or hf (in-process).")] = "hf",
+    model: Annotated[Optional[str], typer.Option(help="Model name (openai) or folder (hf; default: packaged SmolLM2).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (per task).")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the prompts and a token / cost estimate; call nothing.")] = False,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow private records to go to a non-loopback backend.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = 1024,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+) -> None:
+    """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
+
+    Rerunning the same command resumes: finished tasks are kept, failed ones retried.
+    """
+    from kit.generate.command import generate_command
+
+    generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
+                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err)
+
+
+@data_app.command("sample")
+def data_sample(domain: Annotated[str, typer.Argument(help="Sample set: medical.")],
+                out: Annotated[Path, typer.Option(help="Folder to write (manifest layout).")]) -> None:
+    """Write real sample images that ship in pip packages, with captions, findings and eval questions."""
+    from kit.ingest.samples.write import write_sample
+
+    card = write_sample(domain, out)
+    typer.echo(f"{out}: {getattr(card, 'images', '?')} images, {getattr(card, 'eval_items', '?')} eval questions")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    source: SourceOpt,
+    input: InputOpt,
+    out: Annotated[Path, typer.Option(help="Stage-1 LLaVA JSON to write (image-caption pairs).")],
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
+    seed: Annotated[int, typer.Option(help="Chooses the instruction wording per image.")] = 0,
+) -> None:
+    """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
+    from kit.ingest.pairs import ingest
+
+    n = ingest(source, input, out, images, instances, seed)
+    typer.echo(f"{n} caption pairs -> {out}")

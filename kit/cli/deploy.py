@@ -1,0 +1,61 @@
+"""`kit merge`, `kit chat`, `kit serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kit.cli.app import app, echo_err
+
+
+@app.command()
+def chat(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (only the path is needed).")],
+         image: Annotated[Optional[Path], typer.Option(help="Image to ask about (attached to the first message).")] = None,
+         prompt: Annotated[Optional[str], typer.Option(help="Ask once, print the answer and exit; without it, chat on stdin.")] = None,
+         max_new_tokens: Annotated[int, typer.Option(help="Answer length cap, in tokens.")] = 256,
+         temperature: Annotated[float, typer.Option(help="0 answers greedily (reproducible); higher samples.")] = 0.0,
+         system: Annotated[Optional[str], typer.Option(help="System message (default: the one the model was trained with).")] = None,
+         seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible answers at temperature > 0.")] = None) -> None:
+    """Talk to a model or adapter offline: one answer with --prompt, else a conversation (/image PATH, /reset, /exit)."""
+    from kit.serve.chat import chat as run_chat
+
+    run_chat(model, image=image, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, echo=echo_err,
+             system=system, seed=seed)
+
+
+@app.command()
+def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an adapter folder (its base is served too).")],
+          adapters: Annotated[Optional[list[str]], typer.Argument(help="More adapters on the same base: PATH or NAME=PATH.")] = None,
+          host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable from other machines.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
+          api_key: Annotated[Optional[str], typer.Option(envvar="KIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set KIT_API_KEY).")] = None,
+          image_root: Annotated[Optional[Path], typer.Option(help="Allow image file paths / file:// URLs below this folder (default: none).")] = None,
+          max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 20 * 2**20,
+          max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (400 above).")] = 1024,
+          max_queue: Annotated[int, typer.Option(help="Requests running or waiting for the model at once (429 with Retry-After above).")] = 64) -> None:
+    """OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models) for a base and its adapters, offline."""
+    from kit.serve.run import serve as run_serve
+
+    run_serve(model, adapters or [], host=host, port=port, api_key=api_key, image_root=image_root,
+              max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit, max_queue=max_queue, echo=echo_err)
+
+
+@app.command()
+def merge(adapters: Annotated[list[Path], typer.Argument(help="Adapter folder(s) written by kit (only the paths are needed).")],
+          out: Annotated[Path, typer.Option(help="Folder to write the merged model (or, with --as-adapter, adapter) to.")],
+          base_precision: Annotated[str, typer.Option(help="QLoRA adapters: 'dequantized' (the nf4 weights it was trained on, faithful) or 'full' (the original weights).")] = "dequantized",
+          weights: Annotated[Optional[list[str]], typer.Option(help="Several adapters: one weight each, '0.6,0.4' or repeated (default: equal, summing to 1).")] = None,
+          method: Annotated[str, typer.Option(help="Several adapters: linear (exact Σ w_i ΔW_i), ties, dare or svd.")] = "linear",
+          rank: Annotated[Optional[int], typer.Option(help="Truncate each combined ΔW to this rank (--method svd, --as-adapter).")] = None,
+          as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write one LoRA adapter of rank --rank instead of a full model.")] = False,
+          density: Annotated[float, typer.Option(help="ties/dare: fraction of each ΔW kept.")] = 0.5,
+          seed: Annotated[int, typer.Option(help="dare: seed of the random drop.")] = 0,
+          tolerance: Annotated[Optional[float], typer.Option(help="Max |Δlogit| vs the unmerged model before the merge fails (default 0.5).")] = None,
+          force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False) -> None:
+    """Merge an adapter into its base (standalone HF model), or combine several adapters; always verified."""
+    from kit.merge.run import run
+
+    typer.echo(str(run(adapters, out, weights=weights, method=method, rank=rank, as_adapter=as_adapter, density=density,
+                       seed=seed, base_precision=base_precision, tolerance=tolerance, force=force, echo=echo_err)))

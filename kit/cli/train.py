@@ -1,0 +1,60 @@
+"""`kit pretrain`, `kit finetune`, `kit adapt`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from kit.cli.app import BaseOpt, DataOpt, OutOpt, RecipeOpt, ResumeOpt, SetOpt, StepsOpt, app, echo_err
+
+
+def _train(stage: str, recipe: str, base, data, out, max_steps, resume, overrides) -> None:
+    from kit.core.errors import KitError
+    from kit.core.recipes import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    if r.stage != stage:
+        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
+    from kit.train.run import train
+
+    path = train(r, base=base, data=data, out=out, max_steps=max_steps, resume=resume, echo=echo_err)
+    typer.echo(str(path))
+
+
+@app.command()
+def pretrain(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
+             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Stage 1: align the projector on image-caption pairs (vision tower and LLM frozen)."""
+    _train("pretrain", recipe, base, data, out, max_steps, resume, set_)
+
+
+@app.command()
+def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
+             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Stage 2: visual instruction tuning of projector + LLM (full or LoRA)."""
+    _train("finetune", recipe, base, data, out, max_steps, resume, set_)
+
+
+@app.command()
+def adapt(recipe: RecipeOpt, base: BaseOpt = None,
+          data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md) or LLaVA .json file; default: the recipe's sample set.")] = None,
+          out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+    """Adapt a LLaVA to your domain: sample/ingest -> generate -> check -> QLoRA -> before/after evaluation."""
+    from kit.core.errors import KitError
+    from kit.core.recipes import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if r.stage != "adapt":
+        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
+    if (base or r.model.base or "mini") in ("mini", "mini-raw"):
+        import torch
+
+        if not torch.cuda.is_available():
+            r = load_recipe(recipe, set_ or [], embedded=True)
+            echo_err("embedded mini base on CPU: applying the recipe's `embedded` settings")
+    from kit.adapt import adapt as run_adapt
+
+    path = run_adapt(r, base, data, out, max_steps, resume, echo=echo_err)
+    echo_err(f"next: kit chat {path} --image IMG --prompt '...'  |  kit serve {path}  |  kit merge {path} --out DIR")
+    typer.echo(str(path))

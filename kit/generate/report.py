@@ -1,0 +1,212 @@
+"""What a generation run reports: its cost (prices per model family), the dry-run estimate, and the
+outputs rebuilt from the ledger (data.json, rejects.jsonl, summary.json, the data card, the table)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kit.core.cards import Card
+from kit.core.files import write_json_atomic, write_jsonl_atomic
+from kit.generate import prompts
+from kit.generate.backends import Backend
+from kit.generate.ledger import LEDGER, Ledger
+
+# USD per 1M (input, output) tokens; a snapshot like gpt-4o-2024-08-06 prices as its family.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+}
+# Rough reply lengths for the estimate: a multi-turn conversation is the longest.
+EST_COMPLETION = {"conversation": 450, "detail": 250, "complex": 350}
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    tasks: int
+    generated: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    pending: int = 0  # not finished (only after a fatal stop; a dry run counts everything not yet done)
+    resumed: int = 0  # finished in an earlier run and skipped
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = 0.0  # USD; None when the model's price is unknown
+    requests: int = 0  # requests sent in this run, retries included
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+def price_for(backend: Backend, price: tuple[float, float] | None) -> tuple[float, float] | None:
+    """USD per 1M (input, output) tokens: the given price, 0 for local backends, the table, or None (unknown)."""
+    if price is not None:
+        return (float(price[0]), float(price[1]))
+    if not backend.is_remote:
+        return (0.0, 0.0)
+    model = backend.model
+    if model in PRICES:
+        return PRICES[model]
+    family = [k for k in PRICES if model.startswith(k + "-") and model[len(k) + 1 : len(k) + 2].isdigit()]
+    return PRICES[max(family, key=len)] if family else None
+
+
+def cost_of(p: tuple[float, float] | None, prompt: int, completion: int) -> float | None:
+    return None if p is None else round((prompt * p[0] + completion * p[1]) / 1e6, 6)
+
+
+def category_of(reason: str) -> str:
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+
+
+
+
+
+
+def render_table(title: str, rows: list[tuple[str, str]]) -> str:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    buf = io.StringIO()
+    Console(file=buf, width=100, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue().rstrip("\n")
+
+
+def format_cost(cost: float | None) -> str:
+    if cost is None:
+        return "unknown (no price known for this model)"
+    return "$0" if cost == 0 else f"${cost:,.4f}"
+
+
+def estimate_dry_run(tasks, pending, domain, backend, ppm, max_tokens, out_dir, echo) -> Summary:
+    est_prompt = est_completion = 0
+    first_messages = None
+    for t in pending:
+        messages = prompts.build_messages(t.record, t.rtype, domain)
+        if first_messages is None:
+            first_messages = (t.id, messages)
+        # ~4 characters per token for English; a few tokens of chat framing per message.
+        est_prompt += sum(len(str(m.get("content", ""))) for m in messages) // 4 + 4 * len(messages)
+        est_completion += min(max_tokens, EST_COMPLETION.get(t.rtype, 300))
+    if first_messages is not None:
+        tid, messages = first_messages
+        echo(f"First task {tid}: the complete request that would be sent to {backend.describe()}")
+        for m in messages:
+            echo(f"--- {m.get('role')} ---\n{m.get('content')}")
+    else:
+        echo(f"All {len(tasks)} tasks are already finished in {out_dir / LEDGER}; nothing would be sent.")
+    cost = cost_of(ppm, est_prompt, est_completion)
+    echo(
+        render_table(
+            "Dry run: nothing sent",
+            [
+                ("backend", backend.describe()),
+                ("tasks", f"{len(pending):,} to run ({len(tasks) - len(pending):,} already done)"),
+                ("est. prompt tokens", f"{est_prompt:,}"),
+                ("est. completion tokens", f"{est_completion:,}"),
+                ("est. cost", "$0 (local)" if not backend.is_remote and ppm == (0.0, 0.0) else format_cost(cost)),
+            ],
+        )
+    )
+    return Summary(
+        out_dir=out_dir, tasks=len(tasks), pending=len(pending), resumed=len(tasks) - len(pending),
+        prompt_tokens=est_prompt, completion_tokens=est_completion, cost=cost, dry_run=True,
+    )
+
+
+def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_root: Path, domain: str,
+              types: list[str], requests: int, seconds: float) -> Summary:
+    rejected: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    samples, rejects = [], []
+    prompt = completion = generated = pending = 0
+    for t in tasks:
+        e = ledger.entries.get(t.id)
+        if e is None:
+            pending += 1
+            continue
+        usage = e.get("usage") or {}
+        prompt += int(usage.get("prompt_tokens", 0))
+        completion += int(usage.get("completion_tokens", 0))
+        if e["status"] == "ok":
+            generated += 1
+            sample = dict(e["sample"])
+            root = Path(os.path.abspath(t.record.root))
+            if root != image_root and isinstance(sample.get("image"), str):
+                # The ledger keeps paths relative to each record's root; data.json has one image folder.
+                sample["image"] = Path(os.path.relpath(root / sample["image"], image_root)).as_posix()
+            samples.append(sample)
+        elif e["status"] == "rejected":
+            rejected[category_of(e.get("reason", ""))] += 1
+            rejects.append({"task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
+        else:
+            failed[category_of(e.get("reason", ""))] += 1
+    write_json_atomic(out_dir / "data.json", samples)
+    write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
+    summary = Summary(
+        out_dir=out_dir, tasks=len(tasks), generated=generated, rejected=dict(rejected), failed=dict(failed),
+        pending=pending, prompt_tokens=prompt, completion_tokens=completion, cost=cost_of(ppm, prompt, completion),
+        requests=requests, seconds=round(seconds, 3),
+    )
+    card = Card.new(
+        "data",
+        made_by="kit generate",
+        image_folder=str(image_root),
+        files=["data.json"],
+        backend=backend.describe(),
+        domain=domain,
+        types=types,
+        counts={"tasks": len(tasks), "generated": generated, "rejected": sum(rejected.values()),
+                "failed": sum(failed.values()), "pending": pending},
+        usage={"prompt_tokens": prompt, "completion_tokens": completion},
+        cost=summary.cost,
+    )
+    card.write(out_dir)
+    return summary
+
+
+def write_summary(out_dir: Path, summary: Summary, tasks, ledger: Ledger) -> None:
+    data = summary.to_json()
+    data["failed_tasks"] = [
+        {"task": t.id, "reason": ledger.entries[t.id].get("reason", "")}
+        for t in tasks
+        if t.id in ledger.entries and ledger.entries[t.id]["status"] == "failed"
+    ]
+    write_json_atomic(Path(out_dir) / "summary.json", data)
+
+
+def summary_table(s: Summary) -> str:
+    """The end-of-run table, as plain text."""
+    rows = [("generated", f"{s.generated:,} of {s.tasks:,} tasks")]
+    if s.resumed:
+        rows.append(("resumed", f"{s.resumed:,} finished earlier"))
+    for name, counts in (("rejected", s.rejected), ("failed", s.failed)):
+        rows.append((name, f"{sum(counts.values()):,}"))
+        rows += [(f"  {reason}", f"{n:,}") for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if s.pending:
+        rows.append(("not finished", f"{s.pending:,}"))
+    rows += [
+        ("prompt tokens", f"{s.prompt_tokens:,}"),
+        ("completion tokens", f"{s.completion_tokens:,}"),
+        ("cost", format_cost(s.cost)),
+        ("time", f"{s.seconds:.1f}s, {s.requests:,} requests"),
+    ]
+    return render_table(f"kit generate -> {s.out_dir}", rows)

@@ -1,0 +1,60 @@
+"""Adapter folders as merge inputs: what each one was trained on and how, and how a card names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kit.core.cards import Card, describe_source, hash_files
+from kit.core.errors import KitError
+from kit.core.files import read_json
+from kit.core.precision import compute_dtype
+from kit.infer.load import ADAPTER_CONFIG, adapter_base, folder_kind
+
+PRECISIONS = ("dequantized", "full")
+
+
+def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Raise KitError when `out` cannot be written: non-empty without `force`, a file, or an input."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KitError(f"--out {out} is a file; give a folder path")
+    resolved = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if resolved == p or p.is_relative_to(resolved):
+            raise KitError(f"--out {out} would replace an input ({p}); choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise KitError(f"--out {out} already exists and is not empty; choose another folder or pass --force to replace it")
+
+
+def adapter_info(path: Path) -> dict[str, Any]:
+    """base, fingerprint, card, quantization, train dtype and peft config of an adapter folder.
+
+    Raises KitError for a folder that is not an adapter, a missing/changed base, or broken files.
+    """
+    path = Path(path)
+    if folder_kind(path) != "adapter":
+        raise KitError(f"{path} is a full model, not an adapter; there is nothing to merge")
+    if not any(path.glob("adapter_model.*")):
+        raise KitError(f"adapter {path}: no adapter_model.safetensors; the folder is incomplete (copy it again from the run's output)")
+    config = read_json(path / ADAPTER_CONFIG, "adapter config", fix="restore the file")
+    base, fingerprint, card = adapter_base(path)
+    card = card or Card(kind="adapter")
+    return {
+        "path": path,
+        "base": base,
+        "fingerprint": fingerprint or describe_source(base)["fingerprint"],
+        "card": card,
+        "quantization": card.quantization,
+        "dtype": compute_dtype(card.precision),
+        "config": config,
+    }
+
+
+def source_entry(info: dict[str, Any]) -> dict[str, Any]:
+    """How a card names an input adapter: path, fingerprint, file hash, how it was trained."""
+    files = [p for p in Path(info["path"]).iterdir() if p.name.startswith("adapter_") and p.is_file()]
+    card: Card = info["card"]
+    return {**describe_source(info["path"]), "sha256": hash_files(files), "recipe": card.recipe.name if card.recipe else None,
+            "quantization": info["quantization"], "steps": card.steps}

@@ -1,0 +1,71 @@
+"""Trainer arguments from a recipe, and the choice `gradient_checkpointing: auto` stands for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from kit.base.memory import GIB, estimate
+from kit.core.errors import KitError
+from kit.core.precision import compute_dtype
+from kit.core.recipes import Recipe
+
+
+def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingArguments:
+    t = recipe.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = 1
+    if t.global_batch_size:
+        per_step = t.batch_size * world
+        if t.global_batch_size % per_step:
+            raise KitError(f"train.global_batch_size {t.global_batch_size} is not a multiple of batch_size x devices = {per_step}")
+        accum = t.global_batch_size // per_step
+    dtype = compute_dtype(t.precision)
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        # A ratio on purpose: transformers 5 reads warmup_steps < 1 as a fraction of all steps (its
+        # warmup_ratio is deprecated), which is what LLaVA's scripts mean by --warmup_ratio 0.03.
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=max_steps if max_steps is not None else t.max_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+
+
+CHECKPOINTING_HEADROOM = 0.85  # the estimate is within ~6% of measured peaks; leave room for fragmentation
+
+
+def resolve_checkpointing(recipe: Recipe, base: Path, longest: int, echo=print) -> Recipe:
+    """`gradient_checkpointing: auto` -> True/False for this GPU and this data (see TrainArgs)."""
+    if not torch.cuda.is_available():
+        on, why = True, "no CUDA device"
+    else:
+        card = torch.cuda.get_device_properties(0).total_memory
+        without = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+        need = estimate(without, base, longest).total
+        on = need > CHECKPOINTING_HEADROOM * card
+        why = f"estimated {need / GIB:.1f} GiB without it at {longest} tokens, {card / GIB:.0f} GiB on this GPU"
+    echo(f"gradient checkpointing: {'on' if on else 'off'} (auto: {why})")
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": on})})
