@@ -114,15 +114,14 @@ def test_help_does_not_import_torch():
 
 
 def test_adapters_list_shows_each_adapter_with_its_held_out_change(capsys, tmp_path):
-    import json
+    from kit.core.cards import Card
+    from kit.core.recipes import load_recipe
 
     good = tmp_path / "medical-1"
     good.mkdir()
     (good / "adapter_config.json").write_text("{}")
-    (good / "kit.json").write_text(json.dumps({
-        "kind": "adapter", "recipe": {"name": "medical"}, "steps": 60, "base": {"path": "/bases/mini"},
-        "evaluation": {"base": {"overall": 0.278}, "adapted": {"overall": 0.611}},
-    }))
+    Card.new("adapter", made_by="tests", recipe=load_recipe("medical"), steps=60, base={"path": "/bases/mini"},
+             evaluation={"base": {"overall": 0.278}, "adapted": {"overall": 0.611}}).write(good)
     bare = tmp_path / "other"
     bare.mkdir()
     (bare / "adapter_config.json").write_text("{}")

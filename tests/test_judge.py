@@ -272,7 +272,7 @@ def test_judged_eval_against_a_loopback_judge(tiny_base, tmp_path, monkeypatch):
 
 
 def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, monkeypatch):
-    import kit.infer.generation
+    import kit.eval.vqa
     from kit.eval.vqa import answer_batch
     from kit.eval.judged import answer_free
     from kit.infer.load import load_for_inference

@@ -49,8 +49,7 @@ def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8
     pm.save_pretrained(out)
     load_processor(base).save_pretrained(out)
     recipe = load_recipe("llava15-lora", [f"quantization={quantization}", "train.precision=fp32", f"lora.r={r}", f"lora.alpha={alpha}"])
-    cards.write_card(out, cards.new_card("adapter", made_by="tests/test_merge.py", recipe=recipe.model_dump(mode="json"),
-                                         base=cards.describe_source(base)))
+    cards.Card.new("adapter", made_by="tests/test_merge.py", recipe=recipe, base=cards.describe_source(base)).write(out)
     return out
 
 

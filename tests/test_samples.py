@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kit.ingest.samples import texts
 from kit.ingest.samples import write as samples
 from kit.ingest.samples.write import SAMPLE_DOMAINS, write_sample
 from kit.core.errors import KitError
@@ -61,7 +62,7 @@ def test_manifest_reads_as_private_captioned_records(out, runs):
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(r.image).name for r in records)
     card = json.loads((out / "kit.json").read_text())
     assert card["kind"] == "data" and card["made_by"] == "kit data sample medical"
-    assert card["images"] == len(records) and card == runs[2]
+    assert card["images"] == len(records) and card == runs[2].model_dump(mode="json", exclude_unset=True)
     assert (out / "README.md").read_text().count("Licence:") == card["base_images"]
 
 
@@ -215,7 +216,7 @@ def test_missing_file_or_codec_is_skipped_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom.data, "get_testdata_file", get)
     monkeypatch.setattr(pydicom.pixels, "pixel_array", decode)
     card = write_sample("medical", tmp_path / "out")
-    assert [s.split(":")[0] for s in card["skipped"]] == ["693_J2KI.dcm", "JPEG2000.dcm"]
+    assert [s.split(":")[0] for s in card.skipped] == ["693_J2KI.dcm", "JPEG2000.dcm"]
     ids = {r.id for r in from_manifest(tmp_path / "out")}
     assert len(ids) >= 20 and not any(i.startswith(("ct-head", "nm-bone")) for i in ids)
     assert "Skipped in this installation" in (tmp_path / "out" / "README.md").read_text()
@@ -226,14 +227,14 @@ def test_text_file_entries_are_checked(tmp_path):
     """A mistyped key, a lost entry or an unquoted yes (a YAML boolean) in the texts fails, naming the entry."""
     import yaml
 
-    good = yaml.safe_load(samples._TEXTS_FILE.read_text(encoding="utf-8"))
-    assert samples._load_texts() == good
+    good = yaml.safe_load(texts.TEXTS_FILE.read_text(encoding="utf-8"))
+    assert texts.load_texts() == good
     path = tmp_path / "medical_sample.yaml"
 
     def fails(data, *words):
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         with pytest.raises(RuntimeError) as e:
-            samples._load_texts(path)
+            texts.load_texts(path)
         assert all(w in str(e.value) for w in words), str(e.value)
 
     bad = copy.deepcopy(good)

@@ -34,6 +34,7 @@ def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path
     from peft import LoraConfig, get_peft_model
 
     from kit.core import cards
+    from kit.core.recipes import load_recipe
     from kit.base.load import load_model
 
     torch.manual_seed(seed)
@@ -45,8 +46,8 @@ def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path
             if "modules_to_save" in name:
                 p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(out)
-    cards.write_card(out, cards.new_card("adapter", made_by="tests", base=cards.describe_source(base),
-                                         recipe={"name": f"test-{seed}", "data": {"template": template}}))
+    recipe = load_recipe("llava15-lora", [f"name=test-{seed}"] + ([f"data.template={template}"] if template else []))
+    cards.Card.new("adapter", made_by="tests", base=cards.describe_source(base), recipe=recipe).write(out)
     return out
 
 

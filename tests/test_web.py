@@ -67,7 +67,7 @@ def adapter(tmp_path_factory, tiny_base) -> Path:
     peft_model = get_peft_model(model, cfg)
     out = tmp_path_factory.mktemp("web-adapter") / ADAPTER
     peft_model.save_pretrained(out)
-    cards.write_card(out, cards.new_card("adapter", made_by="tests/test_web.py", base=cards.describe_source(tiny_base)))
+    cards.Card.new("adapter", made_by="tests/test_web.py", base=cards.describe_source(tiny_base)).write(out)
     return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom import pixels
-from pydicom.data import get_testdata_file
+import pydicom.data  # called as pydicom.data.get_testdata_file, so a test can stand in for it
 
 from kit.ingest.samples.pixels import PixelBox, bright_blob_box, dark_dot_boxes, keep_only, mask_box
 from kit.ingest.sources.dicom_pixels import min_max, render_frame, segments, to_uint8
@@ -48,7 +48,7 @@ def package_version(dist: str) -> str:
 
 def _dicom(name: str, modality: str, frame: int | None = None) -> tuple[Any, np.ndarray, np.ndarray, dict[str, str], list[str]]:
     """(dataset, decoded frame, rendered 8-bit image, safe metadata, identifying values) of a pydicom test file."""
-    path = get_testdata_file(name, download=False)
+    path = pydicom.data.get_testdata_file(name, download=False)
     if path is None:
         raise Skip(f"pydicom {package_version('pydicom')} does not ship {name}")
     ds = pydicom.dcmread(path)
