@@ -74,7 +74,7 @@ TRL_NON_DEFAULTS = {
     "bf16": "only where kit's precision is not bf16 (CPU, auto = fp32): False, to match; on a GPU TRL's default, True, is what kit uses",
     "use_cpu": "only without a GPU: True, as kit sets it (transformers refuses bf16 on a CPU otherwise)",
     "peft_config": "kit's own LoraConfig for the recipe (r, alpha, dropout, all linear layers of the LLM, projector in modules_to_save)",
-    "model": "loaded by kit.base.parts.load_model with kit's BitsAndBytesConfig (nf4 + double quant, tower/projector/lm_head unquantized): the same 4-bit model kit trains",
+    "model": "loaded by kit.base.load.load_model with kit's BitsAndBytesConfig (nf4 + double quant, tower/projector/lm_head unquantized): the same 4-bit model kit trains",
 }
 
 
