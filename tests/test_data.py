@@ -68,13 +68,16 @@ def test_image_placeholder_moves_to_the_start_of_the_first_human_turn(tmp_path):
 @pytest.mark.parametrize(
     "template, expected",
     [
-        ("plain", ["Red."]),  # stage 1: the first answer is the caption, instruction dropped
+        ("plain", ["Red."]),  # stage 1: the answer is the caption, instruction dropped
         ("vicuna_v1", ["Red.<|im_end|>", "A circle.<|im_end|>"]),
         ("chat", ["Red.<|im_end|>", "A circle.<|im_end|>"]),
     ],
 )
 def test_label_masks_are_exact(processor, tmp_path, template, expected):
-    ds, report = build_dataset(_write(tmp_path, [_sample()]), processor, template, 512, "pad")
+    record = _sample()
+    if template == "plain":  # stage 1 takes caption pairs
+        record["conversations"] = record["conversations"][:2]
+    ds, report = build_dataset(_write(tmp_path, [record]), processor, template, 512, "pad")
     it = ds.items[0]
     assert _runs(processor.tokenizer, it.input_ids, it.labels) == expected
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")

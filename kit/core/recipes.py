@@ -37,6 +37,11 @@ class DataArgs(_Strict):
     template: Literal["plain", "vicuna_v1", "chat"] = Field(
         "chat", description="plain (stage 1), vicuna_v1, or chat (the tokenizer's own chat template)."
     )
+    image_placement: Literal["auto", "reference", "first_turn"] = Field(
+        "auto",
+        description="Where <image> goes: reference (LLaVA: stays in its turn, only that turn stripped), first_turn "
+        "(kit: opens the first human turn, every human turn stripped); auto = reference for plain/vicuna_v1, first_turn for chat.",
+    )
     image_aspect: Literal["pad", "crop"] | None = Field(
         None, description="pad to a mean-colour square (LLaVA-1.5) or resize + center crop; default: the base's setting."
     )

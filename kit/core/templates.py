@@ -1,9 +1,10 @@
 """Conversation templates and the exact character spans that training supervises.
 
-Each renderer turns a conversation into one string plus the character spans of the assistant
-answers (with their end token). Labels come from those spans through the tokenizer's offset
-mapping, so masks never depend on tokenizing pieces separately (the reference code's
-"tokenization mismatch" failure).
+Each renderer turns a conversation into one string plus the character spans that training
+supervises: each assistant answer with its end token, from where the inference prompt stops (for
+`vicuna_v1` the space after `ASSISTANT:`). Labels come from those spans through the tokenizer's
+offset mapping (kit.core.tokens), so masks never depend on counting the tokens of pieces (the
+reference code's "tokenization mismatch" failure, which zeroes a sample's labels).
 """
 
 from __future__ import annotations
@@ -94,11 +95,14 @@ def _spans_to_rendered(pieces: list[tuple[str, bool]]) -> Rendered:
 
 
 def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
-    """Stage 1: the image, then the first answer (the caption) and a newline; instructions dropped."""
-    answer = next((t for r, t in turns if r == "assistant"), None)
-    if answer is None:
-        raise TemplateError("no assistant turn to use as the caption")
-    return _spans_to_rendered([(image_token, False), (answer.strip() + "\n", True)])
+    """Stage 1, as LLaVA's `preprocess_plain`: the image, the caption as written and a newline; the
+    instruction is dropped. Only caption pairs (one human turn, one answer) have a caption."""
+    roles = [r for r, _ in turns]
+    if roles != ["user", "assistant"]:
+        raise TemplateError(
+            f"template plain takes caption pairs (one human turn, then the caption); this sample has {len(turns)} turns"
+        )
+    return _spans_to_rendered([(image_token, False), (turns[1][1] + "\n", True)])
 
 
 def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | None = None) -> Rendered:
@@ -107,8 +111,9 @@ def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | No
         if role == "user":
             pieces.append(("USER: " + text + " ", False))
         else:
-            pieces.append(("ASSISTANT: ", False))
-            pieces.append((text + eos_token, True))
+            # Inference prompts end at "ASSISTANT:", so the separator space belongs to the answer.
+            pieces.append(("ASSISTANT:", False))
+            pieces.append((" " + text + eos_token, True))
     return _spans_to_rendered(pieces)
 
 

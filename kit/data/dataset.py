@@ -13,7 +13,8 @@ from kit.base.family import image_token_count
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, TemplateError, render
-from kit.data.formats import Sample, load_samples
+from kit.core.tokens import CHUNKED_TEMPLATES, special_text_in, supervised_mask, tokenize
+from kit.data.formats import Sample, load_samples, placement_for
 from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
 
 IGNORE = -100
@@ -61,23 +62,24 @@ def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answ
 
 def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int, max_length: int, system: str | None = None):
     """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample."""
-    expanded = IMAGE_TOKEN * n_image_tokens
-    turns = [(r, t.replace(IMAGE_TOKEN, expanded)) for r, t in sample.turns]
+    for j, (role, text) in enumerate(sample.turns):
+        special = special_text_in(tokenizer, text)
+        if special is not None:
+            return None, (
+                f"turn {j + 1} ({role}) holds the text '{special}', which the tokenizer reads as a special token "
+                "(an answer would end there); remove it from the data"
+            )
+    if template == "plain" and sample.image is None:
+        return None, "template plain trains caption pairs and this sample has no image; give it one or use another template"
+    placeholder = IMAGE_TOKEN if template in CHUNKED_TEMPLATES else IMAGE_TOKEN * n_image_tokens
+    turns = [(r, t.replace(IMAGE_TOKEN, placeholder)) for r, t in sample.turns]
     try:
-        rendered = render(template, turns, tokenizer, expanded, system)
+        rendered = render(template, turns, tokenizer, placeholder, system)
     except TemplateError as e:
         return None, str(e)
-    enc = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=template != "chat")
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = enc["offset_mapping"]
-    labels = np.full(len(ids), IGNORE, dtype=np.int64)
-    starts = np.array([s for s, e in offsets])
-    ends = np.array([e for s, e in offsets])
-    # Any token carrying answer characters is supervised: BPE tokenizers glue the separator space
-    # to the answer's first word (" The"), which a start-inside rule would silently drop.
-    for a, b in rendered.spans:
-        overlap = (ends > starts) & (ends > a) & (starts < b)
-        labels[overlap] = ids[overlap]
+    tokens = tokenize(tokenizer, rendered.text, template, n_image_tokens)
+    ids = tokens.ids
+    labels = np.where(supervised_mask(tokens, rendered.spans), ids, IGNORE)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_img = int((ids == image_id).sum())
     if sample.image is not None and n_img != n_image_tokens:
@@ -164,6 +166,7 @@ def build_dataset(
     image_folder: Path | None = None,
     on_bad_sample: str = "error",
     system: str | None = None,
+    image_placement: str = "auto",
 ) -> tuple[LlavaDataset, Report]:
     """Load, check and tokenise a LLaVA data file.
 
@@ -171,7 +174,7 @@ def build_dataset(
     "error" (listing them); with "skip" they are left out and counted in the report.
     """
     data_path = Path(data_path)
-    samples = load_samples(data_path)
+    samples = load_samples(data_path, placement_for(template, image_placement))
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")

@@ -1,4 +1,4 @@
-"""LLaVA JSON / JSONL samples: reading, structural checks, and `<image>` placement as LLaVA does it."""
+"""LLaVA JSON / JSONL samples: reading, structural checks, and `<image>` placement (LLaVA's rule or kit's)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 from kit.core.errors import KitError
 from kit.core.files import read_json, read_jsonl
 from kit.core.templates import IMAGE_TOKEN
+
+IMAGE_PLACEMENTS = ("reference", "first_turn")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -33,7 +35,7 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
 
 
-def _parse(where: str, rec: Any, index: int) -> Sample:
+def _parse(where: str, rec: Any, index: int, placement: str) -> Sample:
     if not isinstance(rec, dict):
         raise KitError(f"{where}: a sample must be a JSON object with 'conversations'")
     convs = rec.get("conversations")
@@ -55,37 +57,68 @@ def _parse(where: str, rec: Any, index: int) -> Sample:
             raise KitError(f"{where}: sample '{sid}': conversations[{j}].value must be a string")
         turns.append((role, turn["value"]))
     sample = Sample(sid, image or None, turns, where, extra={k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
-    _normalise(sample)
+    _normalise(sample, placement)
     return sample
 
 
-def _normalise(s: Sample) -> None:
-    """LLaVA's rules: drop a leading non-human turn; one `<image>`, at the start of the first human turn."""
+def _normalise(s: Sample, placement: str) -> None:
+    """Drop a leading non-human turn (as LLaVA does), check the placeholders, then place the image."""
     turns = s.turns
     while turns and turns[0][0] != "user":
         turns = turns[1:]
+    s.turns = turns
     if not any(r == "assistant" for r, _ in turns):
         s.problem = "no assistant turn to learn from"
     n_tokens = sum(t.count(IMAGE_TOKEN) for _, t in turns)
+    in_answer = next((j for j, (r, t) in enumerate(turns) if r == "assistant" and IMAGE_TOKEN in t), None)
     if s.image is None and n_tokens:
         s.problem = "text contains <image> but the sample has no 'image' field"
+    elif in_answer is not None:
+        s.problem = f"turn {in_answer + 1} is an answer that holds <image>; the placeholder belongs in a human turn"
     elif n_tokens > 1:
         s.problem = f"{n_tokens} <image> placeholders; one image per sample is supported"
-    if s.image is not None and turns:
+    if s.image is not None and turns and s.problem is None:
+        s.turns = place_image(turns, placement)
+
+
+def place_image(turns: list[tuple[str, str]], placement: str) -> list[tuple[str, str]]:
+    """Where the one image goes, and what whitespace around it is cut.
+
+    reference (LLaVA's `preprocess_multimodal`, for plain / vicuna_v1): the turn that holds
+    `<image>` keeps it, moved to its start and followed by a newline, and only that turn is
+    stripped (a turn that is only `<image>` keeps no newline); other turns stay as written.
+    first_turn (kit's rule for chat templates): every human turn is stripped and the image opens
+    the first one. Either way a sample with an image but no placeholder gets one at the start of
+    its first human turn (LLaVA would silently drop that image).
+    """
+    if placement not in IMAGE_PLACEMENTS:
+        raise KitError(f"unknown image placement '{placement}'; choose one of {', '.join(IMAGE_PLACEMENTS)}")
+    if placement == "first_turn":
         cleaned = [(r, t.replace(IMAGE_TOKEN, "").strip() if r == "user" else t) for r, t in turns]
-        first_user = cleaned[0][1]
-        cleaned[0] = ("user", f"{IMAGE_TOKEN}\n{first_user}")
-        turns = cleaned
-    s.turns = turns
+        cleaned[0] = ("user", f"{IMAGE_TOKEN}\n{cleaned[0][1]}")
+        return cleaned
+    at = next((j for j, (_, t) in enumerate(turns) if IMAGE_TOKEN in t), 0)
+    out = list(turns)
+    role, text = out[at]
+    out[at] = (role, (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip())
+    return out
 
 
-def load_samples(path: Path) -> list[Sample]:
-    """Read a LLaVA .json list or .jsonl file. Structural errors raise KitError naming file and line."""
+def placement_for(template: str, option: str = "auto") -> str:
+    """The recipe's `data.image_placement`; auto = LLaVA's rule for its own templates, kit's for chat."""
+    if option != "auto":
+        return option
+    return "reference" if template in ("plain", "vicuna_v1") else "first_turn"
+
+
+def load_samples(path: Path, placement: str = "reference") -> list[Sample]:
+    """Read a LLaVA .json list or .jsonl file. Structural errors raise KitError naming file and line.
+    `placement`: how `<image>` is placed (see place_image)."""
     path = Path(path)
     records = _read_records(path)
     if not records:
         raise KitError(f"data file {path} holds no samples")
-    samples = [_parse(where, rec, i) for i, (where, rec) in enumerate(records)]
+    samples = [_parse(where, rec, i, placement) for i, (where, rec) in enumerate(records)]
     seen: dict[str, str] = {}
     for s in samples:
         if s.id in seen:

@@ -22,7 +22,7 @@ from kit.data.images import ImageProblem, prepare_image
 from kit.data.vqa import SUFFIX, Item, load_items, words, yes_no
 from kit.infer.generation import pad_id, stop_ids
 from kit.infer.load import load_for_inference
-from kit.infer.prompts import build_prompt, encode
+from kit.infer.prompts import build_prompt, encode, template_of
 
 # ------------------------------------------------------------------------------------- metrics
 
@@ -66,7 +66,7 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
     prompts = [_prompt(processor, it.question, None if free else it.answer_type, info) for it in items]
-    inputs = to_model(encode(processor, prompts, images), model)
+    inputs = to_model(encode(processor, prompts, images, template_of(processor, info)), model)
     stop = stop_ids(model, tok)
     with torch.no_grad():
         out = model.generate(

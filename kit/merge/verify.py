@@ -79,7 +79,7 @@ def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -
             texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system).text)
         except TemplateError as e:
             raise KitError(f"cannot render verification samples with template '{template}': {e}") from None
-    return encode(processor, texts, [img for img, _ in samples]), f"{source} ({template} template)"
+    return encode(processor, texts, [img for img, _ in samples], template), f"{source} ({template} template)"
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
     dataset, report = build_dataset(
         plan.data, processor, recipe.data.template, recipe.data.max_length,
         recipe.data.image_aspect or image_aspect_of(plan.base), image_folder=plan.image_folder,
-        on_bad_sample="skip", system=recipe.data.system_prompt,
+        on_bad_sample="skip", system=recipe.data.system_prompt, image_placement=recipe.data.image_placement,
     )
     n_img = sum(1 for it in dataset.items if it.image is not None)
     echo(f"data:     {plan.data} ({report.total} samples; {n_img} with an image, {len(dataset) - n_img} text-only)")

@@ -46,6 +46,7 @@ def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCall
         image_folder=plan.image_folder,
         on_bad_sample=recipe.data.on_bad_sample,
         system=recipe.data.system_prompt,
+        image_placement=recipe.data.image_placement,
     )
     echo(f"data: {report.summary()}")
     for line in report.problem_lines(5):
