@@ -16,8 +16,8 @@ from kit.core.errors import KitError
 from kit.core.files import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kit.core.recipes import Recipe
 from kit.core.templates import IMAGE_TOKEN
-from kit.data.vqa import SUFFIX
-from kit.eval.vqa import before_after_table, evaluate
+from kit.data.vqa import ANSWER_TYPES, ask
+from kit.eval.vqa import PROMPT_STYLE, before_after_table, changes, evaluate
 from kit.generate.backends import make_backend
 from kit.generate.runner import run_generation
 from kit.ingest.pairs import write_caption_pairs
@@ -57,22 +57,23 @@ def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, da
     return len(kept)
 
 
-def vqa_samples(eval_file: Path, images: set[str]) -> list[dict]:
-    """The eval file's items about `images` as training conversations, asked exactly as kit eval asks."""
+def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") -> list[dict]:
+    """The eval file's items about `images` as training conversations, asked exactly as kit eval
+    asks with the recipe's metric (`style`: kit.data.vqa.ask)."""
     out = []
     for lineno, item in read_jsonl(eval_file, "evaluation file", allow_empty=True):
         if str(Path(str(item.get("image", "")))) not in images:
             continue
         kind = item.get("answer_type")
-        if kind not in SUFFIX:
+        if kind not in ANSWER_TYPES:
             raise KitError(f"{eval_file}:{lineno}: answer_type must be closed or open")
         answer = str(item["answer"]).strip()
-        answer = answer.capitalize() + "." if kind == "closed" else answer
+        answer = answer.capitalize() + "." if kind == "closed" and answer.lower() in ("yes", "no") else answer
         out.append({
             "id": f"{item.get('id', lineno)}-vqa",
             "image": item["image"],
             "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{item['question']} {SUFFIX[kind]}"},
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{ask(str(item['question']), answer, kind, style)}"},
                 {"from": "gpt", "value": answer},
             ],
         })
@@ -110,7 +111,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
     eval_source = path / recipe.eval.file if recipe.eval else None
     if recipe.data.vqa_train and eval_source is not None and eval_source.is_file():
         train_images = {str(Path(r.image)) for r in train_records}
-        vqa = vqa_samples(eval_source, train_images)
+        vqa = vqa_samples(eval_source, train_images, PROMPT_STYLE[recipe.eval.metric])
         samples += vqa
         echo(f"added {len(vqa)} VQA question/answer pairs about training images")
     if not samples:
@@ -139,16 +140,19 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
     before = None
     if eval_file is not None:
         echo("evaluating the base on the held-out images ...")
-        before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None)
+        before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
     plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder(recipe), out_path, resume)
     result = run(plan, max_steps, echo=echo)
     if eval_file is not None:
         echo("evaluating the adapted model ...")
-        after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None)
+        after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
         echo(before_after_table(before, after))
         card = Card.read(result) or Card.new("adapter", made_by="kit adapt")
         card.evaluation = {
             "data": str(eval_file),
+            "metric": after["metric"],
+            "prompts": after["prompts"],
+            "change": changes(before, after),
             "base": {k: v for k, v in before.items() if k != "predictions"},
             "adapted": {k: v for k, v in after.items() if k != "predictions"},
         }

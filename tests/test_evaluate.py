@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kit.core.errors import KitError
-from kit.eval.vqa import before_after_table, closed_correct, evaluate, load_items, open_recall, write_predictions
+from kit.eval.metrics import strict_closed, strict_open_recall
+from kit.eval.vqa import before_after_table, evaluate, load_items, write_predictions
 from kit.infer.load import describe_folder, load_for_inference
 
 TINY = [
@@ -62,22 +63,29 @@ def _edit_card(folder: Path, **changes) -> None:
 # ---------------------------------------------------------------------------------- metrics
 
 
-def test_closed_accuracy_uses_the_first_yes_no_word():
-    assert closed_correct("Yes, it is.", "yes")
-    assert not closed_correct("No.", "yes")
-    assert closed_correct("NO! it is not", "No")
-    assert not closed_correct("It is red.", "yes")  # no yes/no word: wrong
-    assert not closed_correct("no, yes", "yes")  # the first one counts
-    assert not closed_correct("Nothing, yesterday.", "no")  # whole words only
+def test_strict_closed_accuracy_uses_the_first_yes_no_word():
+    assert strict_closed("Yes, it is.", "yes")
+    assert not strict_closed("No.", "yes")
+    assert strict_closed("NO! it is not", "No")
+    assert not strict_closed("It is red.", "yes")  # no yes/no word: wrong
+    assert not strict_closed("no, yes", "yes")  # the first one counts
+    assert not strict_closed("Nothing, yesterday.", "no")  # whole words only
 
 
-def test_open_recall_counts_ground_truth_words_in_the_prediction():
-    assert open_recall("a red square", "red") == 1.0
-    assert open_recall("blue", "red") == 0.0
-    assert open_recall("The LEFT lung.", "left lung") == 1.0
-    assert open_recall("the left kidney", "left lung") == 0.5
-    assert open_recall("right upper lobe", "Right-lower lobe!") == pytest.approx(2 / 3)
-    assert open_recall("", "red") == 0.0
+def test_strict_closed_options_other_than_yes_no():
+    assert strict_closed("Left.", "left") and strict_closed("CT scan", "CT")
+    assert not strict_closed("The left side", "left")  # the answer must come first
+    assert not strict_closed("right", "left")
+
+
+def test_strict_open_recall_counts_ground_truth_words_in_the_prediction():
+    assert strict_open_recall("a red square", "red") == 1.0
+    assert strict_open_recall("blue", "red") == 0.0
+    assert strict_open_recall("The LEFT lung.", "left lung") == 1.0
+    assert strict_open_recall("the left kidney", "left lung") == 0.5
+    assert strict_open_recall("right upper lobe", "Right-lower lobe!") == pytest.approx(2 / 3)
+    assert strict_open_recall("", "red") == 0.0
+    assert strict_open_recall("left left left", "left lung") == 0.5  # a repeated word counts once
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -91,7 +99,7 @@ def test_open_recall_counts_ground_truth_words_in_the_prediction():
         ('{"id": "a", "image": "images/shape_00000.png", "question": "q?", "answer": "yes", "answer_type": "yesno"}', "unknown answer_type 'yesno'"),
         ('{"id": "a", "image": "images/nope.png", "question": "q?", "answer": "yes", "answer_type": "closed"}', "is missing"),
         ('{"id": "a", "image": "../outside.png", "question": "q?", "answer": "yes", "answer_type": "closed"}', "escapes"),
-        ('{"id": "a", "image": "images/shape_00000.png", "question": "q?", "answer": "left", "answer_type": "closed"}', "not yes or no"),
+        ('{"id": "a", "image": "images/shape_00000.png", "question": "q?", "answer": "?!", "answer_type": "closed"}', "has no words"),
     ],
 )
 def test_bad_eval_lines_name_file_and_line(eval_file, request, line, message):
@@ -210,7 +218,13 @@ def test_evaluate_scores_base_and_adapter(tiny_base, adapter, eval_file, tmp_pat
 
     table = before_after_table(base, after)
     assert table.splitlines()[0].split("|")[1:] and "adapted" in table and "change" in table
-    assert "closed accuracy" in table and "open recall" in table
+    assert "closed accuracy" in table and "open recall" in table and "95% interval" in table
+    assert "metric: llava-med (questions as written)" in table
+    assert "too few questions to tell this change from noise" in table or "larger than the noise" in table
+    for r in (base, after):
+        assert r["metric"] == "llava-med" and r["prompts"] == "as written"
+        lo, hi = r["overall_ci"]
+        assert lo <= r["overall"] <= hi
 
     out = write_predictions(after, tmp_path / "preds" / "p.jsonl")
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -287,7 +287,7 @@ def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, mo
     assert "Is there a shape?" in prompts[0] and "What colour is the square?" in prompts[1]
     assert not any("Answer yes or no." in p or "Answer briefly." in p for p in prompts)
     prompts.clear()
-    answer_batch(model, processor, info, items, max_new_tokens=1)  # the VQA prompt, for contrast
+    answer_batch(model, processor, info, items, max_new_tokens=1, style="short-answer")  # the strict metric's prompt, for contrast
     assert "Answer yes or no." in prompts[0] and "Answer briefly." in prompts[1]
 
 

@@ -22,6 +22,20 @@ def compute_dtype(precision: str, option: str = "train.precision") -> torch.dtyp
     return named[precision]
 
 
+def tf32_available() -> bool:
+    """TF32 tensor cores: NVIDIA compute capability 8.0 (Ampere) or newer."""
+    return torch.cuda.is_available() and torch.version.cuda is not None and torch.cuda.get_device_capability(0) >= (8, 0)
+
+
+def use_tf32(option: bool | str) -> bool:
+    """The recipe's `train.tf32`; True where the hardware has none is an error, not a silent no-op."""
+    if option == "auto":
+        return tf32_available()
+    if option and not tf32_available():
+        raise KitError("train.tf32 is true but this machine has no TF32 GPU (NVIDIA Ampere or newer); set train.tf32=auto")
+    return bool(option)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

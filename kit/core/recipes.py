@@ -77,6 +77,9 @@ class EvalArgs(_Strict):
     held_out: float = Field(0.25, gt=0, lt=1, description="Fraction of images (augmented copies stay together) kept out of training.")
     file: str = Field("eval.jsonl", description="VQA items in the data folder: image, question, answer, answer_type closed|open.")
     max_new_tokens: int = Field(24, gt=0)
+    metric: Literal["llava-med", "strict"] = Field(
+        "llava-med", description="llava-med: LLaVA-Med's published scoring, questions as written; strict: kit's, with short-answer prompts."
+    )
 
 
 class LoraArgs(_Strict):
@@ -103,6 +106,9 @@ class TrainArgs(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the hardware supports it, else fp32.")
+    tf32: bool | Literal["auto"] = Field(
+        "auto", description="TF32 matmuls (LLaVA's scripts pass --tf32 True); auto: on where the GPU has them (Ampere or newer)."
+    )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         True,
         description="Recompute activations in backward (saves memory, costs ~30% step time). auto: off when kit's "

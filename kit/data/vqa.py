@@ -3,6 +3,9 @@
     {"id": "q1", "image": "images/a.png", "question": "Is there a fracture?", "answer": "yes", "answer_type": "closed"}
     {"id": "q2", "image": "images/a.png", "question": "Which organ is shown?", "answer": "left lung", "answer_type": "open"}
 
+`closed` questions have a fixed set of answers: yes/no, or options such as "left" / "right" or
+"CT" / "MRI" (SLAKE has them); `open` ones are free text.
+
 `image` is relative to the file's folder (or the image folder a kit data card there names). Other
 fields (`context`, `category` for judged evaluation) are kept in `Item.extra`. Read by `kit eval`,
 `kit adapt` (held-out split, VQA training pairs) and `kit data check`.
@@ -22,8 +25,10 @@ from kit.data.images import ImageProblem, check_image, resolve_image
 
 FIELDS = ("id", "image", "question", "answer", "answer_type")
 ANSWER_TYPES = ("closed", "open")
-# What kit appends to a question when it asks for a short answer, in evaluation and VQA training alike.
+# What kit appends to a question when it asks for a short answer (the `strict` metric's prompts), in
+# evaluation and VQA training alike. LLaVA-Med asks its questions as written.
 SUFFIX = {"closed": "Answer yes or no.", "open": "Answer briefly."}
+PROMPT_STYLES = ("as-written", "short-answer")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -48,6 +53,14 @@ def yes_no(text: str) -> str | None:
     return next((w for w in words(text) if w in ("yes", "no")), None)
 
 
+def ask(question: str, answer: str, answer_type: str, style: str) -> str:
+    """The question as the model is asked it: as written, or with kit's short-answer suffix."""
+    if style == "as-written":
+        return question
+    kind = "closed" if answer_type == "closed" and words(answer)[:1] in (["yes"], ["no"]) else "open"
+    return f"{question} {SUFFIX[kind]}"
+
+
 def load_items(data: Path, image_folder: Path | None = None, limit: int | None = None) -> list[Item]:
     """Parse and check an evaluation file. KitError (naming file:line) for any problem."""
     data = Path(data)
@@ -64,17 +77,15 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
             raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
         atype = str(rec["answer_type"]).strip().lower()
         if atype not in ANSWER_TYPES:
-            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no) or 'open'")
+            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no or fixed options) or 'open'")
         for f in ("image", "question"):
             if not isinstance(rec[f], str):
                 raise KitError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
         if isinstance(rec["answer"], (dict, list)):
             raise KitError(f"{where}: field 'answer' must be a string, got {type(rec['answer']).__name__}")
         answer = str(rec["answer"]).strip()
-        if atype == "closed" and yes_no(answer) is None:
-            raise KitError(f"{where}: closed answer '{answer}' is not yes or no; mark the question answer_type 'open'")
-        if atype == "open" and not words(answer):
-            raise KitError(f"{where}: open answer '{answer}' has no words to recall")
+        if not words(answer):
+            raise KitError(f"{where}: answer '{answer}' has no words to score; give the answer as text")
         raw.append((where, {**rec, "answer": answer, "answer_type": atype}))
     if not raw:
         raise KitError(f"evaluation file {data} has no questions")

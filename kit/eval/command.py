@@ -9,6 +9,7 @@ from typing import Any
 
 from kit.core.errors import KitError
 from kit.eval.judge import resolve_judge
+from kit.eval.metrics import check_metric
 from kit.eval.judged import compare_judged, format_judged, free_answers, judge_run, load_judge_items
 from kit.eval.vqa import before_after_table, evaluate, format_result, model_notes, write_predictions
 from kit.infer.load import load_for_inference
@@ -28,8 +29,10 @@ def eval_command(
     judge_model: str | None = None,
     allow_remote: bool = False,
     judge_answer_tokens: int = 128,
+    metric: str = "llava-med",
 ) -> dict[str, Any]:
-    """Evaluate `model` (a model or adapter folder) on `data` (JSONL), print a metric table and,
+    """Evaluate `model` (a model or adapter folder) on `data` (JSONL) with `metric` (llava-med |
+    strict, kit.eval.metrics), print a metric table (95% intervals) and,
     with `out`, write the predictions as JSONL. With `baseline`, evaluate it on the same questions
     first and print a base | adapted | change table; its result is returned under "baseline".
 
@@ -43,6 +46,7 @@ def eval_command(
     """
     if limit is not None and limit < 1:
         raise KitError(f"--limit must be at least 1 (got {limit})")
+    check_metric(metric)
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
     judge_backend = judge_items = None
@@ -55,7 +59,7 @@ def eval_command(
     def run(path: Path) -> tuple[dict[str, Any], list[str] | None]:
         """VQA result and, for the judge, free-form answers: one load of the model for both."""
         loaded = load_for_inference(Path(path))
-        result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded)
+        result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded, metric=metric)
         answers = None
         if judge_items is not None:
             echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")

@@ -32,7 +32,7 @@ def load_judge_items(data: Path, image_folder: Path | None = None, limit: int | 
 
 def answer_free(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
     """Greedy free-form answers: the question as asked, no "Answer yes or no." suffix."""
-    return answer_batch(model, processor, info, items, max_new_tokens, free=True)
+    return answer_batch(model, processor, info, items, max_new_tokens, style="as-written")
 
 
 # ------------------------------------------------------------------------------------- runs

@@ -1,10 +1,8 @@
-"""LLaVA-Med-style VQA evaluation of a model or adapter folder: closed (yes/no) accuracy and
-open-answer recall, on the items of kit.data.vqa.
-
-Closed questions: the first "yes"/"no" word of the prediction is compared with the answer (no
-yes/no word counts as wrong). Open questions: recall of the ground-truth answer's words (lowercased,
-punctuation stripped) among the prediction's words, averaged — LLaVA-Med's open-set metric.
-Answers are greedy, from the model's prompt format as trained (see kit.infer.load).
+"""LLaVA-Med-style VQA evaluation of a model or adapter folder: closed accuracy and open-answer
+recall on the items of kit.data.vqa, scored by `llava-med` (LLaVA-Med's published scorer, the
+default) or kit's `strict` metric (kit.eval.metrics), each with its own prompts, and each number
+with its question count and a 95% bootstrap interval. Answers are greedy, from the model's prompt
+format as trained (see kit.infer.load).
 """
 
 from __future__ import annotations
@@ -19,45 +17,27 @@ from kit.core.errors import KitError
 from kit.core.files import write_jsonl_atomic
 from kit.core.precision import to_model
 from kit.data.images import ImageProblem, prepare_image
-from kit.data.vqa import SUFFIX, Item, load_items, words, yes_no
+from kit.data.vqa import Item, ask, load_items
+from kit.eval.metrics import PROMPTS, change_interval, check_metric, interval, score
 from kit.infer.generation import pad_id, stop_ids
 from kit.infer.load import load_for_inference
 from kit.infer.prompts import build_prompt, encode, template_of
 
-# ------------------------------------------------------------------------------------- metrics
-
-
-def closed_correct(prediction: str, answer: str) -> bool:
-    want = yes_no(answer)
-    return want is not None and yes_no(prediction) == want
-
-
-def open_recall(prediction: str, answer: str) -> float:
-    """Fraction of the answer's words that appear in the prediction."""
-    want = words(answer)
-    if not want:
-        return 0.0
-    have = set(words(prediction))
-    return sum(w in have for w in want) / len(want)
-
-
-def score(prediction: str, answer: str, answer_type: str) -> float:
-    return float(closed_correct(prediction, answer)) if answer_type == "closed" else open_recall(prediction, answer)
+# How each metric asks its questions (kit.data.vqa.ask).
+PROMPT_STYLE = {"llava-med": "as-written", "strict": "short-answer"}
 
 
 # ---------------------------------------------------------------------------------------- model
 
 
-def _prompt(processor, question: str, answer_type: str | None, info: dict[str, Any]) -> str:
-    """The prompt in the format the model was trained with (kit recipe template) else its chat
-    template; answer_type None asks the question as it is (free-form answers)."""
-    text = question if answer_type is None else f"{question} {SUFFIX[answer_type]}"
+def _prompt(processor, text: str, info: dict[str, Any]) -> str:
+    """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return build_prompt(processor, messages, info)
 
 
-def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, free: bool = False) -> list[str]:
-    """Greedy answers for a batch (left padding). free: no short-answer suffix ("Answer yes or no.")."""
+def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, style: str = "as-written") -> list[str]:
+    """Greedy answers for a batch (left padding); `style`: how the questions are asked (kit.data.vqa.ask)."""
     tok = processor.tokenizer
     images = []
     for it in items:
@@ -65,7 +45,7 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
             images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
-    prompts = [_prompt(processor, it.question, None if free else it.answer_type, info) for it in items]
+    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), info) for it in items]
     inputs = to_model(encode(processor, prompts, images, template_of(processor, info)), model)
     stop = stop_ids(model, tok)
     with torch.no_grad():
@@ -80,17 +60,38 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
 # --------------------------------------------------------------------------------------- runs
 
 
+KEYS = ("closed_accuracy", "open_recall", "overall")
+
+
+def _scores(predictions: list[dict[str, Any]], key: str) -> list[float]:
+    if key == "overall":
+        return [p["score"] for p in predictions]
+    kind = "closed" if key == "closed_accuracy" else "open"
+    return [p["score"] for p in predictions if p["answer_type"] == kind]
+
+
 def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
-    closed = [p["score"] for p in predictions if p["answer_type"] == "closed"]
-    opened = [p["score"] for p in predictions if p["answer_type"] == "open"]
-    every = closed + opened
-    return {
-        "closed_accuracy": sum(closed) / len(closed) if closed else None,
-        "open_recall": sum(opened) / len(opened) if opened else None,
-        "overall": sum(every) / len(every) if every else None,
-        "n_closed": len(closed),
-        "n_open": len(opened),
-    }
+    """Means per question type and overall, their question counts and 95% bootstrap intervals."""
+    out: dict[str, Any] = {}
+    for key in KEYS:
+        xs = _scores(predictions, key)
+        out[key] = sum(xs) / len(xs) if xs else None
+        out[f"{key}_ci"] = interval(xs)
+    out["n_closed"] = len(_scores(predictions, "closed_accuracy"))
+    out["n_open"] = len(_scores(predictions, "open_recall"))
+    return out
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """Per metric: the change in points' fraction and its paired 95% interval; None when the two
+    runs did not answer the same questions."""
+    if [p["id"] for p in before["predictions"]] != [p["id"] for p in after["predictions"]]:
+        return None
+    out = {}
+    for key in KEYS:
+        b, a = _scores(before["predictions"], key), _scores(after["predictions"], key)
+        out[key] = {"change": (sum(a) - sum(b)) / len(a) if a else None, "ci": change_interval(b, a)}
+    return out
 
 
 def evaluate(
@@ -102,12 +103,14 @@ def evaluate(
     echo: Callable[[str], None] = print,
     image_folder: Path | None = None,
     loaded: tuple[Any, Any, dict[str, Any]] | None = None,
+    metric: str = "llava-med",
 ) -> dict[str, Any]:
-    """Answer every question greedily and score them.
+    """Answer every question greedily and score them with `metric` (llava-med | strict).
 
     Returns closed_accuracy, open_recall, overall (mean per-question score; None where a type has no
-    questions), n_closed, n_open, model, data, notes and predictions (one dict per question: id,
-    answer_type, question, answer, prediction, score). The file is fully checked before the model
+    questions) with their 95% bootstrap intervals (`<key>_ci`), n_closed, n_open, metric, prompts,
+    model, data, notes and predictions (one dict per question: id, answer_type, question, answer,
+    prediction, score). The file is fully checked before the model
     is loaded; KitError (file:line) for bad lines or missing images. `loaded`: the model as
     kit.infer.load.load_for_inference already returned it, for callers that ask it more than once.
     """
@@ -115,6 +118,7 @@ def evaluate(
         raise KitError(f"batch size must be at least 1 (got {batch_size})")
     if max_new_tokens < 1:
         raise KitError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    check_metric(metric)
     items = load_items(Path(data), image_folder, limit)
     model, processor, info = loaded or load_for_inference(Path(model_path))
     n_c = sum(it.answer_type == "closed" for it in items)
@@ -125,13 +129,16 @@ def evaluate(
     predictions = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        for it, pred in zip(chunk, answer_batch(model, processor, info, chunk, max_new_tokens)):
+        for it, pred in zip(chunk, answer_batch(model, processor, info, chunk, max_new_tokens, style=PROMPT_STYLE[metric])):
             predictions.append({
                 "id": it.id, "answer_type": it.answer_type, "question": it.question, "answer": it.answer,
-                "prediction": pred, "score": score(pred, it.answer, it.answer_type),
+                "prediction": pred, "score": score(pred, it.answer, it.answer_type, metric),
             })
     result = summarise(predictions)
-    result.update({"model": str(model_path), "kind": info["kind"], "data": str(data), "notes": notes, "predictions": predictions})
+    result.update({
+        "metric": metric, "prompts": PROMPTS[metric], "model": str(model_path), "kind": info["kind"], "data": str(data),
+        "notes": notes, "predictions": predictions,
+    })
     return result
 
 
@@ -150,30 +157,62 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _ci(ci: tuple[float, float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "-"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
+
+
 METRICS = (("closed accuracy", "closed_accuracy"), ("open recall", "open_recall"), ("overall", "overall"))
 
 
+def _counts(result: dict[str, Any]) -> dict[str, int]:
+    return {"closed_accuracy": result["n_closed"], "open_recall": result["n_open"], "overall": result["n_closed"] + result["n_open"]}
+
+
+def _scored_by(result: dict[str, Any]) -> str:
+    return f"metric: {result.get('metric', 'llava-med')} (questions {result.get('prompts', PROMPTS['llava-med'])}); intervals: 95% bootstrap"
+
+
 def format_result(result: dict[str, Any]) -> str:
-    """A metric | value table (percent) for one evaluation."""
-    rows = [f"{'metric':16} | {'value':>7} | n"]
-    counts = {"closed_accuracy": result["n_closed"], "open_recall": result["n_open"], "overall": result["n_closed"] + result["n_open"]}
+    """A metric | value | 95% interval | n table (percent) for one evaluation."""
+    rows = [f"{'metric':16} | {'value':>7} | {'95% interval':>14} | n"]
+    counts = _counts(result)
     for label, key in METRICS:
-        rows.append(f"{label:16} | {_pct(result.get(key)):>7} | {counts[key]}")
-    return "\n".join(rows)
+        rows.append(f"{label:16} | {_pct(result.get(key)):>7} | {_ci(result.get(f'{key}_ci')):>14} | {counts[key]}")
+    return "\n".join(rows + [_scored_by(result)])
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """A metric | base | adapted | change table (percent, change in points)."""
-    rows = [f"{'metric':16} | {'base':>7} | {'adapted':>7} | {'change':>7}"]
+    """A metric | base | adapted | change | 95% interval of the change | n table (percent, change in
+    points, paired bootstrap over the same questions), then a line saying what the change means."""
+    rows = [f"{'metric':16} | {'base':>7} | {'adapted':>7} | {'change':>7} | {'95% interval':>16} | n"]
+    diff = changes(before, after)
+    counts = _counts(after)
     for label, key in METRICS:
         b, a = before.get(key), after.get(key)
         change = "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
-        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {change:>7}")
-    counts = [(r["n_closed"], r["n_open"]) for r in (before, after)]
-    line = f"questions: {counts[1][0]} closed, {counts[1][1]} open"
-    if counts[0] != counts[1]:
-        line = f"questions differ: base {counts[0][0]} closed / {counts[0][1]} open, adapted {counts[1][0]} closed / {counts[1][1]} open"
-    return "\n".join(rows + [line])
+        ci = _ci(diff[key]["ci"], signed=True) if diff else "-"
+        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {change:>7} | {ci:>16} | {counts[key]}")
+    rows.append(_scored_by(after))
+    if diff is None:
+        rows.append("the two runs answered different questions: no paired interval")
+    else:
+        rows.append(noise_verdict(diff, counts["overall"]))
+    return "\n".join(rows)
+
+
+def noise_verdict(diff: dict[str, Any], n: int) -> str:
+    """Whether the overall change is larger than what resampling these questions gives by chance."""
+    overall = diff["overall"]
+    if overall["ci"] is None or overall["change"] is None:
+        return "no questions: no change to judge"
+    lo, hi = overall["ci"]
+    if lo <= 0 <= hi:
+        return (f"too few questions to tell this change from noise: the overall change's 95% interval "
+                f"[{100 * lo:+.1f}, {100 * hi:+.1f}] includes 0 ({n} questions); evaluate on more held-out questions")
+    return f"the overall change is larger than the noise of {n} questions (95% interval excludes 0)"
 
 
 def write_predictions(result: dict[str, Any], path: Path) -> Path:

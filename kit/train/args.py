@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from kit.base.memory import GIB, estimate
 from kit.core.errors import KitError
-from kit.core.precision import compute_dtype
+from kit.core.precision import compute_dtype, use_tf32
 from kit.core.recipes import Recipe
 
 
@@ -39,6 +39,7 @@ def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingA
         max_steps=max_steps if max_steps is not None else t.max_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
+        tf32=use_tf32(t.tf32) or None,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
