@@ -76,3 +76,20 @@ def data_ingest(
 
     n = ingest(source, input, out, images, instances, seed)
     typer.echo(f"{n} caption pairs -> {out}")
+
+
+@data_app.command("import-vqa")
+def data_import_vqa(
+    name: Annotated[str, typer.Argument(help="vqa-rad | slake | pathvqa")],
+    root: Annotated[Path, typer.Argument(help="The unpacked release: VQA-RAD's folder, Slake1.0/, or PathVQA's pvqa/.")],
+    out: Annotated[Path, typer.Option(help="New folder: <split>.jsonl (kit eval) and <split>.json (kit adapt / train) per split.")],
+    language: Annotated[str, typer.Option(help="SLAKE: questions in this language (en, zh) or all.")] = "en",
+) -> None:
+    """Convert a medical VQA benchmark, in its published layout, into kit's eval and training files."""
+    from kit.ingest.vqa_sets import import_vqa_set
+
+    counts = import_vqa_set(name, root, out, language)
+    typer.echo(f"{name}: " + ", ".join(f"{split} {n} questions" for split, n in counts.items()) + f" -> {out}")
+    if "test" in counts:
+        typer.echo(f"evaluate: kit eval MODEL --data {out / 'test.jsonl'}; train: kit adapt --recipe medical --data {out / 'train.json'}")
+
