@@ -104,7 +104,7 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
         max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,
     )
     samples = read_json(work / "generated" / "data.json", "generated data", expect=list)
-    echo(f"generated {len(samples)} training conversations ({summary.rejected} rejected, {summary.failed} failed)")
+    echo(f"generated {len(samples)} training conversations ({sum(summary.rejected.values())} rejected, {sum(summary.failed.values())} failed)")
     if recipe.data.caption_pairs:
         write_caption_pairs(train_records, work / "captions.json", seed=recipe.train.seed)
         samples += read_json(work / "captions.json", "caption pairs", expect=list)

@@ -42,6 +42,13 @@ def test_adapt_runs_the_whole_pipeline_and_records_before_after(capsys, tmp_path
     ev = card["evaluation"]
     assert ev["base"]["n_closed"] == ev["adapted"]["n_closed"] > 0
     assert 0 <= ev["adapted"]["closed_accuracy"] <= 1
+    assert ev["metric"] == "llava-med" and ev["prompts"] == "as written"
+    lo, hi = ev["change"]["overall"]["ci"]
+    assert lo <= ev["change"]["overall"]["change"] <= hi
+    assert "95% interval" in stdout and ("from noise" in stdout or "larger than the noise" in stdout)
+    train_questions = [s for s in json.loads((data / ".kit" / "medical" / "train.json").read_text()) if s["id"].endswith("-vqa")]
+    assert train_questions and all(not s["conversations"][0]["value"].endswith(("Answer yes or no.", "Answer briefly."))
+                                   for s in train_questions), "VQA training pairs are asked as the metric asks"
     held_items = [json.loads(l) for l in open(ev["data"])]
     held = [it["image"] for it in held_items]
     # What the manifest says about each held-out image travels with its questions, for a judge.
