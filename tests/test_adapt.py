@@ -45,7 +45,8 @@ def test_adapt_runs_the_whole_pipeline_and_records_before_after(capsys, tmp_path
     assert ev["metric"] == "llava-med" and ev["prompts"] == "as written"
     lo, hi = ev["change"]["overall"]["ci"]
     assert lo <= ev["change"]["overall"]["change"] <= hi
-    assert "95% interval" in stdout and ("from noise" in stdout or "larger than the noise" in stdout)
+    said = stdout + err
+    assert "95% interval" in said and ("from noise" in said or "larger than the noise" in said)
     train_questions = [s for s in json.loads((data / ".kit" / "medical" / "train.json").read_text()) if s["id"].endswith("-vqa")]
     assert train_questions and all(not s["conversations"][0]["value"].endswith(("Answer yes or no.", "Answer briefly."))
                                    for s in train_questions), "VQA training pairs are asked as the metric asks"
