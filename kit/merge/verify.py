@@ -15,7 +15,7 @@ from kit.core.errors import KitError
 from kit.core.precision import to_model
 from kit.core.templates import IMAGE_TOKEN, TemplateError, render
 from kit.data.dataset import default_image_folder
-from kit.data.formats import load_samples
+from kit.data.formats import load_samples, placement_for
 from kit.data.images import ImageProblem, prepare_image, resolve_image
 from kit.infer.prompts import encode
 from kit.ingest.shapes import caption, draw_scene
@@ -38,7 +38,7 @@ def _settings(card: Card, base: Path, tokenizer) -> tuple[str, str | None, str]:
     return template, fmt.system_prompt, fmt.image_aspect or image_aspect_of(base)
 
 
-def _data_samples(card: Card, aspect: str, image_processor, n: int) -> list[tuple[Any, list[tuple[str, str]]]]:
+def _data_samples(card: Card, template: str, aspect: str, image_processor, n: int) -> list[tuple[Any, list[tuple[str, str]]]]:
     """Up to n (image, first exchange) pairs from the adapter's training data, when still there."""
     data_path = card.data.path if card.data else None
     if not data_path or not Path(data_path).is_file():
@@ -46,7 +46,8 @@ def _data_samples(card: Card, aspect: str, image_processor, n: int) -> list[tupl
     folder = card.recipe.data.image_folder if card.recipe else None
     out = []
     try:
-        samples = load_samples(Path(data_path))
+        option = card.recipe.data.image_placement if card.recipe else "auto"
+        samples = load_samples(Path(data_path), placement_for(template, option))
         folder = Path(folder) if folder else default_image_folder(Path(data_path))
         for s in samples:
             if len(out) == n:
@@ -62,7 +63,7 @@ def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -
     """A fixed batch of n image + conversation samples in the training format, and where they came
     from: the adapter's training data when its files are still there, else drawn shapes (seeded)."""
     template, system, aspect = _settings(card, base, processor.tokenizer)
-    samples = _data_samples(card, aspect, processor.image_processor, n)
+    samples = _data_samples(card, template, aspect, processor.image_processor, n)
     source = f"{len(samples)} samples of {card.data.path}" if samples else ""
     if len(samples) < n:
         rng = random.Random(0)
