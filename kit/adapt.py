@@ -15,6 +15,7 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kit.core.recipes import Recipe
+from kit.core.stages import Stages
 from kit.core.templates import IMAGE_TOKEN
 from kit.data.vqa import ANSWER_TYPES, ask
 from kit.eval.vqa import PROMPT_STYLE, before_after_table, changes, evaluate
@@ -80,11 +81,19 @@ def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") ->
     return out
 
 
-def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Path | None]:
-    """(training file, held-out eval file or None). Generation resumes from its ledger if rerun."""
-    path = _resolve_data(recipe, data, echo)
+def prepare_data(recipe: Recipe, data: str | None, echo=print, stages: Stages | None = None) -> tuple[Path, Path | None, str | None]:
+    """(training file, held-out eval file or None, what generation made of it or None). Generation
+    resumes from its ledger if rerun."""
+    stages = stages or Stages(echo=lambda m: None)
+    with stages.stage("sample"):
+        path = _resolve_data(recipe, data, echo)
     if path.is_file():
-        return path, None
+        return path, None, None
+    with stages.stage("generation"):
+        return _prepare_folder(recipe, path, echo)
+
+
+def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None, str]:
     if not (path / "manifest.jsonl").is_file():
         raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), or pass a LLaVA .json file")
     records = from_manifest(path)
@@ -104,7 +113,8 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
         max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,
     )
     samples = read_json(work / "generated" / "data.json", "generated data", expect=list)
-    echo(f"generated {len(samples)} training conversations ({sum(summary.rejected.values())} rejected, {sum(summary.failed.values())} failed)")
+    made = generation_line(len(samples), summary.rejected, summary.failed)
+    echo(made)
     if recipe.data.caption_pairs:
         write_caption_pairs(train_records, work / "captions.json", seed=recipe.train.seed)
         samples += read_json(work / "captions.json", "caption pairs", expect=list)
@@ -128,24 +138,36 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print) -> tuple[Path, Pa
         echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
         if n == 0:
             eval_file = None
-    return train_file, eval_file
+    return train_file, eval_file, made
+
+
+def generation_line(kept: int, rejected: dict[str, int], failed: dict[str, int]) -> str:
+    """`conversations: 7 generated, 11 rejected (8 repeated question, 1 truncated, ...), 0 failed`."""
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
+    return (f"conversations: {kept} generated, {sum(rejected.values())} rejected{f' ({why})' if why else ''}, "
+            f"{sum(failed.values())} failed")
 
 
 def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, max_steps: int | None, resume: bool, echo=print) -> Path:
-    """The whole pipeline. Raises KitError on bad input before anything is trained."""
-    base_path = resolve_base(recipe, base)
+    """The whole pipeline, one `stage NAME: seconds, peak memory` line per stage. Raises KitError
+    on bad input before anything is trained."""
+    stages = Stages(echo=echo)
+    with stages.stage("base"):
+        base_path = resolve_base(recipe, base)
     # Output problems surface before minutes of generation, not after.
     out_path = plan_output(recipe, out, resume)
-    train_file, eval_file = prepare_data(recipe, data, echo)
+    train_file, eval_file, made = prepare_data(recipe, data, echo, stages)
     before = None
     if eval_file is not None:
         echo("evaluating the base on the held-out images ...")
-        before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
+        with stages.stage("evaluation before"):
+            before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
     plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder(recipe), out_path, resume)
-    result = run(plan, max_steps, echo=echo)
+    result = run(plan, max_steps, echo=echo, stages=stages)
     if eval_file is not None:
         echo("evaluating the adapted model ...")
-        after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
+        with stages.stage("evaluation after"):
+            after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
         echo(before_after_table(before, after))
         card = Card.read(result) or Card.new("adapter", made_by="kit adapt")
         card.evaluation = {
@@ -157,4 +179,8 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             "adapted": {k: v for k, v in after.items() if k != "predictions"},
         }
         card.write(result)
+    if made:
+        echo(made)
+    peak = max(p for _, _, p in stages.done)
+    echo(f"total: {stages.total() / 60:.1f} min over {len(stages.done)} stages, peak memory {peak / 1e9:.2f} GB")
     return result

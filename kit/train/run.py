@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from kit.base.load import image_aspect_of, load_processor
 from kit.base.memory import GIB, estimate
 from kit.core.recipes import Recipe
+from kit.core.stages import Stages
 from kit.data.collator import Collator, supervised_loss
 from kit.data.dataset import Report, build_dataset
 from kit.train.args import resolve_checkpointing, training_args
@@ -33,8 +34,18 @@ def train(recipe: Recipe, base: str | None = None, data: str | None = None, out:
     return run(plan_run(recipe, base, data, out, resume), max_steps, callbacks, echo)
 
 
-def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCallback] | None = None, echo=print) -> Path:
-    """Train as `plan` says; the data is fully checked before anything is written to `plan.out`."""
+def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCallback] | None = None, echo=print,
+        stages: Stages | None = None) -> Path:
+    """Train as `plan` says; the data is fully checked before anything is written to `plan.out`.
+    `stages` times the data checks and the training as two stages."""
+    stages = stages or Stages(echo=lambda m: None)
+    with stages.stage("checks"):
+        processor, dataset, report = _checked_data(plan, echo)
+    with stages.stage("training"):
+        return _train(plan, processor, dataset, report, max_steps, callbacks, echo)
+
+
+def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
     recipe = plan.recipe
     processor = load_processor(plan.base)
     dataset, report = build_dataset(
@@ -51,6 +62,12 @@ def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCall
     echo(f"data: {report.summary()}")
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
+    return processor, dataset, report
+
+
+def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | None,
+           callbacks: list[TrainerCallback] | None, echo) -> Path:
+    recipe = plan.recipe
     if recipe.train.gradient_checkpointing == "auto":
         recipe = resolve_checkpointing(recipe, plan.base, max(report.lengths, default=recipe.data.max_length), echo)
         plan = replace(plan, recipe=recipe)
