@@ -129,7 +129,7 @@ def test_text_truncation_keeps_supervision_or_reports(processor, tmp_path):
 def test_mask_that_disagrees_with_the_answers_is_caught(processor, monkeypatch):
     import kit.data.dataset as dataset
 
-    def bad_render(template, turns, tokenizer, image_token, system=None):
+    def bad_render(template, turns, tokenizer, image_token, system=None, chat_template=None):
         text = "USER: hi ASSISTANT: hello there"
         return Rendered(text, [(len(text) - 5, len(text))], ["hello there"])  # span covers only "there"
 

@@ -55,7 +55,8 @@ def test_fixture_is_valid_in_plain_transformers(hub_base):
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(hub_base)
-    assert not proc.tokenizer.chat_template, "the template lives with the processor only"
+    if (hub_base / "chat_template.json").is_file():  # the older layout: the tokenizer does not read it
+        assert not proc.tokenizer.chat_template and proc.chat_template == HUB_STYLE
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert text == "USER: <image>\nWhat colour? ASSISTANT:"
@@ -97,7 +98,8 @@ def test_hub_template_renders_image_tokens_and_exact_masks(hub_base, tmp_path):
     eos = tok.eos_token
     assert runs == [f" Red.{eos}", f" 3 circles.{eos}"]
     text = tok.decode(item.input_ids)
-    assert text.startswith("USER: <image><image>") and "What colour is it? ASSISTANT: Red." in text
+    assert text.startswith("USER: <image><image>") and "<image>\nWhat colour is it? ASSISTANT: Red." in text
+    assert "\n\n" not in text, "the template's own newline after the image, not the data's as well"
     # The text-only sample, against the assistant mask transformers derives from {% generation %}.
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}, {"role": "assistant", "content": [{"type": "text", "text": "Hi there."}]}]
     ref = tok.apply_chat_template(msgs, chat_template=proc.chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -120,3 +122,26 @@ def test_a_template_that_breaks_is_a_per_sample_diagnostic(tiny_base, tmp_path):
     with pytest.raises(KitError, match=r"data\.json\[0\]: sample 's1': the chat template failed"):
         ds_err = build_dataset(_data(tmp_path), proc, "chat", 512, "pad")
     assert ds_err is None
+
+
+def test_medical_recipe_adapts_a_hub_layout_folder(tiny_base, tmp_path, capsys):
+    """`kit adapt --recipe medical` (template chat) on a folder laid out as downloaded: no kit card,
+    the template only in chat_template.json."""
+    from mock_openai import MockOpenAI
+    from test_adapt import TINY, _folder
+    from test_cli_errors import run_cli
+
+    base = _hub_folder(tiny_base, tmp_path / "llava-hf", "json")
+    (base / "kit.json").unlink(missing_ok=True)
+    data = _folder(tmp_path)
+    with MockOpenAI() as server:
+        code, out, err = run_cli(capsys, "adapt", "--recipe", "medical", "--base", str(base), "--data", str(data),
+                                 "--out", str(tmp_path / "adapter"), "--max-steps", "2", *TINY,
+                                 "--set", "generate.backend=openai", "--set", f"generate.base_url={server.base_url}",
+                                 "--set", "generate.model=mock", "--set", "eval.held_out=0.3")
+    assert code == 0, err
+    card = json.loads((tmp_path / "adapter" / "kit.json").read_text())
+    assert card["recipe"]["data"]["template"] == "chat" and card["evaluation"]["adapted"]["n_closed"] > 0
+    said = out + err
+    usable = [line for line in said.splitlines() if line.startswith("data: ")]
+    assert usable and "skipped" not in usable[0], usable  # every sample rendered with its image tokens

@@ -9,7 +9,7 @@ reference code's "tokenization mismatch" failure, which zeroes a sample's labels
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The image placeholder in LLaVA data and kit's templates; processors expand it to image tokens.
 IMAGE_TOKEN = "<image>"
@@ -81,6 +81,12 @@ class Rendered:
     text: str
     spans: list[tuple[int, int]]  # [start, end) character ranges that are supervised
     answers: list[str]  # the supervised text of each span, for checking the mask
+    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, supervised), in order
+
+    def expand(self, placeholder: str, times: int) -> Rendered:
+        """The same conversation with each image placeholder repeated `times` (a processor's
+        expansion), spans moved with it."""
+        return _spans_to_rendered([(p.replace(placeholder, placeholder * times), sup) for p, sup in self.pieces])
 
 
 def _spans_to_rendered(pieces: list[tuple[str, bool]]) -> Rendered:
@@ -91,7 +97,7 @@ def _spans_to_rendered(pieces: list[tuple[str, bool]]) -> Rendered:
             answers.append(piece)
         text.append(piece)
         pos += len(piece)
-    return Rendered("".join(text), spans, answers)
+    return Rendered("".join(text), spans, answers, list(pieces))
 
 
 def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
@@ -117,22 +123,64 @@ def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | No
     return _spans_to_rendered(pieces)
 
 
-def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = None) -> Rendered:
-    """Use the tokenizer's own chat template; each assistant turn is found by rendering the prefix.
+def _parts(role: str, text: str, image_token: str) -> list[dict]:
+    """Hub chat templates read content as parts: images where the placeholders were, then text."""
+    if role == "assistant":
+        return [{"type": "text", "text": text}]
+    parts: list[dict] = []
+    for k, chunk in enumerate(text.split(image_token)):
+        if k:
+            parts.append({"type": "image"})
+            # LLaVA data writes "<image>\n"; with parts, the template puts its own separator there.
+            chunk = chunk[1:] if chunk.startswith("\n") else chunk
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
 
-    The text the template adds for an assistant turn (minus trailing whitespace) is supervised: the
-    answer and its end-of-turn marker, whatever the template's syntax.
+
+def _apply(tokenizer, chat_template: str, messages: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja raises its own errors and whatever the template's code does
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TemplateError(f"the chat template failed ({type(e).__name__}: {first})") from None
+
+
+def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = None, chat_template: str | None = None,
+                image_token: str = IMAGE_TOKEN) -> Rendered:
+    """Use the model's own chat template (`chat_template`: the processor's, else the tokenizer's);
+    each assistant turn is found by rendering the prefix.
+
+    Content goes in as lists of parts (`{"type": "image"}` where `<image>` was, then text), as hub
+    templates expect; a template that renders no placeholder from parts but one from plain strings
+    (an older text-only style) gets strings. The text the template adds for an assistant turn (minus
+    trailing whitespace) is supervised: the answer and its end-of-turn marker, whatever the syntax.
     """
-    if not tokenizer.chat_template:
-        raise TemplateError("the tokenizer has no chat template; use template plain or vicuna_v1")
-    messages = [{"role": "system", "content": system}] if system else []
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        raise TemplateError("the model has no chat template (processor, tokenizer, chat_template.json/.jinja); use template plain or vicuna_v1")
+    n_images = sum(t.count(image_token) for _, t in turns)
+    as_parts = _render_chat(turns, tokenizer, system, template, image_token, parts=True)
+    if as_parts.text.count(image_token) == n_images:
+        return as_parts
+    as_strings = _render_chat(turns, tokenizer, system, template, image_token, parts=False)
+    if as_strings.text.count(image_token) == n_images:
+        return as_strings
+    raise TemplateError(f"the chat template renders {as_parts.text.count(image_token)} image placeholders for {n_images} images")
+
+
+def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
+    def content(role: str, text: str):
+        return _parts(role, text, image_token) if parts else text
+
+    messages = [{"role": "system", "content": content("system", system)}] if system else []
     pieces: list[tuple[str, bool]] = []
     done = ""
     for role, text in turns:
         if role == "assistant":
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            messages.append({"role": role, "content": text})
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            prompt = _apply(tokenizer, template, messages, True)
+            messages.append({"role": role, "content": content(role, text)})
+            full = _apply(tokenizer, template, messages, False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise TemplateError("the chat template does not render turns as prefixes of each other")
             turn = full[len(prompt):]
@@ -140,18 +188,21 @@ def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = No
             pieces += [(prompt[len(done):], False), (body, True), (turn[len(body):], False)]
             done = full
         else:
-            messages.append({"role": role, "content": text})
-    full = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
+            messages.append({"role": role, "content": content(role, text)})
+    full = _apply(tokenizer, template, messages, False) if messages else ""
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return _spans_to_rendered(pieces)
 
 
-def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None) -> Rendered:
+def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None,
+           chat_template: str | None = None) -> Rendered:
+    """`turns` hold one `image_token` per image; the caller expands it (Rendered.expand) where
+    its tokenization needs the processor's count."""
     if template == "plain":
         return render_plain(turns, image_token)
     if template == "vicuna_v1":
         return render_vicuna(turns, tokenizer.eos_token or "</s>", system)
     if template == "chat":
-        return render_chat(turns, tokenizer, system)
+        return render_chat(turns, tokenizer, system, chat_template, image_token)
     raise TemplateError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")

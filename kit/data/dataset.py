@@ -60,8 +60,10 @@ def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answ
     return "".join(got.split()) == "".join(want.split())
 
 
-def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int, max_length: int, system: str | None = None):
-    """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample."""
+def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int, max_length: int, system: str | None = None,
+                  chat_template: str | None = None):
+    """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample.
+    `chat_template`: the processor's template for `chat` (default: the tokenizer's)."""
     for j, (role, text) in enumerate(sample.turns):
         special = special_text_in(tokenizer, text)
         if special is not None:
@@ -71,12 +73,12 @@ def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int,
             )
     if template == "plain" and sample.image is None:
         return None, "template plain trains caption pairs and this sample has no image; give it one or use another template"
-    placeholder = IMAGE_TOKEN if template in CHUNKED_TEMPLATES else IMAGE_TOKEN * n_image_tokens
-    turns = [(r, t.replace(IMAGE_TOKEN, placeholder)) for r, t in sample.turns]
     try:
-        rendered = render(template, turns, tokenizer, placeholder, system)
+        rendered = render(template, sample.turns, tokenizer, IMAGE_TOKEN, system, chat_template)
     except TemplateError as e:
         return None, str(e)
+    if template not in CHUNKED_TEMPLATES:
+        rendered = rendered.expand(IMAGE_TOKEN, n_image_tokens)
     tokens = tokenize(tokenizer, rendered.text, template, n_image_tokens)
     ids = tokens.ids
     labels = np.where(supervised_mask(tokens, rendered.spans), ids, IGNORE)
@@ -180,11 +182,12 @@ def build_dataset(
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
     paths = _check_images(samples, folder)
     n_image_tokens = image_token_count(processor)
+    chat_template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
     report = Report(total=len(samples), image_tokens=n_image_tokens)
     items: list[Encoded] = []
     for s in samples:
         if s.problem is None:
-            enc, reason = encode_sample(s, processor.tokenizer, template, n_image_tokens, max_length, system)
+            enc, reason = encode_sample(s, processor.tokenizer, template, n_image_tokens, max_length, system, chat_template)
             if enc is None:
                 s.problem = reason
             else:

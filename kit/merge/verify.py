@@ -77,7 +77,7 @@ def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -
     texts = []
     for _, turns in samples:
         try:
-            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system).text)
+            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system, getattr(processor, "chat_template", None)).text)
         except TemplateError as e:
             raise KitError(f"cannot render verification samples with template '{template}': {e}") from None
     return encode(processor, texts, [img for img, _ in samples], template), f"{source} ({template} template)"
