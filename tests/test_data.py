@@ -14,7 +14,6 @@ from kit.data.collator import Collator
 from kit.data.formats import Sample, load_samples
 from kit.data.sampler import modality_length_order
 from kit.core.errors import KitError
-from kit.core.templates import Rendered
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +128,14 @@ def test_text_truncation_keeps_supervision_or_reports(processor, tmp_path):
 def test_mask_that_disagrees_with_the_answers_is_caught(processor, monkeypatch):
     import kit.data.dataset as dataset
 
-    def bad_render(template, turns, tokenizer, image_token, system=None, chat_template=None):
-        text = "USER: hi ASSISTANT: hello there"
-        return Rendered(text, [(len(text) - 5, len(text))], ["hello there"])  # span covers only "there"
+    real = dataset.supervised_mask
 
-    monkeypatch.setattr(dataset, "render", bad_render)
+    def short_mask(tokens, spans):
+        mask = real(tokens, spans)
+        mask[int(np.argmax(mask))] = False  # the first supervised token goes missing
+        return mask
+
+    monkeypatch.setattr(dataset, "supervised_mask", short_mask)
     s = Sample("x", None, [("user", "hi"), ("assistant", "hello there")], "f[0]")
     enc, reason = encode_sample(s, processor.tokenizer, "vicuna_v1", 16, 512)
     assert enc is None and "do not spell the answers" in reason

@@ -9,7 +9,7 @@ reference code's "tokenization mismatch" failure, which zeroes a sample's labels
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The image placeholder in LLaVA data and kit's templates; processors expand it to image tokens.
 IMAGE_TOKEN = "<image>"
@@ -76,28 +76,34 @@ class TemplateError(ValueError):
     """A conversation that the chosen template cannot render (reported per sample by the caller)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rendered:
-    text: str
-    spans: list[tuple[int, int]]  # [start, end) character ranges that are supervised
-    answers: list[str]  # the supervised text of each span, for checking the mask
-    pieces: list[tuple[str, bool]] = field(default_factory=list)  # (text, supervised), in order
+    """A rendered conversation as (text, supervised) pieces, in order; the text, the supervised
+    [start, end) character spans and their text all follow from them."""
+
+    pieces: tuple[tuple[str, bool], ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p, _ in self.pieces)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for piece, supervised in self.pieces:
+            if supervised and piece:
+                out.append((pos, pos + len(piece)))
+            pos += len(piece)
+        return out
+
+    @property
+    def answers(self) -> list[str]:
+        return [p for p, supervised in self.pieces if supervised and p]
 
     def expand(self, placeholder: str, times: int) -> Rendered:
         """The same conversation with each image placeholder repeated `times` (a processor's
         expansion), spans moved with it."""
-        return _spans_to_rendered([(p.replace(placeholder, placeholder * times), sup) for p, sup in self.pieces])
-
-
-def _spans_to_rendered(pieces: list[tuple[str, bool]]) -> Rendered:
-    text, spans, answers, pos = [], [], [], 0
-    for piece, supervised in pieces:
-        if supervised and piece:
-            spans.append((pos, pos + len(piece)))
-            answers.append(piece)
-        text.append(piece)
-        pos += len(piece)
-    return Rendered("".join(text), spans, answers, list(pieces))
+        return Rendered(tuple((p.replace(placeholder, placeholder * times), sup) for p, sup in self.pieces))
 
 
 def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
@@ -108,7 +114,7 @@ def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
         raise TemplateError(
             f"template plain takes caption pairs (one human turn, then the caption); this sample has {len(turns)} turns"
         )
-    return _spans_to_rendered([(image_token, False), (turns[1][1] + "\n", True)])
+    return Rendered(((image_token, False), (turns[1][1] + "\n", True)))
 
 
 def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | None = None) -> Rendered:
@@ -120,7 +126,7 @@ def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | No
             # Inference prompts end at "ASSISTANT:", so the separator space belongs to the answer.
             pieces.append(("ASSISTANT:", False))
             pieces.append((" " + text + eos_token, True))
-    return _spans_to_rendered(pieces)
+    return Rendered(tuple(pieces))
 
 
 def _parts(role: str, text: str, image_token: str) -> list[dict]:
@@ -192,7 +198,7 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
     full = _apply(tokenizer, template, messages, False) if messages else ""
     if full[len(done):]:
         pieces.append((full[len(done):], False))
-    return _spans_to_rendered(pieces)
+    return Rendered(tuple(pieces))
 
 
 def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None,
