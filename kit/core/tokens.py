@@ -10,6 +10,7 @@ those templates the same way. Chat templates are tokenized whole, as their proce
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from kit.core.templates import IMAGE_TOKEN
@@ -94,8 +95,3 @@ def special_texts(tokenizer) -> tuple[str, ...]:
     found.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
     found.discard(IMAGE_TOKEN)
     return tuple(sorted(t for t in found if t))
-
-
-def special_text_in(tokenizer, text: str) -> str | None:
-    """The first special-token text written inside `text` (e.g. a literal '</s>'), else None."""
-    return next((s for s in special_texts(tokenizer) if s in text), None)

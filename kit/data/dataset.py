@@ -13,7 +13,7 @@ from kit.base.family import image_token_count
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, TemplateError, render
-from kit.core.tokens import CHUNKED_TEMPLATES, special_text_in, supervised_mask, tokenize
+from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, placement_for
 from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
 
@@ -64,8 +64,9 @@ def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int,
                   chat_template: str | None = None):
     """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample.
     `chat_template`: the processor's template for `chat` (default: the tokenizer's)."""
+    specials = special_texts(tokenizer)
     for j, (role, text) in enumerate(sample.turns):
-        special = special_text_in(tokenizer, text)
+        special = next((t for t in specials if t in text), None)
         if special is not None:
             return None, (
                 f"turn {j + 1} ({role}) holds the text '{special}', which the tokenizer reads as a special token "
