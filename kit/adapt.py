@@ -18,7 +18,8 @@ from kit.core.recipes import Recipe
 from kit.core.stages import Stages
 from kit.core.templates import IMAGE_TOKEN
 from kit.data.vqa import ANSWER_TYPES, ask
-from kit.eval.vqa import PROMPT_STYLE, before_after_table, changes, evaluate
+from kit.eval.metrics import PROMPT_STYLE
+from kit.eval.vqa import before_after_table, changes, evaluate
 from kit.generate.backends import make_backend
 from kit.generate.runner import run_generation
 from kit.ingest.pairs import write_caption_pairs

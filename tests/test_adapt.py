@@ -42,7 +42,7 @@ def test_adapt_runs_the_whole_pipeline_and_records_before_after(capsys, tmp_path
     ev = card["evaluation"]
     assert ev["base"]["n_closed"] == ev["adapted"]["n_closed"] > 0
     assert 0 <= ev["adapted"]["closed_accuracy"] <= 1
-    assert ev["metric"] == "llava-med" and ev["prompts"] == "as written"
+    assert ev["metric"] == "llava-med" and ev["prompts"] == "as-written"
     lo, hi = ev["change"]["overall"]["ci"]
     assert lo <= ev["change"]["overall"]["change"] <= hi
     said = stdout + err

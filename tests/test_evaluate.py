@@ -219,10 +219,10 @@ def test_evaluate_scores_base_and_adapter(tiny_base, adapter, eval_file, tmp_pat
     table = before_after_table(base, after)
     assert table.splitlines()[0].split("|")[1:] and "adapted" in table and "change" in table
     assert "closed accuracy" in table and "open recall" in table and "95% interval" in table
-    assert "metric: llava-med (questions as written)" in table
+    assert "metric: llava-med (questions as-written)" in table
     assert "too few questions to tell this change from noise" in table or "larger than the noise" in table
     for r in (base, after):
-        assert r["metric"] == "llava-med" and r["prompts"] == "as written"
+        assert r["metric"] == "llava-med" and r["prompts"] == "as-written"
         lo, hi = r["overall_ci"]
         assert lo <= r["overall"] <= hi
 

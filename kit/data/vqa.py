@@ -53,11 +53,16 @@ def yes_no(text: str) -> str | None:
     return next((w for w in words(text) if w in ("yes", "no")), None)
 
 
+def is_yes_no(answer: str) -> bool:
+    """A closed answer that is yes or no (as opposed to options such as "left" or "CT")."""
+    return words(answer)[:1] in (["yes"], ["no"])
+
+
 def ask(question: str, answer: str, answer_type: str, style: str) -> str:
     """The question as the model is asked it: as written, or with kit's short-answer suffix."""
     if style == "as-written":
         return question
-    kind = "closed" if answer_type == "closed" and words(answer)[:1] in (["yes"], ["no"]) else "open"
+    kind = "closed" if answer_type == "closed" and is_yes_no(answer) else "open"
     return f"{question} {SUFFIX[kind]}"
 
 

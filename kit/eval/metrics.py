@@ -26,11 +26,11 @@ import numpy as np
 import yaml
 
 from kit.core.errors import KitError
-from kit.data.vqa import words, yes_no
+from kit.data.vqa import is_yes_no, words, yes_no
 
 METRIC_NAMES = ("llava-med", "strict")
-# How each metric asks its questions; recorded on cards next to the numbers.
-PROMPTS = {"llava-med": "as written", "strict": "with kit's short-answer suffix"}
+# How each metric asks its questions (kit.data.vqa.ask); recorded on cards next to the numbers.
+PROMPT_STYLE = {"llava-med": "as-written", "strict": "short-answer"}
 _WORDS_FILE = Path(__file__).with_name("llava_med_words.yaml")
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
 _PERIOD = re.compile(r"\.(?!\d)")
@@ -83,7 +83,7 @@ def llava_med_open_recall(prediction: str, answer: str) -> float:
 
 def strict_closed(prediction: str, answer: str) -> float:
     a, p = words(answer), words(prediction)
-    if a and a[0] in ("yes", "no"):
+    if is_yes_no(answer):
         return float(yes_no(prediction) == a[0])
     return float(bool(a) and p[: len(a)] == a)
 

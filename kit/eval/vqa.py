@@ -18,13 +18,10 @@ from kit.core.files import write_jsonl_atomic
 from kit.core.precision import to_model
 from kit.data.images import ImageProblem, prepare_image
 from kit.data.vqa import Item, ask, load_items
-from kit.eval.metrics import PROMPTS, change_interval, check_metric, interval, score
+from kit.eval.metrics import PROMPT_STYLE, change_interval, check_metric, interval, score
 from kit.infer.generation import pad_id, stop_ids
 from kit.infer.load import load_for_inference
 from kit.infer.prompts import build_prompt, encode, template_of
-
-# How each metric asks its questions (kit.data.vqa.ask).
-PROMPT_STYLE = {"llava-med": "as-written", "strict": "short-answer"}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -136,7 +133,7 @@ def evaluate(
             })
     result = summarise(predictions)
     result.update({
-        "metric": metric, "prompts": PROMPTS[metric], "model": str(model_path), "kind": info["kind"], "data": str(data),
+        "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": info["kind"], "data": str(data),
         "notes": notes, "predictions": predictions,
     })
     return result
@@ -172,7 +169,7 @@ def _counts(result: dict[str, Any]) -> dict[str, int]:
 
 
 def _scored_by(result: dict[str, Any]) -> str:
-    return f"metric: {result.get('metric', 'llava-med')} (questions {result.get('prompts', PROMPTS['llava-med'])}); intervals: 95% bootstrap"
+    return f"metric: {result['metric']} (questions {result['prompts']}); intervals: 95% bootstrap"
 
 
 def format_result(result: dict[str, Any]) -> str:
