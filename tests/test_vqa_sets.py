@@ -122,6 +122,10 @@ def test_bad_layouts_name_the_file_and_record(tmp_path):
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
     with pytest.raises(KitError, match="vqa-rad test question vqarad-3: image .*synpic2.jpg is missing"):
         read_vqa_set("vqa-rad", root)
+    rows[2]["image_name"] = "../outside.jpg"
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    with pytest.raises(KitError, match="vqa-rad test question vqarad-3: image path '../outside.jpg' escapes the image folder"):
+        read_vqa_set("vqa-rad", root)
     with pytest.raises(KitError, match="no train.json"):
         read_vqa_set("slake", tmp_path)
     with pytest.raises(KitError, match="unknown VQA set 'mimic'"):

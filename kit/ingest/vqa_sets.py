@@ -25,6 +25,7 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import read_json, staged_folder, write_json_atomic, write_jsonl_atomic
 from kit.core.templates import IMAGE_TOKEN
+from kit.data.images import ImageProblem, check_image, resolve_image
 
 VQA_SETS = ("vqa-rad", "slake", "pathvqa")
 _VQA_RAD_FILE = "VQA_RAD Dataset Public.json"
@@ -154,8 +155,10 @@ def read_vqa_set(name: str, root: Path, language: str = "en") -> tuple[Path, dic
         raise KitError(f"{root}: the image folder {images.name}/ is missing; unpack the images beside the questions")
     for split, rows in splits.items():
         for row in rows:
-            if not (images / row["image"]).is_file():
-                raise KitError(f"{name} {split} question {row['id']}: image {images / row['image']} is missing")
+            try:
+                check_image(resolve_image(images, row["image"]))
+            except ImageProblem as e:
+                raise KitError(f"{name} {split} question {row['id']}: {e}") from None
     if not any(splits.values()):
         raise KitError(f"{root}: no questions{' in language ' + language if language != 'all' else ''}")
     return images, splits
