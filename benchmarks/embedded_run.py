@@ -91,6 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     if args.work:
+        if args.work.exists():
+            sys.exit(f"--work {args.work} exists; the run needs a new folder (it measures a run from scratch)")
         args.work.mkdir(parents=True)
         now = run(args.work)
     else:
