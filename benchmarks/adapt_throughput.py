@@ -275,8 +275,9 @@ class Meter(TrainerCallback):
             self._images += pv.shape[0]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.base.family import part_of
+        from kit.base.family import family_of_model
 
+        part_of = family_of_model(model).part_of
         self._handle = llava_core(model).register_forward_pre_hook(self._hook, with_kwargs=True)
         four_bit: dict[str, int] = {}
         for name, m in model.named_modules():
@@ -415,17 +416,16 @@ def run_trl(args, base: Path, rows: list[dict], work: Path) -> dict:
 
     from kit.base.load import load_model, load_processor
     from kit.core.precision import compute_dtype
-    from kit.base.load import quantization_config
 
     out = work / "run-trl"
     shutil.rmtree(out, ignore_errors=True)
     recipe, _ = kit_recipe(args)
     processor = load_processor(base)
     dtype = compute_dtype(recipe.train.precision)
-    qcfg = quantization_config(dtype) if recipe.quantization == "nf4" else None
-    device_map = {"": 0} if qcfg is not None and torch.cuda.is_available() else None
+    nf4 = recipe.quantization == "nf4"
+    device_map = {"": 0} if nf4 and torch.cuda.is_available() else None
     t0 = time.perf_counter()
-    model = load_model(base, dtype=dtype, quantization_config=qcfg, device_map=device_map)
+    model = load_model(base, dtype=dtype, nf4=nf4, device_map=device_map)
     peft_config = kit_lora_config(model, recipe)
     cfg_kwargs = {"output_dir": str(out), "per_device_train_batch_size": args.batch,
                   "gradient_accumulation_steps": args.global_batch // args.batch, "max_steps": args.steps,

@@ -187,8 +187,9 @@ class Probe(TrainerCallback):
         self.model_info: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kit.base.family import part_of
+        from kit.base.family import family_of_model
 
+        part_of = family_of_model(model).part_of
         sync()
         self.begin = time.perf_counter()
         four_bit = {"vision": 0, "projector": 0, "llm": 0, "other": 0}

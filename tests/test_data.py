@@ -136,7 +136,7 @@ def test_mask_that_disagrees_with_the_answers_is_caught(processor, monkeypatch):
         return mask
 
     monkeypatch.setattr(dataset, "supervised_mask", short_mask)
-    s = Sample("x", None, [("user", "hi"), ("assistant", "hello there")], "f[0]")
+    s = Sample("x", [], [("user", "hi"), ("assistant", "hello there")], "f[0]")
     enc, reason = encode_sample(s, processor.tokenizer, "vicuna_v1", 16, 512)
     assert enc is None and "do not spell the answers" in reason
 

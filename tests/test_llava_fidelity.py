@@ -91,7 +91,7 @@ def _oracle_chunked(tok, text: str) -> list[int]:
 
 def test_vicuna_ids_are_the_references_chunked_ids(tokenizer):
     turns = place_image([("user", "What is shown?\n<image>"), ("assistant", "3 nodules.")], "reference")
-    enc, reason = encode_sample(Sample("s", "a.png", turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
+    enc, reason = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
     assert reason is None
     text = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
             "detailed, and polite answers to the user's questions. USER: <image>\nWhat is shown? ASSISTANT: 3 nodules." + tokenizer.eos_token)
@@ -119,7 +119,7 @@ def test_inference_prompt_plus_supervised_run_is_the_training_sequence(tokenizer
     proc = _processor(tokenizer)
     question = "What is shown in the chest X-ray?"
     turns = [("user", f"{IMAGE_TOKEN}\n{question}"), ("assistant", answer), ("user", "Is there a fracture?"), ("assistant", "No.")]
-    enc, reason = encode_sample(Sample("s", "a.png", turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
+    enc, reason = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
     assert reason is None
     ids, labels = list(enc.input_ids), list(enc.labels)
     image = Image.new("RGB", (32, 32), (90, 20, 20))
@@ -160,13 +160,13 @@ def test_end_of_sequence_text_inside_an_answer_is_refused(tokenizer, tmp_path):
 
 def test_text_only_sample_under_plain_is_refused(tokenizer):
     """(c): stage 1 trains captions of images; a text-only sample must not get image tokens."""
-    s = Sample("t", None, [("user", "Describe."), ("assistant", "A cat.")], "f[0]")
+    s = Sample("t", [], [("user", "Describe."), ("assistant", "A cat.")], "f[0]")
     enc, reason = encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
     assert enc is None and "has no image" in reason
 
 
 def test_plain_keeps_the_caption_as_written_and_supervises_all_after_the_image(tokenizer):
-    s = Sample("p", "a.png", [("user", "<image>\nDescribe it."), ("assistant", " A cat on a mat. ")], "f[0]")
+    s = Sample("p", ["a.png"], [("user", "<image>\nDescribe it."), ("assistant", " A cat on a mat. ")], "f[0]")
     enc, reason = encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
     assert reason is None
     ids, labels = list(enc.input_ids), list(enc.labels)

@@ -34,11 +34,9 @@ def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8
     from kit.base.load import load_model, load_processor
     from kit.core.recipes import load_recipe
     from kit.train.model import lora_target_regex
-    from kit.base.load import quantization_config
 
     torch.manual_seed(seed)
-    qcfg = quantization_config(torch.float32) if quantization == "nf4" else None
-    model = load_model(base, dtype=torch.float32, quantization_config=qcfg)
+    model = load_model(base, dtype=torch.float32, nf4=quantization == "nf4")
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=lora_target_regex(model, targets), init_lora_weights=False,
                      use_rslora=rslora, modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)

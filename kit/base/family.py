@@ -1,57 +1,136 @@
-"""The LLaVA family's layout, described once: which parameters are the vision tower, the projector
-and the LLM, how to tell a LLaVA-family folder, and how many tokens one image becomes."""
+"""Model families as data (families.yaml): where each keeps its vision tower, projector and LLM,
+how many images a sample may hold, and how its prompts are built. Every stage asks here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kit.core.errors import KitError
 from kit.core.files import read_json
 
-# Parameter-name prefixes of the parts a recipe can train or freeze.
-PART_PREFIXES = {
-    "vision": ("model.vision_tower.",),
-    "projector": ("model.multi_modal_projector.",),
-    "llm": ("model.language_model.", "lm_head."),
-}
-# Module names (not prefixes) that stay unquantized in QLoRA: transformers 5 matches skip names by
-# prefix/suffix, so the short names would silently quantize the projector and the tower.
-FULL_PRECISION_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
-PROJECTOR_MODULE = "multi_modal_projector"
+PARTS = ("vision", "projector", "llm")
+PEFT_PREFIX = "base_model.model."
 
 
-def part_of(name: str) -> str | None:
-    """Which part ('vision', 'projector', 'llm') a parameter name belongs to; PEFT prefixes allowed."""
-    name = name.removeprefix("base_model.model.")
-    for part, prefixes in PART_PREFIXES.items():
-        if any(name.startswith(p) for p in prefixes):
-            return part
-    return None
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    model_types: tuple[str, ...]
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    llm: str
+    head: str
+    images: str  # "one" | "many"
+    inputs: tuple[str, ...]
+    prompt: str  # "chat" | "prefix"
+    hub_example: str
+
+    def prefixes(self) -> list[tuple[str, str]]:
+        """(module path, part), most specific first: a projector inside the tower wins there."""
+        pairs = [(p, "vision") for p in self.vision] + [(p, "projector") for p in self.projector]
+        pairs += [(self.llm, "llm"), (self.head, "llm")]
+        return sorted(pairs, key=lambda pp: -len(pp[0]))
+
+    def part_of(self, name: str) -> str | None:
+        """Which part ('vision', 'projector', 'llm') a parameter or module belongs to; PEFT names allowed."""
+        name = name.removeprefix(PEFT_PREFIX)
+        for path, part in self.prefixes():
+            if name == path or name.startswith(path + "."):
+                return part
+        return None
+
+    def in_llm_body(self, name: str) -> bool:
+        """Inside the language model proper (not its head): where LoRA may go."""
+        name = name.removeprefix(PEFT_PREFIX)
+        return name.startswith(self.llm + ".") and self.part_of(name) == "llm"
+
+    def full_precision_modules(self) -> list[str]:
+        """Never 4-bit: the tower, the projector and the head (full names: transformers matches
+        skip names by prefix/suffix, so short ones would miss or over-match)."""
+        return list(dict.fromkeys([*self.vision, *self.projector, self.head]))
+
+    def projector_modules(self, model) -> list[str]:
+        """The projector's modules (bare parameters such as LLaVA-NeXT's image_newline are not
+        modules and so cannot travel in an adapter's modules_to_save)."""
+        names = dict(model.named_modules())
+        return [p for p in self.projector if p in names]
+
+    def modules(self, model, part: str) -> list[Any]:
+        names = dict(model.named_modules())
+        paths = {"vision": self.vision, "projector": self.projector, "llm": (self.llm,)}[part]
+        return [names[p] for p in paths if p in names]
+
+    def check_layout(self, model, where: str) -> None:
+        """KitError naming what is missing when a checkpoint does not have the family's modules."""
+        names = dict(model.named_modules())
+        missing = [p for p in (*self.vision, self.llm) if p not in names]
+        missing += [] if any(p in names or _is_param(model, p) for p in self.projector) else list(self.projector)
+        if missing:
+            raise KitError(
+                f"{where}: {type(model).__name__} has no {', '.join(missing)} where kit's '{self.name}' family description "
+                "puts them; kit cannot tell its vision tower, projector and LLM apart"
+            )
 
 
-def check_llava_family(path: Path) -> dict[str, Any]:
-    """The folder's config.json; KitError unless it holds a LLaVA-family model (vision tower + projector + LLM)."""
+def _is_param(model, path: str) -> bool:
+    try:
+        model.get_parameter(path)
+        return True
+    except AttributeError:
+        return False
+
+
+@cache
+def families() -> dict[str, Family]:
+    raw = yaml.safe_load(resources.files("kit.base").joinpath("families.yaml").read_text())
+    out = {}
+    for name, d in raw.items():
+        out[name] = Family(
+            name=name, label=d["label"], model_types=tuple(d["model_types"]), vision=tuple(d["vision"]),
+            projector=tuple(d["projector"]), llm=d["llm"], head=d["head"], images=d["images"],
+            inputs=tuple(d["inputs"]), prompt=d.get("prompt", "chat"), hub_example=d["hub_example"],
+        )
+    return out
+
+
+def family_for_type(model_type: str | None, where: str = "base") -> Family:
+    for fam in families().values():
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for f in families().values() for t in f.model_types)
+    raise KitError(
+        f"{where}: model_type '{model_type}' is not a family kit knows (it cannot tell where its vision tower, projector "
+        f"and LLM are); supported: {', '.join(known)}"
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise KitError(f"base {path}: no config.json; give a folder made by `kit base build` or a llava-hf checkpoint")
-    cfg = read_json(cfg_file, "model config", fix="restore the file")
+        raise KitError(f"base {path}: no config.json; give a folder made by `kit base build` or a downloaded hub checkpoint")
+    return read_json(cfg_file, "model config", fix="restore the file")
+
+
+def family_of(path: Path) -> Family:
+    """The family of the checkpoint in `path` (from config.json); KitError for a folder kit cannot adapt."""
+    cfg = read_config(path)
     if "vision_config" not in cfg or "text_config" not in cfg:
         raise KitError(
-            f"base {path} is not a LLaVA-family model (model_type '{cfg.get('model_type')}' has no vision tower); "
-            "build one with `kit base build` or use a llava-hf checkpoint"
+            f"base {path} is not a vision-language model (model_type '{cfg.get('model_type')}' has no vision tower); "
+            "build one with `kit base build` or download a supported checkpoint (kit's README lists the families)"
         )
-    return cfg
+    return family_for_type(cfg.get("model_type"), f"base {path}")
 
 
-def image_token_count(processor) -> int:
-    """How many tokens one `<image>` becomes, as the processor expands it."""
-    ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None) or ip.size
-    h = crop.get("height") or crop.get("shortest_edge")
-    w = crop.get("width") or crop.get("shortest_edge")
-    n = (h // processor.patch_size) * (w // processor.patch_size) + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n -= 1
-    return n
+def family_of_model(model) -> Family:
+    """The family of a loaded model (PEFT-wrapped or not)."""
+    cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return family_for_type(cfg.model_type, type(model).__name__)

@@ -1,5 +1,5 @@
-"""Loading a LLaVA-family base with plain transformers: weights (full or 4-bit), processor, and the
-image handling its card records."""
+"""Loading a base of any family kit knows with plain transformers: weights (full or 4-bit),
+processor, and the image handling its card records."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from kit.base.family import FULL_PRECISION_MODULES, check_llava_family
+from kit.base.family import Family, family_of
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import default_device
 
 
-def quantization_config(compute: torch.dtype):
-    """QLoRA's 4-bit NF4 with double quantization, for the LLM only."""
+def quantization_config(compute: torch.dtype, family: Family):
+    """QLoRA's 4-bit NF4 with double quantization, for the LLM's layers only."""
     from transformers import BitsAndBytesConfig
 
     # A custom skip list replaces the default skips, so lm_head is listed too.
@@ -25,7 +25,7 @@ def quantization_config(compute: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
-        llm_int8_skip_modules=list(FULL_PRECISION_MODULES),
+        llm_int8_skip_modules=family.full_precision_modules(),
     )
 
 
@@ -42,18 +42,17 @@ def load_processor(path: Path):
     return proc
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, quantization_config=None, device_map=None):
-    """Load any LLaVA-family checkpoint with plain transformers. Raises KitError for non-LLaVA folders."""
-    check_llava_family(path)
+def load_model(path: Path, dtype: torch.dtype = torch.float32, nf4: bool = False, device_map=None):
+    """Load a checkpoint of a known family with plain transformers, its LLM 4-bit when `nf4`.
+    Raises KitError for anything else."""
+    family = family_of(path)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    if nf4:
+        kwargs["quantization_config"] = quantization_config(dtype, family)
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
-        if not hasattr(model.model, attr):
-            raise KitError(f"base {path}: {type(model).__name__} lacks model.{attr}; kit supports LLaVA-family models")
+    family.check_layout(model, f"base {path}")
     return model
 
 
@@ -66,7 +65,7 @@ def load_base(path: Path, dtype: torch.dtype, form: str = "full", device: torch.
         model = load_model(path, dtype=dtype).to(dev)
     else:
         # 4-bit weights are placed at load time.
-        model = load_model(path, dtype=dtype, quantization_config=quantization_config(dtype),
+        model = load_model(path, dtype=dtype, nf4=True,
                            device_map={"": dev.index or 0} if dev.type == "cuda" else None)
         if form == "dequantized":
             model.dequantize()

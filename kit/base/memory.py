@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from kit.base.family import part_of
+from kit.base.family import family_for_type
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 
@@ -56,22 +56,23 @@ def _parts(base: Path):
     cfg = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
+    family = family_for_type(cfg.model_type, f"base {base}")
     counts = {"vision": 0, "projector": 0, "llm_linear": 0, "llm_other": 0}
     linears: list[tuple[int, int]] = []
     for name, module in model.named_modules():
-        if name.startswith("model.language_model.") and isinstance(module, torch.nn.Linear):
+        if family.in_llm_body(name) and isinstance(module, torch.nn.Linear):
             linears.append((module.in_features, module.out_features))
     for name, p in model.named_parameters():
-        part = part_of(name)
+        part = family.part_of(name)
         if part == "vision":
             counts["vision"] += p.numel()
         elif part == "projector":
             counts["projector"] += p.numel()
-        elif name.startswith("model.language_model.") and name.endswith(".weight") and p.dim() == 2 and "embed" not in name:
+        elif family.in_llm_body(name) and name.endswith(".weight") and p.dim() == 2 and "embed" not in name:
             counts["llm_linear"] += p.numel()
         else:
             counts["llm_other"] += p.numel()
-    text = cfg.text_config
+    text = cfg.get_text_config()
     return counts, linears, text
 
 

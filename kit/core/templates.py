@@ -105,6 +105,23 @@ class Rendered:
         expansion), spans moved with it."""
         return Rendered(tuple((p.replace(placeholder, placeholder * times), sup) for p, sup in self.pieces))
 
+    def expand_each(self, placeholder: str, expansions: list[str]) -> Rendered:
+        """Each placeholder, in order, replaced by its image's expansion (processors that expand
+        every image differently: tiles, dynamic resolution, markers around the tokens)."""
+        todo = list(expansions)
+        pieces = []
+        for text, sup in self.pieces:
+            chunks = text.split(placeholder)
+            if len(chunks) - 1 > len(todo):
+                raise TemplateError(f"the template wrote more image placeholders than the sample has images ({len(expansions)})")
+            out = chunks[0]
+            for chunk in chunks[1:]:
+                out += todo.pop(0) + chunk
+            pieces.append((out, sup))
+        if todo:
+            raise TemplateError(f"the template wrote {len(expansions) - len(todo)} image placeholders for {len(expansions)} images")
+        return Rendered(tuple(pieces))
+
 
 def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
     """Stage 1, as LLaVA's `preprocess_plain`: the image, the caption as written and a newline; the
@@ -153,7 +170,7 @@ def _apply(tokenizer, chat_template: str, messages: list[dict], generation_promp
 
 
 def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = None, chat_template: str | None = None,
-                image_token: str = IMAGE_TOKEN) -> Rendered:
+                image_token: str = IMAGE_TOKEN, placeholder: str | None = None) -> Rendered:
     """Use the model's own chat template (`chat_template`: the processor's, else the tokenizer's);
     each assistant turn is found by rendering the prefix.
 
@@ -161,18 +178,24 @@ def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = No
     templates expect; a template that renders no placeholder from parts but one from plain strings
     (an older text-only style) gets strings. The text the template adds for an assistant turn (minus
     trailing whitespace) is supervised: the answer and its end-of-turn marker, whatever the syntax.
+    `image_token` marks images in `turns`; `placeholder` is what the template writes for one (the
+    processor's image token, which it expands; default `image_token`).
     """
+    placeholder = placeholder or image_token
     template = chat_template or tokenizer.chat_template
     if not template:
         raise TemplateError("the model has no chat template (processor, tokenizer, chat_template.json/.jinja); use template plain or vicuna_v1")
     n_images = sum(t.count(image_token) for _, t in turns)
     as_parts = _render_chat(turns, tokenizer, system, template, image_token, parts=True)
-    if as_parts.text.count(image_token) == n_images:
+    if as_parts.text.count(placeholder) == n_images:
         return as_parts
-    as_strings = _render_chat(turns, tokenizer, system, template, image_token, parts=False)
-    if as_strings.text.count(image_token) == n_images:
-        return as_strings
-    raise TemplateError(f"the chat template renders {as_parts.text.count(image_token)} image placeholders for {n_images} images")
+    if placeholder == image_token:
+        as_strings = _render_chat(turns, tokenizer, system, template, image_token, parts=False)
+        if as_strings.text.count(image_token) == n_images:
+            return as_strings
+    raise TemplateError(
+        f"the chat template renders {as_parts.text.count(placeholder)} image placeholders ({placeholder}) for {n_images} images"
+    )
 
 
 def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
@@ -202,7 +225,7 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
 
 
 def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None,
-           chat_template: str | None = None) -> Rendered:
+           chat_template: str | None = None, placeholder: str | None = None) -> Rendered:
     """`turns` hold one `image_token` per image; the caller expands it (Rendered.expand) where
     its tokenization needs the processor's count."""
     if template == "plain":
@@ -210,5 +233,5 @@ def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: 
     if template == "vicuna_v1":
         return render_vicuna(turns, tokenizer.eos_token or "</s>", system)
     if template == "chat":
-        return render_chat(turns, tokenizer, system, chat_template, image_token)
+        return render_chat(turns, tokenizer, system, chat_template, image_token, placeholder)
     raise TemplateError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")

@@ -36,12 +36,16 @@ def tokenize_whole(tokenizer, text: str, add_special_tokens: bool) -> Tokens:
     return _tokens(ids, offsets)
 
 
-def tokenize_chunked(tokenizer, text: str, n_image_tokens: int, image_token: str = IMAGE_TOKEN) -> Tokens:
+def tokenize_chunked(tokenizer, text: str, n_image_tokens: int | list[int], image_token: str = IMAGE_TOKEN) -> Tokens:
     """LLaVA's rule: every piece between placeholders is tokenized on its own (special tokens
     added); the first piece's BOS is kept once and the first id of every later piece dropped; each
-    placeholder becomes `n_image_tokens` image ids (the processor's expansion of one image)."""
+    placeholder becomes its image's image ids (`n_image_tokens`: the processor's count, one for
+    every image or one per placeholder in order)."""
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     pieces = text.split(image_token)
+    counts = n_image_tokens if isinstance(n_image_tokens, list) else [n_image_tokens] * (len(pieces) - 1)
+    if len(counts) != len(pieces) - 1:
+        raise ValueError(f"{len(pieces) - 1} image placeholders but {len(counts)} image token counts")
     encoded = [_encode(tokenizer, p, True) for p in pieces]
     bos = tokenizer.bos_token_id
     skip = 1 if encoded[0][0] and bos is not None and encoded[0][0][0] == bos else 0
@@ -53,8 +57,8 @@ def tokenize_chunked(tokenizer, text: str, n_image_tokens: int, image_token: str
     pos = 0
     for k, (piece_ids, piece_offsets) in enumerate(encoded):
         if k:
-            ids += [image_id] * n_image_tokens
-            offsets += [(pos, pos + len(image_token))] * n_image_tokens
+            ids += [image_id] * counts[k - 1]
+            offsets += [(pos, pos + len(image_token))] * counts[k - 1]
             pos += len(image_token)
         ids += piece_ids[skip:]
         offsets += [(pos + a, pos + b) for a, b in piece_offsets[skip:]]
@@ -62,7 +66,7 @@ def tokenize_chunked(tokenizer, text: str, n_image_tokens: int, image_token: str
     return _tokens(ids, offsets)
 
 
-def tokenize(tokenizer, text: str, template: str, n_image_tokens: int) -> Tokens:
+def tokenize(tokenizer, text: str, template: str, n_image_tokens: int | list[int]) -> Tokens:
     """Ids for a rendered text. Chunked templates take one placeholder per image and expand it;
     chat templates take the text with placeholders already expanded (their processors' layout)."""
     if template in CHUNKED_TEMPLATES:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kit.data.dataset import IGNORE
+from kit.data.processing import collate
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -33,17 +34,7 @@ class Collator:
     supervised_logits_only: bool = False
 
     def __call__(self, batch: list[dict]) -> dict:
-        longest = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = collate(batch, self.pad_token_id)
         if self.supervised_logits_only:
-            out["logits_to_keep"] = supervised_positions(labels)
-        pixels = [b["pixel_values"] for b in batch if "pixel_values" in b]
-        if pixels:
-            out["pixel_values"] = torch.stack(pixels)  # [N_img, 3, H, W], only samples that have images
+            out["logits_to_keep"] = supervised_positions(out["labels"])
         return out

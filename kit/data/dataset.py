@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kit.base.family import image_token_count
+from kit.base.family import Family
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, TemplateError, render
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, placement_for
-from kit.data.images import ImageProblem, check_image, prepare_image, resolve_image
+from kit.data.images import ImageProblem, check_image, image_size, open_rgb, resolve_image
+from kit.data.processing import Processing
 
 IGNORE = -100
 
@@ -25,8 +26,13 @@ class Encoded:
     id: str
     input_ids: np.ndarray  # [T] int32
     labels: np.ndarray  # [T] int32, IGNORE where not supervised
-    image: Path | None
+    images: list[Path]
+    text: str = ""  # the rendered text before the processor expands its images (chat templates)
     truncated: bool = False
+
+    @property
+    def image(self) -> Path | None:
+        return self.images[0] if self.images else None
 
 
 @dataclass
@@ -35,7 +41,8 @@ class Report:
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (id, where, reason)
     truncated_text: int = 0
     lengths: list[int] = field(default_factory=list)
-    image_tokens: int = 0
+    image_tokens: int = 0  # the most tokens one image takes
+    image_total: int = 0  # image tokens over all usable samples
 
     def summary(self) -> str:
         ok = self.total - len(self.problems)
@@ -60,10 +67,15 @@ def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answ
     return "".join(got.split()) == "".join(want.split())
 
 
-def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int, max_length: int, system: str | None = None,
-                  chat_template: str | None = None):
+def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | list, max_length: int, system: str | None = None,
+                  chat_template: str | None = None, placeholder: str = IMAGE_TOKEN, image_id: int | None = None):
     """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample.
-    `chat_template`: the processor's template for `chat` (default: the tokenizer's)."""
+
+    image_tokens: per image, in order, what it becomes (kit.data.processing.Processing.expansions):
+    a token count for plain / vicuna_v1, the expanded text for chat; one int for every image means
+    that many `placeholder`s. chat_template: the processor's template for `chat` (default: the
+    tokenizer's). placeholder: what the chat template writes for an image (the processor's token).
+    image_id: the id that counts image positions (default: the placeholder's)."""
     specials = special_texts(tokenizer)
     for j, (role, text) in enumerate(sample.turns):
         special = next((t for t in specials if t in text), None)
@@ -74,26 +86,36 @@ def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int,
             )
     if template == "plain" and sample.image is None:
         return None, "template plain trains caption pairs and this sample has no image; give it one or use another template"
+    chunked = template in CHUNKED_TEMPLATES
+    n_images = len(sample.images)
+    if isinstance(image_tokens, int):
+        image_tokens = [image_tokens if chunked else placeholder * image_tokens] * n_images
     try:
-        rendered = render(template, sample.turns, tokenizer, IMAGE_TOKEN, system, chat_template)
+        rendered = render(template, sample.turns, tokenizer, IMAGE_TOKEN, system, chat_template, placeholder)
+        expanded = rendered if chunked else rendered.expand_each(placeholder, image_tokens)
     except TemplateError as e:
         return None, str(e)
-    if template not in CHUNKED_TEMPLATES:
-        rendered = rendered.expand(IMAGE_TOKEN, n_image_tokens)
-    tokens = tokenize(tokenizer, rendered.text, template, n_image_tokens)
+    tokens = tokenize(tokenizer, expanded.text, template, image_tokens if chunked else 0)
     ids = tokens.ids
-    labels = np.where(supervised_mask(tokens, rendered.spans), ids, IGNORE)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    labels = np.where(supervised_mask(tokens, expanded.spans), ids, IGNORE)
+    image_id = image_id if image_id is not None else tokenizer.convert_tokens_to_ids(placeholder if not chunked else IMAGE_TOKEN)
     n_img = int((ids == image_id).sum())
-    if sample.image is not None and n_img != n_image_tokens:
-        return None, f"template produced {n_img} image tokens, expected {n_image_tokens}"
+    want = sum(image_tokens) if chunked else sum(tokenizer(e, add_special_tokens=False)["input_ids"].count(image_id) for e in image_tokens)
+    if n_img != want:
+        return None, f"template produced {n_img} image tokens, expected {want}"
     if (labels != IGNORE).sum() == 0:
         return None, "nothing to supervise (no assistant answer survives the template)"
-    if not supervised_text_matches(tokenizer, ids, labels, rendered.answers):
+    if not supervised_text_matches(tokenizer, ids, labels, expanded.answers):
         return None, "supervised tokens do not spell the answers (tokenizer/template mismatch)"
     truncated = False
     if len(ids) > max_length:
-        if int((ids[:max_length] == image_id).sum()) != n_img:
+        # Every image's tokens, markers included, must survive: an image cut short fails in the model.
+        if chunked:
+            image_end = int(np.nonzero(ids == image_id)[0][-1]) + 1 if n_img else 0
+        else:
+            last = expanded.text.rfind(image_tokens[-1]) + len(image_tokens[-1]) if image_tokens else 0
+            image_end = int((tokens.starts < last).sum()) if last else 0
+        if image_end > max_length:
             return None, (
                 f"image tokens would be truncated: {len(ids)} tokens ({n_img} image) > max_length {max_length}; "
                 "raise data.max_length or shorten the sample"
@@ -101,16 +123,15 @@ def encode_sample(sample: Sample, tokenizer, template: str, n_image_tokens: int,
         ids, labels, truncated = ids[:max_length], labels[:max_length], True
         if (labels != IGNORE).sum() == 0:
             return None, f"nothing left to supervise after truncation to max_length {max_length}"
-    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), None, truncated), None
+    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], rendered.text, truncated), None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """Pre-tokenised samples; images are decoded and processed on access."""
+    """Pre-tokenised samples; images are decoded and processed on access, by the checkpoint's processor."""
 
-    def __init__(self, items: list[Encoded], image_processor, aspect: str):
+    def __init__(self, items: list[Encoded], processing: Processing):
         self.items = items
-        self.image_processor = image_processor
-        self.aspect = aspect
+        self.processing = processing
 
     def __len__(self) -> int:
         return len(self.items)
@@ -121,27 +142,30 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
-        out = {"input_ids": torch.from_numpy(it.input_ids.astype(np.int64)), "labels": torch.from_numpy(it.labels.astype(np.int64))}
-        if it.image is not None:
-            try:
-                img = prepare_image(it.image, self.aspect, self.image_processor)
-            except ImageProblem as e:
-                raise KitError(f"sample '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
-            out["pixel_values"] = self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+        try:
+            images = [open_rgb(p) for p in it.images]
+        except ImageProblem as e:
+            raise KitError(f"sample '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
+        out = self.processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images)
+        out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
         return out
 
 
-def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict[str, Path]:
+def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict[str, list[tuple[Path, tuple[int, int]]]]:
+    """Per sample id: each image's path and size; a sample with a bad image gets its problem."""
     def one(s: Sample):
         try:
-            p = resolve_image(folder, s.image)
-            check_image(p)
-            return s.id, p, None
+            found = []
+            for rel in s.images:
+                p = resolve_image(folder, rel)
+                check_image(p)
+                found.append((p, image_size(p)))
+            return s.id, found, None
         except ImageProblem as e:
             return s.id, None, str(e)
 
     paths = {}
-    todo = [s for s in samples if s.image is not None and s.problem is None]
+    todo = [s for s in samples if s.images and s.problem is None]
     by_id = {s.id: s for s in todo}
     with ThreadPoolExecutor(workers) as pool:
         for sid, path, problem in pool.map(one, todo):
@@ -170,8 +194,10 @@ def build_dataset(
     on_bad_sample: str = "error",
     system: str | None = None,
     image_placement: str = "auto",
+    family: Family | None = None,
 ) -> tuple[LlavaDataset, Report]:
-    """Load, check and tokenise a LLaVA data file.
+    """Load, check and tokenise a LLaVA data file for `processor`'s checkpoint (of `family`:
+    whether it takes several images per sample).
 
     Raises KitError on structural errors, and on any unusable sample when `on_bad_sample` is
     "error" (listing them); with "skip" they are left out and counted in the report.
@@ -181,18 +207,38 @@ def build_dataset(
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
+    if family is not None and family.images == "one":
+        for s in samples:
+            if s.problem is None and len(s.images) > 1:
+                s.problem = f"{len(s.images)} images; {family.label} takes one image per sample"
     paths = _check_images(samples, folder)
-    n_image_tokens = image_token_count(processor)
+    processing = Processing(processor, template, image_aspect)
     chat_template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    report = Report(total=len(samples), image_tokens=n_image_tokens)
+    report = Report(total=len(samples))
     items: list[Encoded] = []
+    checked: set[tuple] = set()
     for s in samples:
         if s.problem is None:
-            enc, reason = encode_sample(s, processor.tokenizer, template, n_image_tokens, max_length, system, chat_template)
+            found = paths.get(s.id, [])
+            sizes = [size for _, size in found]
+            try:
+                expansions = processing.expansions(sizes)
+            except KitError as e:
+                raise KitError(f"{s.where}: sample '{s.id}': {e}") from None
+            enc, reason = encode_sample(s, processor.tokenizer, template, expansions, max_length, system, chat_template,
+                                        processing.placeholder)
             if enc is None:
                 s.problem = reason
             else:
-                enc.image = paths.get(s.id) if s.image else None
+                enc.images = [p for p, _ in found]
+                counts = [processing.image_tokens(z) for z in sizes]
+                report.image_tokens = max([report.image_tokens, *counts])
+                report.image_total += sum(counts)
+                # The processor itself checks kit's expansion once for every combination of image sizes.
+                key = tuple(processing.fitted_size(z) for z in sizes)
+                if key not in checked:
+                    checked.add(key)
+                    _agrees(processing, enc, sizes, s)
                 report.truncated_text += enc.truncated
                 report.lengths.append(len(enc.input_ids))
                 items.append(enc)
@@ -204,4 +250,14 @@ def build_dataset(
         raise KitError(f"{first}{more}; fix the data or set data.on_bad_sample=skip")
     if not items:
         raise KitError(f"{data_path}: no usable samples ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
-    return LlavaDataset(items, processor.image_processor, image_aspect), report
+    return LlavaDataset(items, processing), report
+
+
+def _agrees(processing: Processing, enc: Encoded, sizes: list[tuple[int, int]], s: Sample) -> None:
+    from PIL import Image
+
+    blanks = [Image.new("RGB", z, (127, 127, 127)) for z in sizes]
+    try:
+        processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks)
+    except KitError as e:
+        raise KitError(f"{s.where}: sample '{s.id}': {e}") from None

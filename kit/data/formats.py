@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,16 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 @dataclass
 class Sample:
     id: str
-    image: str | None  # relative to the image folder
+    images: list[str]  # relative to the image folder, in the order of their placeholders
     turns: list[tuple[str, str]]  # ("user" | "assistant", text); <image> already placed
     where: str  # "file:line" or "file[index]", for messages
     problem: str | None = None  # set when the sample is unusable (reported, then skipped or fatal)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> str | None:
+        """The first image (None for a text-only sample)."""
+        return self.images[0] if self.images else None
 
 
 def _read_records(path: Path) -> list[tuple[str, Any]]:
@@ -43,9 +49,14 @@ def _parse(where: str, rec: Any, index: int, placement: str) -> Sample:
         raise KitError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} turns")
     sid = str(rec.get("id", index))
     image = rec.get("image")
-    if image is not None and not isinstance(image, str):
-        kind = "a list (multi-image samples are not supported)" if isinstance(image, list) else type(image).__name__
-        raise KitError(f"{where}: sample '{sid}': field 'image' must be a relative path string, got {kind}")
+    images = [image] if isinstance(image, str) else image
+    if image is None or image == "":
+        images = []
+    elif not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise KitError(
+            f"{where}: sample '{sid}': field 'image' must be a relative path, or a non-empty list of them "
+            f"(one per <image> placeholder), got {json.dumps(image)[:80]}"
+        )
     turns: list[tuple[str, str]] = []
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -56,7 +67,7 @@ def _parse(where: str, rec: Any, index: int, placement: str) -> Sample:
         if not isinstance(turn["value"], str):
             raise KitError(f"{where}: sample '{sid}': conversations[{j}].value must be a string")
         turns.append((role, turn["value"]))
-    sample = Sample(sid, image or None, turns, where, extra={k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
+    sample = Sample(sid, images, turns, where, extra={k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
     _normalise(sample, placement)
     return sample
 
@@ -71,14 +82,17 @@ def _normalise(s: Sample, placement: str) -> None:
         s.problem = "no assistant turn to learn from"
     n_tokens = sum(t.count(IMAGE_TOKEN) for _, t in turns)
     in_answer = next((j for j, (r, t) in enumerate(turns) if r == "assistant" and IMAGE_TOKEN in t), None)
-    if s.image is None and n_tokens:
+    n_images = len(s.images)
+    if not n_images and n_tokens:
         s.problem = "text contains <image> but the sample has no 'image' field"
     elif in_answer is not None:
         s.problem = f"turn {in_answer + 1} is an answer that holds <image>; the placeholder belongs in a human turn"
-    elif n_tokens > 1:
-        s.problem = f"{n_tokens} <image> placeholders; one image per sample is supported"
-    if s.image is not None and turns and s.problem is None:
-        s.turns = place_image(turns, placement)
+    elif n_images == 1 and n_tokens > 1:
+        s.problem = f"{n_tokens} <image> placeholders for 1 image; give one placeholder per image ('image' can be a list)"
+    elif n_images > 1 and n_tokens not in (0, n_images):
+        s.problem = f"{n_tokens} <image> placeholders for {n_images} images; give one placeholder per image, in order (or none)"
+    if n_images and turns and s.problem is None:
+        s.turns = place_image(turns, placement) if n_images == 1 else place_images(turns, n_images)
 
 
 def place_image(turns: list[tuple[str, str]], placement: str) -> list[tuple[str, str]]:
@@ -101,6 +115,16 @@ def place_image(turns: list[tuple[str, str]], placement: str) -> list[tuple[str,
     out = list(turns)
     role, text = out[at]
     out[at] = (role, (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip())
+    return out
+
+
+def place_images(turns: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """Several images: placeholders stay where the data put them (the order pairs them with the
+    images); a sample without any gets all of them at the start of its first human turn."""
+    if any(IMAGE_TOKEN in t for _, t in turns):
+        return list(turns)
+    out = list(turns)
+    out[0] = ("user", f"{IMAGE_TOKEN}\n" * n + out[0][1].strip())
     return out
 
 

@@ -30,6 +30,15 @@ def check_image(path: Path) -> None:
         raise ImageProblem(f"image file {path} is corrupt or not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageProblem(f"image file {path} is corrupt or not an image ({e})") from None
+
+
 def open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from kit.base.family import image_token_count
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, VICUNA_TEMPLATE
-from kit.core.tokens import CHUNKED_TEMPLATES, tokenize_chunked
+from kit.data.processing import Processing
 from kit.infer.images import fit_image
 
 
@@ -53,37 +50,9 @@ def count_images(messages: list[dict[str, Any]]) -> int:
 
 
 def encode(processor, prompts: list[str], images: list, template: str = "chat") -> dict[str, Any]:
-    """Tokenized, left-padded batch (pixel values included when there are images), tokenized as
-    the template's training code does (kit.core.tokens)."""
-    if template in CHUNKED_TEMPLATES:
-        return _encode_chunked(processor, prompts, images)
-    tok = processor.tokenizer
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        return dict(processor(text=prompts, images=images or None, padding=True, return_tensors="pt"))
-    finally:
-        tok.padding_side = old_side
-
-
-def _encode_chunked(processor, prompts: list[str], images: list) -> dict[str, Any]:
-    placeholders = sum(p.count(IMAGE_TOKEN) for p in prompts)
-    if placeholders != len(images):
-        raise KitError(f"the prompts hold {placeholders} image placeholders but {len(images)} images were given")
-    tok = processor.tokenizer
-    n = image_token_count(processor) if images else 0
-    rows = [torch.from_numpy(tokenize_chunked(tok, p, n).ids) for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = r
-        attention_mask[i, width - len(r):] = 1
-    out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if images:
-        out["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return out
+    """A left-padded batch for generation, made as training made its samples (kit.data.processing):
+    `images` (already fitted as training showed them) in the order of the prompts' placeholders."""
+    return Processing(processor, template, aspect=None).prompt_inputs(prompts, images)
 
 
 def prepare(processor, info: dict[str, Any], messages: list[dict[str, Any]], images: list) -> dict[str, Any]:

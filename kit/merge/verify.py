@@ -17,6 +17,7 @@ from kit.core.templates import IMAGE_TOKEN, TemplateError, render
 from kit.data.dataset import default_image_folder
 from kit.data.formats import load_samples, placement_for
 from kit.data.images import ImageProblem, prepare_image, resolve_image
+from kit.data.processing import Processing
 from kit.infer.prompts import encode
 from kit.ingest.shapes import caption, draw_scene
 
@@ -31,10 +32,11 @@ _DRAWN_PROMPT = "Describe the image briefly."
 # -------------------------------------------------------------------------------- verification
 
 
-def _settings(card: Card, base: Path, tokenizer) -> tuple[str, str | None, str]:
+def _settings(card: Card, base: Path, processor) -> tuple[str, str | None, str]:
     """(template, system prompt, image aspect) the adapter was trained with."""
     fmt = card.prompt_format()
-    template = fmt.template or ("chat" if tokenizer.chat_template else "vicuna_v1")
+    has_chat = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    template = fmt.template or ("chat" if has_chat else "vicuna_v1")
     return template, fmt.system_prompt, fmt.image_aspect or image_aspect_of(base)
 
 
@@ -52,7 +54,7 @@ def _data_samples(card: Card, template: str, aspect: str, image_processor, n: in
         for s in samples:
             if len(out) == n:
                 break
-            if s.problem is None and s.image and len(s.turns) >= 2 and s.turns[1][0] == "assistant":
+            if s.problem is None and len(s.images) == 1 and len(s.turns) >= 2 and s.turns[1][0] == "assistant":
                 out.append((prepare_image(resolve_image(folder, s.image), aspect, image_processor), s.turns[:2]))
     except (KitError, ImageProblem, OSError):
         return []
@@ -62,7 +64,8 @@ def _data_samples(card: Card, template: str, aspect: str, image_processor, n: in
 def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -> tuple[dict[str, torch.Tensor], str]:
     """A fixed batch of n image + conversation samples in the training format, and where they came
     from: the adapter's training data when its files are still there, else drawn shapes (seeded)."""
-    template, system, aspect = _settings(card, base, processor.tokenizer)
+    template, system, aspect = _settings(card, base, processor)
+    placeholder = Processing(processor, template).placeholder
     samples = _data_samples(card, template, aspect, processor.image_processor, n)
     source = f"{len(samples)} samples of {card.data.path}" if samples else ""
     if len(samples) < n:
@@ -77,7 +80,8 @@ def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -
     texts = []
     for _, turns in samples:
         try:
-            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system, getattr(processor, "chat_template", None)).text)
+            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system, getattr(processor, "chat_template", None),
+                                placeholder).text)
         except TemplateError as e:
             raise KitError(f"cannot render verification samples with template '{template}': {e}") from None
     return encode(processor, texts, [img for img, _ in samples], template), f"{source} ({template} template)"

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from kit.base.family import PART_PREFIXES
+from kit.base.family import families
 from kit.base.mini import mini_base
 from kit.core.errors import KitError
 from kit.core.recipes import load_recipe
@@ -19,7 +19,8 @@ from kit.data.images import prepare_image
 from kit.ingest.shapes import COLOURS, POSITIONS, SHAPES, score_caption, write_shapes_dataset
 from kit.train.run import train
 
-PROJECTOR_PREFIX = PART_PREFIXES["projector"][0]
+# The mini base is a LLaVA (FastVLM) build: its projector lives where the llava family keeps it.
+PROJECTOR_PREFIX = families()["llava"].projector[0] + "."
 TRAIN_SEED, EVAL_SEED = 0, 1
 
 

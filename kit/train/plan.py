@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.base.family import check_llava_family
+from kit.base.family import family_of
 from kit.base.mini import mini_base
 from kit.core.cards import CARD_NAME
 from kit.core.errors import KitError
@@ -35,7 +35,7 @@ def resolve_base(recipe: Recipe, base: str | None) -> Path:
     path = Path(choice)
     if not path.is_dir():
         raise KitError(f"base {path} does not exist; pass --base with a model folder (or 'mini')")
-    check_llava_family(path)
+    family_of(path)
     return path
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from kit.base.family import family_of
 from kit.base.load import image_aspect_of, load_processor
 from kit.base.memory import GIB, estimate
 from kit.core.recipes import Recipe
@@ -45,7 +46,8 @@ def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCall
         return _train(plan, processor, dataset, report, max_steps, callbacks, echo)
 
 
-def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
+def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any, Report]:
+    """(processor, dataset, report) of a run's data, tokenized for its base as the recipe says."""
     recipe = plan.recipe
     processor = load_processor(plan.base)
     dataset, report = build_dataset(
@@ -55,10 +57,16 @@ def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
         recipe.data.max_length,
         recipe.data.image_aspect or image_aspect_of(plan.base),
         image_folder=plan.image_folder,
-        on_bad_sample=recipe.data.on_bad_sample,
+        on_bad_sample=on_bad_sample or recipe.data.on_bad_sample,
         system=recipe.data.system_prompt,
         image_placement=recipe.data.image_placement,
+        family=family_of(plan.base),
     )
+    return processor, dataset, report
+
+
+def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
+    processor, dataset, report = plan_data(plan)
     echo(f"data: {report.summary()}")
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
@@ -88,7 +96,7 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(processor.tokenizer.pad_token_id, supervised_logits_only=True),
+        data_collator=Collator(dataset.processing.pad_id, supervised_logits_only=True),
         compute_loss_func=supervised_loss,
         processing_class=processor,
         callbacks=[CsvLogger(plan.out / "log.csv"), CheckpointCardCallback(plan), *(callbacks or [])],

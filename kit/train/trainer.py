@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from kit.base.family import part_of
+from kit.base.family import family_of_model
 from kit.core.cards import Card, describe_source, hash_files
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
@@ -34,11 +34,12 @@ class KitTrainer(Trainer):
         model = self.model if model is None else model
         if self.optimizer is None:
             decay = set(self.get_decay_parameter_names(model))
+            family = family_of_model(model)
             proj_lr = self.kit_recipe.train.projector_lr or self.args.learning_rate
             groups: dict[tuple[bool, bool], list] = {}
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    groups.setdefault((part_of(name) == "projector", name in decay), []).append(p)
+                    groups.setdefault((family.part_of(name) == "projector", name in decay), []).append(p)
             param_groups = [
                 {"params": ps, "lr": proj_lr if is_proj else self.args.learning_rate, "weight_decay": self.args.weight_decay if dec else 0.0}
                 for (is_proj, dec), ps in sorted(groups.items())

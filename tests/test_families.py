@@ -1,0 +1,177 @@
+"""Every model family kit adapts, as a user downloads it (tests/families.py builds each offline):
+data check -> adapt (LoRA, QLoRA) -> eval -> merge -> chat -> serve, through the CLI.
+
+The fixtures are first shown valid in plain transformers, so a failure here is kit's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import families
+from test_cli_errors import run_cli
+
+COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
+# Two sizes (and, with image_aspect crop, two shapes), so families whose token count depends on
+# the image get different counts within one run.
+SIZES = [(40, 24), (24, 40)]
+LORA = ["--set", "quantization=none", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.dropout=0",
+        "--set", "train.batch_size=2", "--set", "train.global_batch_size=2", "--set", "train.precision=fp32",
+        "--set", "train.num_workers=0", "--set", "train.gradient_checkpointing=false", "--set", "data.max_length=1024",
+        "--set", "train.save_steps=1000", "--set", "data.image_aspect=crop", "--set", "train.lr=3e-2",
+        "--set", "train.projector_lr=1e-2", "--set", "train.warmup_ratio=0", "--set", "data.group_by_modality_length=false",
+        "--set", "train.logging_steps=1"]
+
+
+@pytest.fixture(scope="module", params=families.FAMILIES)
+def family_base(request, smol_tokenizer_dir, tmp_path_factory) -> tuple[str, Path]:
+    family = request.param
+    return family, families.save(family, smol_tokenizer_dir, tmp_path_factory.mktemp(family) / "base")
+
+
+def _data(root: Path, multi: bool) -> Path:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(6):
+        name = list(COLOURS)[i % 2]
+        size = SIZES[(i // 2) % 2]
+        Image.new("RGB", size, COLOURS[name]).save(root / "images" / f"{i}.png")
+        rows.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": name}]})
+    if multi:
+        rows.append({"id": "pair", "image": ["images/0.png", "images/1.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat colours are these?"}, {"from": "gpt", "value": "red, then blue"}]})
+    rows.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
+    f = root / "train.json"
+    f.write_text(json.dumps(rows))
+    with open(root / "eval.jsonl", "w") as e:
+        for i in range(2):
+            e.write(json.dumps({"id": f"q{i}", "image": f"images/{i}.png", "question": "What colour is it?", "answer": list(COLOURS)[i % 2],
+                                "answer_type": "open"}) + "\n")
+    return f
+
+
+def test_fixture_is_valid_in_plain_transformers(family_base):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    family, base = family_base
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    proc = AutoProcessor.from_pretrained(base)
+    img = Image.new("RGB", SIZES[0], COLOURS["red"])
+    if family == "paligemma":
+        inputs = proc(text=["What colour is it?"], images=[img], suffix=["red"], return_tensors="pt")
+    else:
+        text = proc.apply_chat_template(families.messages(1, "What colour is it?", "red"), tokenize=False)
+        inputs = proc(text=[text], images=[img], return_tensors="pt")
+        inputs["labels"] = inputs["input_ids"].clone()
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_every_command_on_every_family(family_base, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    from kit.base.family import families as described
+    from kit.base.family import family_of
+    from kit.base.load import load_model
+    from kit.train.logs import read_losses
+    from kit.train.model import llm_linear_names
+
+    family, base = family_base
+    fam = family_of(base)
+    multi = fam.images == "many"
+    data = _data(tmp_path / "data", multi)
+
+    # kit data check: every sample usable, every image's own count.
+    code, out, err = run_cli(capsys, "data", "check", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data), *LORA)
+    assert code == 0, err
+    said = out + err
+    assert "problems: none" in said, said
+    assert fam.label in said
+
+    # kit adapt, LoRA: it learns, LoRA sits on the LLM's linear layers only, the projector trains, the tower does not.
+    adapter = tmp_path / "adapter"
+    code, out, err = run_cli(capsys, "adapt", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data),
+                             "--out", str(adapter), "--max-steps", "12", *LORA)
+    assert code == 0, err
+    losses = [loss for _, loss in read_losses(adapter / "log.csv")]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+    weights = _state(adapter)
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and all(fam.in_llm_body(k.replace(".lora_A.weight", "").replace(".lora_B.weight", "")) for k in lora)
+    saved = [k for k in weights if "lora_" not in k]  # modules_to_save, stored under their own names
+    assert saved and all(fam.part_of(k) == "projector" for k in saved), saved
+    base_state = AutoModelForImageTextToText.from_pretrained(base).state_dict()
+    assert all(not torch.equal(weights[k], base_state[k.removeprefix("base_model.model.")]) for k in saved), "the projector did not train"
+
+    # QLoRA: exactly the LLM's linear layers are 4-bit; nothing in the tower, projector or head.
+    q = load_model(base, nf4=True)
+    four_bit = sorted(n for n, m in q.named_modules() if type(m).__name__ == "Linear4bit")
+    assert four_bit == sorted(llm_linear_names(load_model(base), fam))
+    assert not any(fam.part_of(n) != "llm" or not fam.in_llm_body(n) for n in four_bit)
+    qadapter = tmp_path / "qadapter"
+    code, out, err = run_cli(capsys, "adapt", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data),
+                             "--out", str(qadapter), "--max-steps", "2", *LORA, "--set", "quantization=nf4")
+    assert code == 0, err
+
+    # kit eval on the adapter.
+    code, out, err = run_cli(capsys, "eval", str(adapter), "--data", str(tmp_path / "data" / "eval.jsonl"))
+    assert code == 0, err
+    assert "open" in out + err
+
+    # kit merge: verified with the family's own prompt; the result loads in plain transformers.
+    merged = tmp_path / "merged"
+    code, out, err = run_cli(capsys, "merge", str(adapter), "--out", str(merged))
+    assert code == 0, err
+    plain = AutoModelForImageTextToText.from_pretrained(merged)
+    assert plain.config.model_type == json.loads((base / "config.json").read_text())["model_type"]
+    assert not any("lora" in k for k in _state(merged))
+
+    # kit chat on the merged model and on the adapter answer alike (greedy).
+    image = tmp_path / "data" / "images" / "0.png"
+    answers = []
+    for model in (adapter, merged):
+        code, out, err = run_cli(capsys, "chat", str(model), "--image", str(image), "--prompt", "What colour is it?",
+                                 "--max-new-tokens", "4")
+        assert code == 0, err
+        answers.append(out.strip())
+    assert answers[0] == answers[1] and answers[0]
+
+    # kit serve: an OpenAI request with an inline image goes through the family's processor.
+    from openai import OpenAI
+
+    from kit.serve.app import create_app
+    from kit.serve.pool import load_pool
+    from kit.serve.run import running
+
+    pool = load_pool(adapter, echo=lambda m: None)
+    with running(create_app(pool)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        name = client.models.list().data[-1].id
+        content = [{"type": "image_url", "image_url": {"url": _data_url(Image.open(image))}},
+                   {"type": "text", "text": "What colour is it?"}]
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content is not None
+    assert family in described() or fam.name in described()
