@@ -579,13 +579,13 @@ def main(argv: list[str] | None = None) -> int:
 
         from kit.data.dataset import build_dataset
         from kit.base.load import image_aspect_of, load_processor
-        from kit.base.family import image_token_count
+        from kit.data.processing import Processing
 
         recipe, _ = kit_recipe(args)
         proc = load_processor(base)
-        n_img = image_token_count(proc)
         crop = getattr(proc.image_processor, "crop_size", None) or proc.image_processor.size
         size = crop.get("height") or crop.get("shortest_edge")
+        n_img = Processing(proc, "vicuna_v1").image_tokens((size, size))
         t = time.perf_counter()
         data = write_llava_mix(work / "data", args.samples, args.seed, size, proc.tokenizer, n_img,
                                recipe.data.max_length, text_scale=text_scale)

@@ -104,6 +104,8 @@ def tokenizer_for(family: str, smol_tokenizer_dir: Path):
     if family == "paligemma":
         tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>"})
     tok.pad_token = tok.pad_token or tok.eos_token
+    if family == "paligemma":
+        tok.chat_template = None  # PaliGemma checkpoints ship none: prefix + suffix instead
     return tok
 
 
@@ -239,7 +241,7 @@ def build(family: str, smol_tokenizer_dir: Path):
     # At the default init (std 0.02, hidden 32) the logits span well under one unit, so no adapter on
     # the LLM's layers could make an answer likely; a trained model's head is far sharper.
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(50)
+        model.get_output_embeddings().weight.mul_(20)
     eot = END_OF_TURN.get(family)
     eos_ids = [tok.eos_token_id] + ([tok.convert_tokens_to_ids(eot)] if eot else [])
     model.generation_config.eos_token_id = sorted(set(eos_ids))

@@ -70,6 +70,14 @@ VICUNA_TEMPLATE = (
 )
 
 TEMPLATES = ("plain", "vicuna_v1", "chat")
+# What `chat` means for a family whose checkpoints have no chat template but a prefix + suffix
+# layout (PaliGemma); chosen from the family's description, never named in a recipe.
+PREFIX = "prefix"
+
+
+def template_for(template: str, prompt_style: str) -> str:
+    """The template a recipe's `template` becomes for a family (kit.base.family: `prompt`)."""
+    return PREFIX if template == "chat" and prompt_style == "prefix" else template
 
 
 class TemplateError(ValueError):
@@ -146,6 +154,33 @@ def render_vicuna(turns: list[tuple[str, str]], eos_token: str, system: str | No
     return Rendered(tuple(pieces))
 
 
+def render_prefix(turns: list[tuple[str, str]], tokenizer, image_token: str, placeholder: str | None = None) -> Rendered:
+    """PaliGemma's layout, as its processor builds it from `text` + `suffix`: the images, BOS, the
+    question and a newline are the prefix; the answer and EOS the suffix, the only supervised part.
+    One question and one answer per sample: the format has no turns."""
+    roles = [r for r, _ in turns]
+    if roles != ["user", "assistant"]:
+        raise TemplateError(f"this model's prompt format takes one question and its answer; this sample has {len(turns)} turns")
+    question = turns[0][1]
+    images = (placeholder or image_token) * question.count(image_token)
+    return Rendered((
+        (images, False), (tokenizer.bos_token or "", False), (question.replace(image_token, "").strip(), False), ("\n", False),
+        (turns[1][1].strip(), True), (tokenizer.eos_token or "", True),
+    ))
+
+
+def prefix_parts(rendered: Rendered) -> tuple[str, str]:
+    """(text, suffix) of a render_prefix result, as the processor takes them (it adds BOS, the
+    newline and EOS itself)."""
+    p = [text for text, _ in rendered.pieces]
+    return p[0] + p[2], p[4]
+
+
+def prefix_prompt(question: str, n_images: int, placeholder: str) -> str:
+    """The processor's `text` for a question in the prefix layout (it adds BOS and the newline)."""
+    return placeholder * n_images + question.strip()
+
+
 def _parts(role: str, text: str, image_token: str) -> list[dict]:
     """Hub chat templates read content as parts: images where the placeholders were, then text."""
     if role == "assistant":
@@ -214,7 +249,7 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
                 raise TemplateError("the chat template does not render turns as prefixes of each other")
             turn = full[len(prompt):]
             body = turn.rstrip()
-            pieces += [(prompt[len(done):], False), (body, True), (turn[len(body):], False)]
+            pieces += [(prompt[len(done):], False), (body + _end_if_open(body, tokenizer), True), (turn[len(body):], False)]
             done = full
         else:
             messages.append({"role": role, "content": content(role, text)})
@@ -222,6 +257,15 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return Rendered(tuple(pieces))
+
+
+def _end_if_open(body: str, tokenizer) -> str:
+    """EOS for an answer the template leaves open (llava-hf's LLaVA-1.5 template ends an assistant
+    turn with a space): as in LLaVA's own training, the model must learn where an answer stops."""
+    ends = [t for t in tokenizer.all_special_tokens if t]
+    if any(body.endswith(t) for t in ends) or not tokenizer.eos_token:
+        return ""
+    return tokenizer.eos_token
 
 
 def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None,
@@ -234,4 +278,6 @@ def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: 
         return render_vicuna(turns, tokenizer.eos_token or "</s>", system)
     if template == "chat":
         return render_chat(turns, tokenizer, system, chat_template, image_token, placeholder)
+    if template == PREFIX:
+        return render_prefix(turns, tokenizer, image_token, placeholder)
     raise TemplateError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")

@@ -12,7 +12,7 @@ import torch
 from kit.base.family import Family
 from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.templates import IMAGE_TOKEN, TemplateError, render
+from kit.core.templates import IMAGE_TOKEN, TemplateError, prefix_parts, render, template_for, PREFIX
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, placement_for
 from kit.data.images import ImageProblem, check_image, image_size, open_rgb, resolve_image
@@ -28,6 +28,7 @@ class Encoded:
     labels: np.ndarray  # [T] int32, IGNORE where not supervised
     images: list[Path]
     text: str = ""  # the rendered text before the processor expands its images (chat templates)
+    suffix: str | None = None  # the prefix layout: the answer, which the processor takes apart from the text
     truncated: bool = False
 
     @property
@@ -88,6 +89,8 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         return None, "template plain trains caption pairs and this sample has no image; give it one or use another template"
     chunked = template in CHUNKED_TEMPLATES
     n_images = len(sample.images)
+    if template == PREFIX and not n_images:
+        return None, "this model's prompt format (an image, then a question) needs an image in every sample"
     if isinstance(image_tokens, int):
         image_tokens = [image_tokens if chunked else placeholder * image_tokens] * n_images
     try:
@@ -123,7 +126,8 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         ids, labels, truncated = ids[:max_length], labels[:max_length], True
         if (labels != IGNORE).sum() == 0:
             return None, f"nothing left to supervise after truncation to max_length {max_length}"
-    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], rendered.text, truncated), None
+    text, suffix = prefix_parts(rendered) if template == PREFIX else (rendered.text, None)
+    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], text, suffix, truncated), None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -146,7 +150,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             images = [open_rgb(p) for p in it.images]
         except ImageProblem as e:
             raise KitError(f"sample '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
-        out = self.processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images)
+        out = self.processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, it.suffix)
         out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
         return out
 
@@ -203,6 +207,8 @@ def build_dataset(
     "error" (listing them); with "skip" they are left out and counted in the report.
     """
     data_path = Path(data_path)
+    if family is not None:
+        template = template_for(template, family.prompt)
     samples = load_samples(data_path, placement_for(template, image_placement))
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
     if any(s.image for s in samples) and not folder.is_dir():
@@ -258,6 +264,6 @@ def _agrees(processing: Processing, enc: Encoded, sizes: list[tuple[int, int]], 
 
     blanks = [Image.new("RGB", z, (127, 127, 127)) for z in sizes]
     try:
-        processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks)
+        processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks, enc.suffix)
     except KitError as e:
         raise KitError(f"{s.where}: sample '{s.id}': {e}") from None

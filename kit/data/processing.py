@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from kit.core.errors import KitError
-from kit.core.templates import IMAGE_TOKEN
+from kit.core.templates import IMAGE_TOKEN, PREFIX
 from kit.core.tokens import CHUNKED_TEMPLATES, tokenize_chunked
 from kit.data.images import mean_colour, pad_to_square
 
@@ -50,6 +50,8 @@ class Processing:
         self.template = template
         self.aspect = aspect
         self.chunked = template in CHUNKED_TEMPLATES
+        # PaliGemma: token_type_ids mark the answer (1) apart from the prefix it may attend to both ways.
+        self.prefix_lm = template == PREFIX
         image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
         # The text a chat template writes for an image, which the processor expands.
         self.placeholder = IMAGE_TOKEN if self.chunked else image_token
@@ -84,7 +86,10 @@ class Processing:
             finally:
                 self.processor.tokenizer = recorder._tokenizer
             text = recorder.texts[-1]
-            self._expansions[size] = text[0] if isinstance(text, list) else text
+            text = text[0] if isinstance(text, list) else text
+            if self.prefix_lm:  # the processor also wrote its BOS and newline after the image
+                text = text[: text.rfind(self.image_token) + len(self.image_token)]
+            self._expansions[size] = text
         return self._expansions[size]
 
     def image_tokens(self, size: tuple[int, int]) -> int:
@@ -110,17 +115,20 @@ class Processing:
 
     # ------------------------------------------------------------------ model inputs
 
-    def sample_inputs(self, text: str, ids, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def sample_inputs(self, text: str, ids, images: list[Image.Image], suffix: str | None = None) -> dict[str, torch.Tensor]:
         """One sample's inputs: token keys 1-D over the sequence, image keys as the processor gives them.
         `ids`: the ids kit tokenized (and labelled; the processor must agree with them, and they may
-        be a truncated prefix of its ids), or None for a prompt (chat: the processor's ids)."""
+        be a truncated prefix of its ids), or None for a prompt (chat: the processor's ids). suffix:
+        the answer, for the prefix layout (the processor marks it in token_type_ids)."""
         if self.chunked:
             ids = torch.as_tensor(ids, dtype=torch.long)
             out: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if images:
                 out.update(dict(self.processor.image_processor(images=[self.fit(im) for im in images], return_tensors="pt")))
             return out
-        got = self.processor(text=[text], images=[self.fit(im) for im in images] or None, add_special_tokens=False, return_tensors="pt")
+        extra = {"suffix": [suffix]} if suffix is not None else {}
+        got = self.processor(text=[text], images=[self.fit(im) for im in images] or None, add_special_tokens=False,
+                             return_tensors="pt", **extra)
         got = {k: v for k, v in got.items() if k != "labels" and isinstance(v, torch.Tensor)}
         proc_ids = got["input_ids"][0]
         ids = proc_ids if ids is None else torch.as_tensor(ids, dtype=torch.long)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from kit.base.family import family_of
 from kit.base.load import image_aspect_of, load_base, load_processor
 from kit.core.cards import CARD_NAME, Card, describe_source
 from kit.core.errors import KitError
@@ -94,11 +95,14 @@ def processor_for(path: Path, base: Path | None):
     return load_processor(base)
 
 
-def prompting(card: Card, base: Path | None) -> dict[str, Any]:
-    """How the model was prompted in training: template, system prompt, image aspect."""
+def prompting(card: Card, base: Path | None, model_dir: Path | None = None) -> dict[str, Any]:
+    """How the model was prompted in training: template, system prompt, image aspect, and its
+    family's prompt style (chat template, or PaliGemma's prefix layout)."""
     fmt = card.prompt_format()
     aspect = fmt.image_aspect or (image_aspect_of(base) if base is not None else "pad")
-    return {"template": fmt.template, "system_prompt": fmt.system_prompt, "image_aspect": aspect}
+    family = family_of(base if base is not None else model_dir)
+    return {"template": fmt.template, "system_prompt": fmt.system_prompt, "image_aspect": aspect,
+            "prompt_style": family.prompt, "family": family.name}
 
 
 def base_form(quantization: str, device: torch.device) -> str:
@@ -127,7 +131,7 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
         model = load_base(path, dtype, "full", dev)
         processor = processor_for(path, None)
         info = {"kind": "model", "path": str(path), "base": None, "quantization": "none"}
-        settings = prompting(card, path)
+        settings = prompting(card, path, path)
     else:
         base, _, card = adapter_base(path)
         if card is None:
@@ -142,7 +146,7 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
         model = PeftModel.from_pretrained(model, str(path))
         processor = processor_for(path, base)
         info = {"kind": "adapter", "path": str(path), "base": str(base), "quantization": quant}
-        settings = prompting(card, base)
+        settings = prompting(card, base, path)
     model.eval()
     info.update(settings)
     info["notes"] = notes

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from kit.core.errors import KitError
-from kit.core.templates import IMAGE_TOKEN, VICUNA_TEMPLATE
+from kit.core.templates import IMAGE_TOKEN, PREFIX, VICUNA_TEMPLATE, prefix_prompt
 from kit.data.processing import Processing
 from kit.infer.images import fit_image
 
@@ -20,9 +20,12 @@ def _is_vicuna(processor, info: dict[str, Any]) -> bool:
 
 
 def template_of(processor, info: dict[str, Any]) -> str:
-    """The template a model's prompts are rendered and tokenized with (plain, vicuna_v1 or chat)."""
+    """The template a model's prompts are rendered and tokenized with (plain, vicuna_v1, chat, or
+    the prefix layout of a family without chat templates)."""
     if info.get("template") == "plain":
         return "plain"
+    if info.get("prompt_style") == "prefix":
+        return PREFIX
     return "vicuna_v1" if _is_vicuna(processor, info) else "chat"
 
 
@@ -36,11 +39,24 @@ def build_prompt(processor, messages: list[dict[str, Any]], info: dict[str, Any]
     """
     if info.get("template") == "plain":
         return getattr(processor, "image_token", None) or IMAGE_TOKEN
+    if info.get("prompt_style") == "prefix":
+        return _prefix_prompt(processor, messages)
     messages = list(messages)
     if info.get("system_prompt") and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": info["system_prompt"]})
     chat_template = VICUNA_TEMPLATE if _is_vicuna(processor, info) else None
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
+
+
+def _prefix_prompt(processor, messages: list[dict[str, Any]]) -> str:
+    """The prefix layout has no turns: the last question, with every image of the conversation."""
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise KitError("the conversation has no user message to answer")
+    content = users[-1]["content"]
+    question = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    placeholder = getattr(processor, "image_token", None) or IMAGE_TOKEN
+    return prefix_prompt(question, count_images(messages), placeholder)
 
 
 def count_images(messages: list[dict[str, Any]]) -> int:
@@ -66,6 +82,8 @@ def prepare(processor, info: dict[str, Any], messages: list[dict[str, Any]], ima
         if not images:
             raise KitError("this model was trained with the 'plain' (caption-only) template: send an image to caption")
         images = images[-1:]
+    if info.get("prompt_style") == "prefix" and not images:
+        raise KitError("this model's prompt format (an image, then a question) needs an image: attach one")
     aspect = info.get("image_aspect") or "pad"
     fitted = [fit_image(im, aspect, processor.image_processor) for im in images]
     return encode(processor, [build_prompt(processor, messages, info)], fitted, template_of(processor, info))

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from kit.base.family import family_of
 from kit.base.load import image_aspect_of
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import to_model
-from kit.core.templates import IMAGE_TOKEN, TemplateError, render
+from kit.core.templates import IMAGE_TOKEN, TemplateError, render, template_for
 from kit.data.dataset import default_image_folder
 from kit.data.formats import load_samples, placement_for
 from kit.data.images import ImageProblem, prepare_image, resolve_image
@@ -36,7 +37,8 @@ def _settings(card: Card, base: Path, processor) -> tuple[str, str | None, str]:
     """(template, system prompt, image aspect) the adapter was trained with."""
     fmt = card.prompt_format()
     has_chat = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    template = fmt.template or ("chat" if has_chat else "vicuna_v1")
+    prompt_style = family_of(base).prompt
+    template = template_for(fmt.template or ("chat" if has_chat or prompt_style == "prefix" else "vicuna_v1"), prompt_style)
     return template, fmt.system_prompt, fmt.image_aspect or image_aspect_of(base)
 
 
