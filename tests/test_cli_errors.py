@@ -52,7 +52,7 @@ def _one_error_line(err: str) -> str:
         ("broken_json_line", r"data\.jsonl:2: invalid JSON"),
         ("over_long", r"data\.json\[0\]: sample 'a': image tokens would be truncated"),
         ("unknown_recipe_key", r"unknown key 'train\.learning_rate'"),
-        ("not_llava_base", r"is not a LLaVA-family model \(model_type 'llama'"),
+        ("not_llava_base", r"is not a vision-language model \(model_type 'llama'"),
         ("unknown_recipe", r"unknown recipe 'nope'; available: .*llava15-finetune"),
         ("resume_without_checkpoint", r"--resume: no checkpoint-\* folder"),
     ],

@@ -76,6 +76,10 @@ def test_fixture_is_valid_in_plain_transformers(family_base):
     assert torch.isfinite(loss)
 
 
+def fam_type(base: Path) -> str:
+    return json.loads((base / "config.json").read_text())["model_type"]
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -138,6 +142,15 @@ def test_every_command_on_every_family(family_base, tmp_path, capsys):
                              "--out", str(qadapter), "--max-steps", "2", *LORA, "--set", "quantization=nf4")
     assert code == 0, err
 
+    # kit merge A B: two adapters of one family combine (LoRA ΔW summed, projectors averaged), verified.
+    second = tmp_path / "second"
+    code, out, err = run_cli(capsys, "adapt", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data),
+                             "--out", str(second), "--max-steps", "2", *LORA, "--set", "train.seed=1")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "merge", str(adapter), str(second), "--out", str(tmp_path / "merged2"))
+    assert code == 0, err
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "merged2").config.model_type == fam_type(base)
+
     # kit eval on the adapter.
     code, out, err = run_cli(capsys, "eval", str(adapter), "--data", str(tmp_path / "data" / "eval.jsonl"))
     assert code == 0, err
@@ -148,7 +161,7 @@ def test_every_command_on_every_family(family_base, tmp_path, capsys):
     code, out, err = run_cli(capsys, "merge", str(adapter), "--out", str(merged))
     assert code == 0, err
     plain = AutoModelForImageTextToText.from_pretrained(merged)
-    assert plain.config.model_type == json.loads((base / "config.json").read_text())["model_type"]
+    assert plain.config.model_type == fam_type(base)
     assert not any("lora" in k for k in _state(merged))
 
     # kit chat on the merged model and on the adapter answer alike (greedy).
@@ -212,3 +225,28 @@ def test_samples_carry_the_processors_tensors_and_exact_labels(family_base, tmp_
 
     model = AutoModelForImageTextToText.from_pretrained(base)
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_a_family_kit_does_not_know_is_a_one_line_error(tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "blip-2", "vision_config": {}, "text_config": {}}))
+    data = _data(tmp_path / "data", False)
+    code, out, err = run_cli(capsys, "data", "check", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data))
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model_type 'blip-2'" in lines[0] and "supported:" in lines[0] and "qwen2_vl" in lines[0], err
+
+
+def test_several_images_where_the_family_takes_one_are_named(smol_tokenizer_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from kit.base.family import family_of
+    from kit.data.dataset import build_dataset
+
+    base = families.save("paligemma", smol_tokenizer_dir, tmp_path / "paligemma")
+    data = _data(tmp_path / "data", True, text_only=False)
+    ds, report = build_dataset(data, AutoProcessor.from_pretrained(base), "chat", 1024, "crop", on_bad_sample="skip",
+                               family=family_of(base))
+    assert [(sid, reason) for sid, _, reason in report.problems] == [("pair", "2 images; PaliGemma takes one image per sample")]
+    assert len(ds) == 6
