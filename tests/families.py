@@ -22,7 +22,7 @@ VARIABLE_COUNT = {"llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "id
 
 
 def _parts_loop(open_turn: str, close_turn: str, image: str, bos: str = "", assistant_open: str | None = None,
-                gen_prompt: str | None = None, upper: bool = False) -> str:
+                gen_prompt: str | None = None, upper: bool = False, system_open: str | None = None) -> str:
     """A hub-style template: messages with content as parts; images where the parts put them."""
     assistant_open = assistant_open if assistant_open is not None else open_turn.replace("ROLE", "assistant")
     gen_prompt = gen_prompt if gen_prompt is not None else assistant_open
@@ -31,6 +31,7 @@ def _parts_loop(open_turn: str, close_turn: str, image: str, bos: str = "", assi
         + "{%- for m in messages -%}"
         + "{%- set role = m['role'] | upper if " + str(upper).lower() + " else m['role'] -%}"
         + "{%- if m['role'] == 'assistant' -%}{{- '" + assistant_open + "' -}}"
+        + ("{%- elif m['role'] == 'system' -%}{{- '" + system_open + "' -}}" if system_open is not None else "")
         + "{%- else -%}{{- '" + open_turn + "' | replace('ROLE', role) -}}{%- endif -%}"
         + "{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
         + "{%- for p in m['content'] -%}"
@@ -46,7 +47,8 @@ def _parts_loop(open_turn: str, close_turn: str, image: str, bos: str = "", assi
 CHATML = dict(open_turn="<|im_start|>ROLE\\n", close_turn="<|im_end|>\\n")
 TEMPLATES = {
     # llava-hf's LLaVA-1.5 format: "USER: <image>\n... ASSISTANT: ...</s>"
-    "llava": _parts_loop("ROLE: ", " ", "<image>\\n", assistant_open="ASSISTANT: ", gen_prompt="ASSISTANT:", upper=True),
+    "llava": _parts_loop("ROLE: ", " ", "<image>\\n", assistant_open="ASSISTANT: ", gen_prompt="ASSISTANT:", upper=True,
+                         system_open=""),
     "llava_next": _parts_loop(**CHATML, image="<image>\\n"),
     "llava_onevision": _parts_loop(**CHATML, image="<image>\\n"),
     "qwen2_vl": _parts_loop(**CHATML, image="<|vision_start|><|image_pad|><|vision_end|>"),

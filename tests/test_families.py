@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -250,3 +251,35 @@ def test_several_images_where_the_family_takes_one_are_named(smol_tokenizer_dir,
                                family=family_of(base))
     assert [(sid, reason) for sid, _, reason in report.problems] == [("pair", "2 images; PaliGemma takes one image per sample")]
     assert len(ds) == 6
+
+
+def test_truncation_that_would_cut_an_image_is_found_before_training(smol_tokenizer_dir, tmp_path):
+    """With per-image counts (Qwen2-VL: dynamic resolution), a max_length that ends inside an
+    image's tokens or markers is a named problem; one that only cuts the answer's tail is not."""
+    from transformers import AutoProcessor
+
+    from kit.base.family import family_of
+    from kit.data.dataset import build_dataset
+    from kit.data.processing import Processing
+
+    base = families.save("qwen2_vl", smol_tokenizer_dir, tmp_path / "qwen")
+    proc = AutoProcessor.from_pretrained(base)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), COLOURS["red"]).save(root / "images" / "big.png")
+    long_answer = "red " * 40
+    (root / "train.json").write_text(json.dumps([{"id": "big", "image": "images/big.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": long_answer}]}]))
+    n_image = Processing(proc, "chat", "crop").image_tokens((64, 64))
+    assert n_image > 8  # the vision start/end markers around the image's own tokens
+    full, _ = build_dataset(root / "train.json", proc, "chat", 4096, "crop", family=family_of(base))
+    image_end = int(max(i for i, t in enumerate(full.items[0].input_ids) if t == proc.tokenizer.convert_tokens_to_ids("<|vision_end|>"))) + 1
+    from kit.core.errors import KitError
+    from kit.data.dataset import IGNORE
+
+    first_answer = int(np.argmax(full.items[0].labels != IGNORE))
+    ok, _ = build_dataset(root / "train.json", proc, "chat", first_answer + 3, "crop", family=family_of(base))
+    assert ok.items[0].truncated and len(ok.items[0].input_ids) == first_answer + 3
+
+    with pytest.raises(KitError, match="image tokens would be truncated"):
+        build_dataset(root / "train.json", proc, "chat", image_end - 1, "crop", family=family_of(base))

@@ -27,14 +27,15 @@ def go_offline() -> None:
 
 
 def is_loopback_host(host: str | None) -> bool:
-    """Whether `host` names this machine without a lookup (127.0.0.0/8, ::1, localhost).
+    """Whether `host` names this machine without a lookup: a literal loopback address
+    (127.0.0.0/8, ::1) or `localhost` itself.
 
     Other names count as remote: resolving them would itself be a network request, and a name can
-    point anywhere."""
+    point anywhere (`*.localhost` too: the resolver here may send such names to DNS)."""
     if not host:
         return False
     host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from kit.base.family import Family
 from kit.core.cards import Card
@@ -260,8 +261,6 @@ def build_dataset(
 
 
 def _agrees(processing: Processing, enc: Encoded, sizes: list[tuple[int, int]], s: Sample) -> None:
-    from PIL import Image
-
     blanks = [Image.new("RGB", z, (127, 127, 127)) for z in sizes]
     try:
         processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks, enc.suffix)

@@ -149,9 +149,12 @@ class OpenAIBackend(Backend):
             import openai
 
             # follow_redirects=False: a redirect would re-send the request body (the records' text)
-            # to a host the privacy check never saw. max_retries=0: kit retries itself, with its
-            # own backoff, ledger and failure accounting.
-            http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), follow_redirects=False)
+            # to a host the privacy check never saw. trust_env=False for this machine: HTTP(S)_PROXY /
+            # ALL_PROXY would otherwise carry a request meant for loopback to the proxy, private
+            # text included. max_retries=0: kit retries itself, with its own backoff, ledger and
+            # failure accounting.
+            http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), follow_redirects=False,
+                                                         trust_env=self.is_remote)
             self._client = openai.AsyncOpenAI(
                 api_key=self.api_key or "local", base_url=self.base_url, timeout=self.timeout, max_retries=0,
                 http_client=http_client,
