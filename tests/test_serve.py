@@ -128,7 +128,7 @@ def _ask(client, model, content, **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
 
 
-def _raw(url: str, body: bytes, headers: dict | None = None, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+def _raw(url: str, body: bytes | None, headers: dict | None = None, path: str = "/v1/chat/completions") -> tuple[int, dict]:
     req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -280,8 +280,10 @@ def test_api_key_guards_every_v1_route(url, client):
     status, body = _raw(url, json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}).encode())
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert _ask(client, "alpha", PROMPT).choices[0].message.content is not None
-    with urllib.request.urlopen(url + "/health", timeout=10) as r:  # no key needed outside /v1
-        assert json.loads(r.read())["status"] == "ok"
+    status, body = _raw(url, None, path="/health")  # a set key guards /health too: it lists the models
+    assert status == 401
+    status, body = _raw(url, None, {"Authorization": f"Bearer {KEY}"}, path="/health")
+    assert status == 200 and body["status"] == "ok"
 
 
 def test_web_page_hook(pool, tmp_path, url):
@@ -365,7 +367,7 @@ def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
     assert gen.result() == direct_answer(tiny_base, messages, [], 6)
 
 
-def test_non_loopback_host_warns_before_loading(tiny_base, monkeypatch):
+def test_non_loopback_host_needs_a_key_and_warns_before_loading(tiny_base, monkeypatch, tmp_path):
     import kit.serve.pool
     import kit.serve.run
     from kit.core.network import resolves_only_to_loopback
@@ -380,9 +382,17 @@ def test_non_loopback_host_warns_before_loading(tiny_base, monkeypatch):
         raise KitError("stopped before loading")
 
     monkeypatch.setattr(kit.serve.run, "load_pool", stop)
-    with pytest.raises(KitError, match="stopped before loading"):
+    with pytest.raises(KitError, match="reachable from other machines: set a key with KIT_API_KEY or --api-key-file"):
         kit.serve.run.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append)
-    assert any(l.startswith("warning: listening on 0.0.0.0") and "--api-key" in l for l in lines), lines
+    assert lines == []
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    with pytest.raises(KitError, match="stopped before loading"):
+        kit.serve.run.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append, api_key_file=key_file)
+    assert any(l.startswith("warning: listening on 0.0.0.0") and "with the key" in l for l in lines), lines
+    key_file.write_text("\n")
+    with pytest.raises(KitError, match="first line is empty"):
+        kit.serve.run.serve(tiny_base, host="0.0.0.0", port=0, echo=lines.append, api_key_file=key_file)
 
 
 def test_kit_serve_command_serves_until_interrupted(tiny_base, adapters):
@@ -487,3 +497,85 @@ def test_kit_serve_answers_with_no_network_at_all(tiny_base, adapters):
     assert r.returncode == 0, r.stderr[-2000:]
     want = direct_answer(adapters["alpha"], [{"role": "user", "content": PROMPT}], [], 4)
     assert r.stdout == want + "\n"
+
+
+# ------------------------------------------------------------------------------------- hardening
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+
+@pytest.mark.parametrize("host,status", [
+    ("evil.example", 421), ("127.0.0.1.evil.example", 421), ("attacker.localhost", 421),
+    ("localhost", 200), ("127.0.0.1", 200), ("LOCALHOST", 200),
+])
+def test_requests_must_name_this_server_in_host(url, host, status):
+    """DNS rebinding: a page on another site that points its name at 127.0.0.1 still sends its own name."""
+    port = url.rsplit(":", 1)[1]
+    got, body = _raw(url, HI, {**AUTH, "Host": f"{host}:{port}"})
+    assert got == status, body
+    if status == 421:
+        assert body["error"]["code"] == "invalid_host"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""])
+def test_only_json_bodies_are_read(url, content_type):
+    """A cross-site form or text/plain POST (sent by browsers without asking) is refused before parsing."""
+    status, body = _raw(url, HI, {**AUTH, "Content-Type": content_type})
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+    status, _ = _raw(url, HI, {**AUTH, "Content-Type": "application/json; charset=utf-8"})
+    assert status == 200
+
+
+def test_responses_carry_no_paths_or_exception_text(url, pool, image_root, monkeypatch):
+    status, body = _raw(url, None, AUTH, path="/v1/models")
+    assert status == 200 and all("path" not in m for m in body["data"])
+    assert str(Path.cwd()) not in json.dumps(body) and "/tmp" not in json.dumps(body)
+    missing = {"model": "alpha", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "no/such/scan.png"}}, {"type": "text", "text": "?"}]}]}
+    status, body = _raw(url, json.dumps(missing).encode(), AUTH)
+    assert status == 400 and "no/such/scan.png" in body["error"]["message"]
+    assert str(image_root) not in body["error"]["message"] and str(image_root.resolve()) not in body["error"]["message"]
+
+    def broken(*a, **k):
+        raise RuntimeError("cuda error at /home/alice/patients/jane-roe")
+
+    monkeypatch.setattr(pool, "start", broken)
+    status, body = _raw(url, HI, AUTH)
+    assert status == 500 and "jane-roe" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+
+
+def test_a_full_queue_answers_429_before_parsing_then_recovers(pool, monkeypatch):
+    """Admission comes first: past --max-queue even a malformed body gets 429, at once; when the
+    running request finishes, the next is served. More admitted requests than worker threads never hang."""
+    import threading
+
+    from kit.serve.app import create_app
+    from kit.serve.run import running
+
+    gate = threading.Event()
+    real = pool.prepare
+
+    def slow_prepare(*a, **k):
+        gate.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pool, "prepare", slow_prepare)
+    app = create_app(pool, max_queue=2)
+    with running(app) as url:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_raw(url, HI)[0])) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while app.state.admission.count < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        status, body = _raw(url, b"{not json")
+        assert status == 429 and body["error"]["code"] == "server_busy" and time.monotonic() - t0 < 5
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert results == [200, 200]
+        assert _raw(url, HI)[0] == 200
+

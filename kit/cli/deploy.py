@@ -30,7 +30,8 @@ def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an a
           adapters: Annotated[Optional[list[str]], typer.Argument(help="More adapters on the same base: PATH or NAME=PATH.")] = None,
           host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable from other machines.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
-          api_key: Annotated[Optional[str], typer.Option(envvar="KIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set KIT_API_KEY).")] = None,
+          api_key: Annotated[Optional[str], typer.Option(envvar="KIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 and /health. Prefer KIT_API_KEY or --api-key-file: a key on the command line shows in `ps`.")] = None,
+          api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from the first line of this file.")] = None,
           image_root: Annotated[Optional[Path], typer.Option(help="Allow image file paths / file:// URLs below this folder (default: none).")] = None,
           max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 20 * 2**20,
           max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (400 above).")] = 1024,
@@ -39,7 +40,8 @@ def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an a
     from kit.serve.run import serve as run_serve
 
     run_serve(model, adapters or [], host=host, port=port, api_key=api_key, image_root=image_root,
-              max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit, max_queue=max_queue, echo=echo_err)
+              max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit, max_queue=max_queue, echo=echo_err,
+              api_key_file=api_key_file)
 
 
 @app.command()

@@ -3,7 +3,11 @@
     POST /v1/chat/completions   OpenAI schema; text and images (data: URLs; files under --image-root)
     GET  /v1/models             the base and every adapter, by the names requests use
     GET  /                      the web page (kit/assets/web/index.html) when installed
-    GET  /health                liveness, no auth
+    GET  /health                liveness (behind the key when one is set)
+
+Requests must name this server in `Host` (loopback names and the address it listens on): a web
+page the user visits cannot reach it by DNS rebinding. POST bodies must be JSON (415 otherwise): a
+cross-site form or `text/plain` request, which browsers send without asking, is refused.
 
 `create_app(pool, ...)` builds the FastAPI app from a loaded kit.serve.pool.ModelPool (tests and
 pages build on it); kit.serve.run loads the models and listens. Generation runs in worker threads,
@@ -13,19 +17,22 @@ generated.
 (No `from __future__ import annotations` here: FastAPI reads the route functions' annotations.)
 """
 
+import functools
 import hmac
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kit.core.errors import KitError
@@ -36,6 +43,8 @@ from kit.serve.openai_schema import ApiError, Limits, chunk, completion, complet
 DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_QUEUE = 64
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+GENERATION_FAILED = "generation failed on the server (its log says why); retry, or report it to whoever runs the server"
 
 
 class Admission:
@@ -65,12 +74,44 @@ class Admission:
 WEB_DIR = ASSETS / "web"
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """Requests whose Host is not one this server answers to get 421 (a page on another site that
+    points its own name at 127.0.0.1 still sends that name). `*` in `allowed` allows any."""
+
+    def __init__(self, app, allowed: set[str]):
+        self.app = app
+        self.allowed = {host_name(h) for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            host = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                body = json.dumps(ApiError(421, f"this server does not answer to the host name {host!r}; "
+                                                "use the address it listens on", "invalid_host").body()).encode()
+                await send({"type": "http.response.start", "status": 421,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR):
+               max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR,
+               hosts: tuple[str, ...] = (), log=None):
     """The FastAPI app serving `pool` (kit.serve.pool.ModelPool).
 
-    api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 otherwise).
+    api_key: when set, every /v1 route and /health need `Authorization: Bearer <api_key>` (401 otherwise).
+    hosts: names besides loopback that requests may carry in `Host` (the address served on).
+    log: where server-side failures are written (default stderr); responses never carry them.
     image_root: local image paths / file:// URLs are read only from below it (None: refused).
     max_request_bytes: larger bodies get 413. max_tokens_limit: larger max_tokens get 400.
     max_queue: more generations than this running or waiting get 429 (see Admission).
@@ -81,8 +122,16 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
                     image_root=Path(image_root).resolve() if image_root else None)
     created = int(time.time())
     app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostCheck, allowed={*LOOPBACK_NAMES, *(h.lower() for h in hosts)})
     app.state.pool = pool
     admission = app.state.admission = Admission(max_queue)
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    # Every admitted request holds at most one worker thread at a time (parsing, then the answer):
+    # a pool this size never makes an admitted request wait for a thread, so overload is a 429.
+    threads = anyio.CapacityLimiter(max_queue + 4)
+
+    async def in_thread(fn, *args):
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=threads)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -92,6 +141,13 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         return await api_error(request, ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        # The reason stays in the server's log: exception text can hold paths and patient data.
+        log(f"kit serve: {request.url.path} failed: {type(e).__name__}: {e}")
+        return JSONResponse(ApiError(500, GENERATION_FAILED if request.url.path.endswith("/completions") else
+                                     "the server failed on this request (its log says why)", "server_error").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
@@ -109,12 +165,12 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(s.name, s.kind, s.path, created) for s in pool.served.values()]}
+        return {"object": "list", "data": [model_card(s.name, s.kind, created) for s in pool.served.values()]}
 
     @v1.get("/models/{name}")
     async def model(name: str) -> dict[str, Any]:
         s = _served(name)
-        return model_card(s.name, s.kind, s.path, created)
+        return model_card(s.name, s.kind, created)
 
     def _served(name: Any):
         if not isinstance(name, str) or name not in pool.served:
@@ -123,6 +179,33 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, f"send the request as JSON (Content-Type: application/json), not {media or 'no content type'}",
+                           "unsupported_media_type")
+        # Admitted before the body is read, images decoded or text tokenized: overload costs nothing.
+        admission.enter(ApiError)
+        streaming = False
+        try:
+            gen, conv = await _started(request)
+            cid = completion_id()
+            if conv.stream:
+                streaming = True
+                return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage, admission.leave, log, in_thread),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                text = await in_thread(gen.result)
+            except Exception as e:  # noqa: BLE001 - a failed generation is the server's fault: 500, not a dropped connection
+                log(f"kit serve: generation failed: {type(e).__name__}: {e}")
+                raise ApiError(500, GENERATION_FAILED, "generation_failed") from None
+            finally:
+                gen.cancel()
+            return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+        finally:
+            if not streaming:
+                admission.leave()
+
+    async def _started(request: Request):
         raw = await _read_body(request, max_request_bytes, ApiError)
         try:
             body = json.loads(raw)
@@ -130,9 +213,9 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
             raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
         if isinstance(body, dict) and "model" in body:
             _served(body["model"])  # an unknown model is reported before any image is decoded
-        conv = await run_in_threadpool(parse_request, body, limits)
+        conv = await in_thread(parse_request, body, limits)
         try:
-            inputs = await run_in_threadpool(pool.prepare, conv.model, conv.messages, conv.images)
+            inputs = await in_thread(pool.prepare, conv.model, conv.messages, conv.images)
         except KitError as e:
             raise ApiError(400, str(e), "invalid_request") from None
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -141,28 +224,11 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
             raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
                            "context_length_exceeded", "messages")
         max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
-        admission.enter(ApiError)
-        try:
-            gen = pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop))
-        except BaseException:
-            admission.leave()
-            raise
-        cid = completion_id()
-        if conv.stream:
-            return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage, admission.leave), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            text = await run_in_threadpool(gen.result)
-        except Exception as e:  # noqa: BLE001 - a failed generation is the server's fault: 500, not a dropped connection
-            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed") from None
-        finally:
-            gen.cancel()
-            admission.leave()
-        return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+        return pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop)), conv
 
     app.include_router(v1)
 
-    @app.get("/health", include_in_schema=False)
+    @app.get("/health", include_in_schema=False, dependencies=[Depends(authorised)])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": pool.names}
 
@@ -199,20 +265,20 @@ def _event(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(gen, cid: str, model: str, include_usage: bool, done) -> AsyncIterator[str]:
+async def _events(gen, cid: str, model: str, include_usage: bool, done, log, in_thread) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: role chunk, content chunks, finish chunk, [usage], [DONE]."""
     created = int(time.time())
     pieces = iter(gen)
     try:
         yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
-        while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+        while (piece := await in_thread(next, pieces, None)) is not None:
             yield _event(chunk(cid, model, created, {"content": piece}))
         yield _event(chunk(cid, model, created, {}, gen.finish_reason))
         if include_usage:
             yield _event(chunk(cid, model, created, None, usage_=usage(gen.prompt_tokens, gen.completion_tokens)))
     except Exception as e:  # noqa: BLE001 - headers are sent: the error travels as an event the client raises
-        yield _event({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
-                                "param": None, "code": "generation_failed"}})
+        log(f"kit serve: generation failed: {type(e).__name__}: {e}")
+        yield _event({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": "generation_failed"}})
     finally:
         gen.cancel()  # also when the client went away: stop generating for nobody
         done()

@@ -122,12 +122,17 @@ def _image(url: str, where: str, limits: Limits) -> Any:
     if limits.image_root is None:
         raise ApiError(400, f"{where}: local image paths are refused: the server was started without --image-root; "
                             "send the image as a data: URL", "image_path_refused", where)
+    resolved = None
     try:
         resolved = resolve_image(limits.image_root, path)
         check_image(resolved)
         return open_rgb(resolved)
     except ImageProblem as e:
-        raise ApiError(400, f"{where}: {e}", "invalid_image", where) from None
+        # Said with the client's own path: the server's folders are not the client's business.
+        reason = str(e)
+        for local in filter(None, (str(resolved) if resolved else None, str(limits.image_root))):
+            reason = reason.replace(local, repr(path) if local != str(limits.image_root) else "the image root")
+        raise ApiError(400, f"{where}: {reason}", "invalid_image", where) from None
 
 
 def _user_parts(content: Any, where: str, limits: Limits, images: list) -> str | list[dict[str, Any]]:
@@ -236,5 +241,6 @@ def chunk(cid: str, model: str, created: int, delta: dict[str, Any] | None, fini
     return out
 
 
-def model_card(name: str, kind: str, path: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "kit", "kind": kind, "path": path}
+def model_card(name: str, kind: str, created: int) -> dict[str, Any]:
+    """No folder paths: they say where the server keeps its files, and folder names can be private."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "kit", "kind": kind}

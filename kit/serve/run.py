@@ -60,12 +60,30 @@ def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) 
         sock.close()
 
 
+def read_key_file(path: Path) -> str:
+    """The API key in a file (its first line): unlike --api-key, it does not show in `ps`."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KitError(f"--api-key-file {path}: cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise KitError(f"--api-key-file {path}: the first line is empty; write the key there")
+    return key
+
+
 def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
-          echo=print) -> None:
-    """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or folders."""
+          echo=print, api_key_file: Path | None = None) -> None:
+    """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or
+    folders, and for an address other machines can reach without a key."""
     go_offline()
+    if api_key is not None and api_key_file is not None:
+        raise KitError("give the key once: --api-key (or KIT_API_KEY) or --api-key-file, not both")
+    if api_key_file is not None:
+        api_key = read_key_file(api_key_file)
     if max_request_bytes < 1024:
         raise KitError(f"--max-request-bytes {max_request_bytes}: give at least 1024")
     if max_tokens_limit < 1:
@@ -76,15 +94,20 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         raise KitError(f"--image-root {image_root} is not a folder")
     if api_key is not None and not api_key.strip():
         raise KitError("--api-key is empty; give a key or leave the option out")
+    local = resolves_only_to_loopback(host)
+    if not local and api_key is None:
+        raise KitError(f"--host {host} is reachable from other machines: set a key with KIT_API_KEY or --api-key-file "
+                       "(clients send 'Authorization: Bearer KEY'), or serve on 127.0.0.1")
     sock = bind(host, port)  # before loading: a taken port fails in a second, not after the weights load
     try:
-        if not resolves_only_to_loopback(host):
-            echo(f"warning: listening on {host}, reachable from other machines: they can use the models"
-                 + (" (--api-key guards /v1)" if api_key else " without a key: add --api-key")
+        if not local:
+            echo(f"warning: listening on {host}, reachable from other machines: with the key they can use the models"
                  + (f" and read images below {image_root}" if image_root else ""))
         pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo)
+        # A wildcard address answers to whatever name clients reach it by (the key guards it).
+        hosts = ("*",) if host in ("0.0.0.0", "::", "") else (host,)
         app = create_app(pool, api_key=api_key, image_root=image_root, max_request_bytes=max_request_bytes,
-                         max_tokens_limit=max_tokens_limit, max_queue=max_queue)
+                         max_tokens_limit=max_tokens_limit, max_queue=max_queue, hosts=hosts)
         bound = sock.getsockname()
         echo(f"serving {', '.join(pool.names)} at http://{host}:{bound[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
