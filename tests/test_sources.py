@@ -79,16 +79,19 @@ def test_coco_records_and_normalised_boxes(coco):
     assert [(x.label, x.bbox) for x in a.boxes] == [("red box", (0.1, 0.1, 0.6, 0.6))]
     assert [(x.label, x.bbox) for x in b.boxes] == [("blue box", (0.2, 0.2, 0.8, 1.0))]
     assert b.boxes[0].line() == "blue box: [0.200, 0.200, 0.800, 1.000]"
-    assert not a.private and a.findings == []
+    assert a.private and a.findings == []
     assert from_coco(coco["captions"], coco["images_dir"])[0].boxes == []
     json.dumps([r.to_json() for r in records])  # plain JSON types only
 
 
-def test_coco_private_default_from_path(tmp_path, coco):
-    private_dir = tmp_path / "private_data" / "coco"
-    shutil.copytree(coco["images_dir"], private_dir / "images")
-    assert all(r.private for r in from_coco(coco["captions"], private_dir / "images"))
-    assert not any(r.private for r in from_coco(coco["captions"], private_dir / "images", private=False))
+def test_coco_is_private_unless_said_public(tmp_path, coco):
+    """Private by default wherever the files are (a symlink or another folder name changes nothing)."""
+    elsewhere = tmp_path / "Private Data" / "coco"
+    shutil.copytree(coco["images_dir"], elsewhere / "images")
+    (tmp_path / "link").symlink_to(elsewhere / "images")
+    for images in (coco["images_dir"], elsewhere / "images", tmp_path / "link"):
+        assert all(r.private for r in from_coco(coco["captions"], images))
+    assert not any(r.private for r in from_coco(coco["captions"], coco["images_dir"], private=False))
 
 
 def test_coco_loads_drawn_shapes(tmp_path):
@@ -206,14 +209,19 @@ def test_manifest_missing_and_empty(manifest_dir):
         from_manifest(manifest_dir)
 
 
-def test_manifest_box_size_read_without_decoding(manifest_dir, monkeypatch):
-    def no_decode(self, *a, **k):
-        raise AssertionError("pixels decoded")
+def test_manifest_images_are_fully_decoded_when_read(manifest_dir):
+    """A truncated JPEG has a valid header: only decoding every pixel finds it, at check time."""
+    import io
 
-    monkeypatch.setattr(Image.Image, "load", no_decode)
-    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decode)
-    _manifest(manifest_dir, {"image": "images/one.png", "boxes": [{"label": "bar", "bbox": [10, 5, 60, 25]}]})
-    assert from_manifest(manifest_dir)[0].boxes[0].bbox == (0.1, 0.1, 0.6, 0.5)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, format="JPEG")
+    (manifest_dir / "images" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _manifest(manifest_dir, {"image": "images/one.png", "boxes": [{"label": "bar", "bbox": [10, 5, 60, 25]}]},
+              {"image": "images/cut.jpg", "caption": "x"})
+    with pytest.raises(KitError) as e:
+        from_manifest(manifest_dir)
+    msg = str(e.value)
+    assert "manifest.jsonl:2" in msg and "cut.jpg" in msg and "truncated" in msg.lower() and "\n" not in msg
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -367,7 +375,7 @@ def test_figures(tmp_path):
     a, b = from_figures(f, tmp_path / "figs")
     assert (a.id, a.captions, a.findings) == ("PMC1_f1", ["Axial CT showing a mass."], ["As Figure 1 shows, the mass is large."])
     assert (b.id, b.image, b.findings) == ("PMC1_f2", "PMC1/f2.png", [])  # default id from the path
-    assert not a.private
+    assert a.private and not from_figures(f, tmp_path / "figs", private=False)[0].private
     f.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "PMC1/f1.png", "caption": "x", "mention": []}) + "\n")
     with pytest.raises(KitError, match=r"figures.jsonl:2: unknown field\(s\) mention"):
         from_figures(f, tmp_path / "figs")

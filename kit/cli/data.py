@@ -22,6 +22,10 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
         raise typer.Exit(1)
 
 
+PublicOpt = Annotated[bool, typer.Option("--public", help="COCO / figures: the images and texts are public data. "
+                                           "Without it every source is private: it never goes to a remote backend without --allow-remote.")]
+
+
 @app.command()
 def generate(
     source: SourceOpt,
@@ -41,6 +45,7 @@ def generate(
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow private records to go to a non-loopback backend.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    public: PublicOpt = False,
 ) -> None:
     """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
 
@@ -49,7 +54,7 @@ def generate(
     from kit.generate.command import generate_command
 
     generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
-                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err)
+                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public)
 
 
 @data_app.command("sample")
@@ -70,11 +75,12 @@ def data_ingest(
     images: ImagesOpt = None,
     instances: InstancesOpt = None,
     seed: Annotated[int, typer.Option(help="Chooses the instruction wording per image.")] = 0,
+    public: PublicOpt = False,
 ) -> None:
     """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
     from kit.ingest.pairs import ingest
 
-    n = ingest(source, input, out, images, instances, seed)
+    n = ingest(source, input, out, images, instances, seed, public=public)
     typer.echo(f"{n} caption pairs -> {out}")
 
 

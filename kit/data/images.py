@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -13,6 +14,8 @@ class ImageProblem(ValueError):
 
 def resolve_image(folder: Path, rel: str) -> Path:
     """`folder/rel`, refusing paths that leave `folder` (absolute paths, `..`, symlinks out)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ImageProblem(f"image path {rel!r} is not a usable file name (give a relative path such as scans/0001.png)")
     root = Path(folder).resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
@@ -20,31 +23,69 @@ def resolve_image(folder: Path, rel: str) -> Path:
     return path
 
 
+# Formats kit decodes: what scanners, cameras and exports write. Others are refused unopened: EPS
+# and PS would run Ghostscript, and rarer decoders are more attack surface than use.
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "PPM")
+# Checked from the header, before any pixel is decoded: a small file can unpack to gigabytes, and an
+# extreme shape (40000 x 1000) needs a huge canvas once padded to a square.
+MAX_PIXELS = 40_000_000
+MAX_SIDE = 8192
+_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
+
+
+def _opened(source, label: str) -> Image.Image:
+    """The image, its header checked: an allowed format, within MAX_PIXELS and MAX_SIDE."""
+    try:
+        im = Image.open(source, formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageProblem(f"{label} is not an image kit reads (formats: {', '.join(FORMATS)})") from None
+    except FileNotFoundError:
+        raise ImageProblem(f"{label} is missing") from None
+    except _ERRORS as e:
+        raise ImageProblem(f"{label} is truncated, damaged or not an image ({_first_line(e)})") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+        im.close()
+        raise ImageProblem(f"{label} is {w}x{h} pixels; kit takes at most {MAX_PIXELS:,} pixels and {MAX_SIDE} on the longest side "
+                           "(downscale it first)")
+    return im
+
+
+def _decoded(source, label: str) -> Image.Image:
+    """Every pixel decoded, as RGB: a truncated or damaged file fails here, not in training."""
+    im = _opened(source, label)
+    try:
+        with im:
+            return im.convert("RGB")
+    except _ERRORS as e:
+        raise ImageProblem(f"{label} cannot be decoded: it is truncated or damaged ({_first_line(e)})") from None
+
+
 def check_image(path: Path) -> None:
+    """The file is an image kit will be able to use: allowed format, size limits, fully decodable."""
+    path = Path(path)
     if not path.is_file():
         raise ImageProblem(f"image file {path} is missing")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageProblem(f"image file {path} is corrupt or not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    _decoded(path, f"image file {path}")
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageProblem(f"image file {path} is corrupt or not an image ({e})") from None
+    """(width, height) from the file's header (checked against the limits), without decoding the pixels."""
+    with _opened(Path(path), f"image file {path}") as im:
+        return im.size
 
 
 def open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageProblem(f"image file {path} cannot be decoded ({e})") from None
+    return _decoded(Path(path), f"image file {path}")
+
+
+def decode_bytes(data: bytes, label: str = "the image") -> Image.Image:
+    """An RGB image from encoded bytes (a request's data: URI), under the same rules as files."""
+    return _decoded(io.BytesIO(data), label)
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -3,38 +3,23 @@ the same pad / crop training applied."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from kit.core.errors import KitError
-from kit.data.images import ImageProblem, check_image, mean_colour, open_rgb, pad_to_square
-
-# Larger images are refused rather than decoded (a small PNG can unpack to gigabytes).
-MAX_IMAGE_PIXELS = 40_000_000
-
+from kit.data.images import ImageProblem, decode_bytes, mean_colour, open_rgb, pad_to_square
 
 def decode_image(data: bytes):
-    """An RGB PIL image from encoded bytes (PNG, JPEG, ...). Raises ImageProblem if undecodable."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ImageProblem(f"image is {im.width}x{im.height} pixels; at most {MAX_IMAGE_PIXELS:,} are accepted")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, ImageProblem):
-            raise
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageProblem(f"the image cannot be decoded ({first})") from None
+    """An RGB PIL image from encoded bytes (PNG, JPEG, ...), under kit.data.images' rules. Raises ImageProblem."""
+    return decode_bytes(data)
 
 
 def load_image_file(path) -> Any:
     """An RGB PIL image from a file. Raises KitError naming the file if it is missing or not an image."""
     path = Path(path)
     try:
-        check_image(path)
+        if not path.is_file():
+            raise ImageProblem(f"image file {path} is missing")
         return open_rgb(path)
     except ImageProblem as e:
         raise KitError(f"{e}; give a PNG or JPEG file") from None

@@ -27,20 +27,27 @@ __all__ = [
 SOURCES = ("coco", "manifest", "dicom", "figures")
 
 
-def load_records(source: str, input: Path, work_dir: Path, images: Path | None = None, instances: Path | None = None) -> list[Record]:
+def load_records(source: str, input: Path, work_dir: Path, images: Path | None = None, instances: Path | None = None,
+                 public: bool = False) -> list[Record]:
     """Dispatch on the source kind (what `kit generate` and `kit data ingest` take).
 
+    Every record is private (it never goes to a remote backend without --allow-remote) unless
+    `public` says the COCO / figure source is public data; a manifest says so per line, DICOM never.
     `work_dir` receives rendered DICOM images. Raises KitError for an unknown source or bad input.
     """
     input = Path(input)
     if source == "coco":
         if images is None:
             raise KitError("--source coco needs --images DIR (the folder of the images' file_name paths)")
-        return from_coco(input, Path(images), Path(instances) if instances else None)
+        return from_coco(input, Path(images), Path(instances) if instances else None, private=not public)
     if source == "manifest":
+        if public:
+            raise KitError("--public applies to --source coco and figures; a manifest marks public lines with \"private\": false")
         return from_manifest(input)
     if source == "dicom":
+        if public:
+            raise KitError("--public does not apply to DICOM: DICOM records are always private")
         return from_dicom(input, Path(work_dir))
     if source == "figures":
-        return from_figures(input, Path(images) if images else input.parent)
+        return from_figures(input, Path(images) if images else input.parent, private=not public)
     raise KitError(f"unknown --source '{source}'; choose from {', '.join(SOURCES)}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from kit.core.errors import KitError
 from kit.ingest.records import Box, Record
-from kit.ingest.sources.common import BoxError, clean_texts, numbers, pixel_box, under_private
+from kit.ingest.sources.common import BoxError, clean_texts, numbers, pixel_box, safe_relpath
 
 
 def _load_coco_json(file: Path, what: str) -> dict[str, Any]:
@@ -33,11 +33,16 @@ def _coco_images(file: Path, data: dict[str, Any]) -> dict[Any, dict[str, Any]]:
         if not isinstance(img, dict) or "id" not in img:
             raise KitError(f"{file}: images[{i}] has no 'id'; every COCO image entry needs id, file_name, width, height")
         iid = img["id"]
+        if not isinstance(iid, (int, str)) or isinstance(iid, bool):
+            raise KitError(f"{file}: images[{i}].id is {type(iid).__name__} {json.dumps(iid)[:40]}; an image id must be an integer or a string")
         w, h = img.get("width"), img.get("height")
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
             raise KitError(f"{file}: image id {iid} lacks a positive integer width/height (got width={w!r}, height={h!r}); add the image size")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise KitError(f"{file}: image id {iid} has no 'file_name'")
+        if safe_relpath(img["file_name"]) is None:
+            raise KitError(f"{file}: image id {iid}: file_name {img['file_name']!r} must be a path inside the images folder "
+                           "(no absolute paths, no '..')")
         if iid in images:
             raise KitError(f"{file}: image id {iid} appears twice in 'images'; ids must be unique")
         images[iid] = img
@@ -65,21 +70,21 @@ def _check_ann_images(file: Path, data: dict[str, Any], images: dict[Any, dict[s
         aid = ann.get("id", f"#{i}")
         if "image_id" not in ann:
             raise KitError(f"{file}: annotation id {aid} has no 'image_id'")
-        if ann["image_id"] not in images:
+        if not isinstance(ann["image_id"], (int, str)) or ann["image_id"] not in images:
             raise KitError(f"{file}: annotation id {aid} refers to image_id {ann['image_id']!r}, which is not in 'images'; fix or drop the annotation")
         if "id" not in ann:
             raise KitError(f"{file}: annotations[{i}] has no 'id'; COCO annotations need unique ids")
 
 
 def from_coco(
-    captions_file: Path, images_dir: Path, instances_file: Path | None = None, private: bool | None = None
+    captions_file: Path, images_dir: Path, instances_file: Path | None = None, private: bool = True
 ) -> list[Record]:
     """Records from a COCO captions file and, optionally, a COCO instances file.
 
     One record per image that has at least one caption, in the order of the captions file's
     `images`; id `coco-<image_id>`; boxes are `category: [x1, y1, x2, y2]` normalised to 0..1 with
-    three decimals, as LLaVA gives them to the generator. `private` defaults to True when a path
-    component of `images_dir` or an annotation file is `private_data`.
+    three decimals, as LLaVA gives them to the generator. Records are private (they never go to a
+    remote backend without --allow-remote) unless the caller says the data is public.
 
     Raises KitError (naming the file and the id) for: a missing file; invalid JSON; a file that is not
     COCO; an image entry without width/height; an annotation whose image_id is not in `images`; an
@@ -92,8 +97,6 @@ def from_coco(
     inst_data = _load_coco_json(instances_file, "instances") if instances_file is not None else None
     if not images_dir.is_dir():
         raise KitError(f"COCO images folder {images_dir} does not exist; pass the folder that holds the images' file_name paths")
-    if private is None:
-        private = under_private(images_dir, captions_file, instances_file)
 
     cap_images = _coco_images(captions_file, cap_data)
     _check_ann_images(captions_file, cap_data, cap_images)

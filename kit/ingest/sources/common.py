@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import posixpath
-from pathlib import Path
 from typing import Any, Iterable
-
-from PIL import Image
 
 from kit.core.errors import KitError
 
@@ -22,13 +18,6 @@ _EDGE_TOLERANCE_PX = 1.0
 
 class BoxError(ValueError):
     """A box problem without location; callers add file/line/id before raising KitError."""
-
-
-def under_private(*paths: Path | None) -> bool:
-    for p in paths:
-        if p is not None and PRIVATE_DIR_NAME in Path(os.path.abspath(p)).parts:
-            return True
-    return False
 
 
 def pixel_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> tuple[float, float, float, float]:
@@ -93,12 +82,6 @@ def one_line(e: BaseException) -> str:
 
 def default_id(rel: str) -> str:
     return posixpath.splitext(rel)[0].replace("/", "_")
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    # Image.open reads only the header; the pixels are never decoded here.
-    with Image.open(path) as im:
-        return im.size
 
 
 def text_list(value: Any, field: str, where: str) -> list[str]:

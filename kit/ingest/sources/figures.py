@@ -6,14 +6,14 @@ from pathlib import Path
 
 from kit.core.errors import KitError
 from kit.ingest.records import Record
-from kit.ingest.sources.common import text_list, under_private
+from kit.ingest.sources.common import text_list
 from kit.ingest.sources.manifest import checked_lines
 
 
 _FIGURE_FIELDS = {"id", "image", "caption", "mentions"}
 
 
-def from_figures(file: Path, images_dir: Path) -> list[Record]:
+def from_figures(file: Path, images_dir: Path, private: bool = True) -> list[Record]:
     """Records from LLaVA-Med-style figure captions: a JSONL file, one figure per line::
 
         {"id": "PMC123_fig2", "image": "PMC123/fig2.jpg", "caption": "CT of the chest showing ...",
@@ -32,7 +32,6 @@ def from_figures(file: Path, images_dir: Path) -> list[Record]:
         raise KitError(f"figure-caption file {file} does not exist")
     if not images_dir.is_dir():
         raise KitError(f"figure images folder {images_dir} does not exist")
-    private = under_private(file, images_dir)
     records: list[Record] = []
     for where, lineno, obj, rel, _, rid in checked_lines(file, "figure-caption file", _FIGURE_FIELDS, images_dir):
         caption = obj.get("caption")

@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from kit.core.errors import KitError
 from kit.ingest.records import Box, Record
 from kit.core.files import read_jsonl
-from kit.ingest.sources.common import BoxError, clean_texts, default_id, image_size, numbers, one_line, pixel_box, safe_relpath, text_list
+from kit.data.images import ImageProblem, check_image, image_size
+from kit.ingest.sources.common import BoxError, clean_texts, default_id, numbers, pixel_box, safe_relpath, text_list
 
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -131,9 +130,10 @@ def _checked_image(value: Any, folder: Path, where: str) -> tuple[str, tuple[int
     if not path.is_file():
         raise KitError(f"{where}: image file {path} does not exist")
     try:
+        check_image(path)  # every pixel: a truncated file is found here, not in training
         size = image_size(path)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise KitError(f"{where}: cannot read image {path} ({one_line(e)})") from None
+    except ImageProblem as e:
+        raise KitError(f"{where}: {e}") from None
     return rel, size
 
 
