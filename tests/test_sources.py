@@ -240,8 +240,9 @@ def _testdata(name: str) -> Path:
     return Path(path)
 
 
-def _rid(rel: str) -> str:
-    return "dicom-" + hashlib.sha256(rel.encode()).hexdigest()[:12]
+def _rid(rel: str, work: Path) -> str:
+    salt = (work / ".kit-id-salt").read_bytes().strip()
+    return "dicom-" + hashlib.sha256(salt + b"\0" + rel.encode()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,7 @@ def dicom_run(tmp_path_factory) -> dict:
 def test_dicom_png_and_caption(dicom_run, name):
     if name in dicom_run["undecodable"]:
         pytest.skip(f"no codec for {name}: {dicom_run['undecodable'][name]}")
-    rec = dicom_run["records"][_rid(dicom_run["placed"][name])]
+    rec = dicom_run["records"][_rid(dicom_run["placed"][name], dicom_run["work"])]
     assert rec.private and rec.root == dicom_run["work"] and rec.image == f"images/{rec.id}.png"
     img = np.asarray(Image.open(rec.root / rec.image))
     assert img.dtype == np.uint8 and img.max() > img.min() and img.std() > 10
@@ -283,6 +284,10 @@ def test_dicom_png_and_caption(dicom_run, name):
 
 def test_dicom_specifics(dicom_run):
     recs, placed = dicom_run["records"], dicom_run["placed"]
+
+    def _rid(rel):
+        return globals()["_rid"](rel, dicom_run["work"])
+
     assert len(recs) == len(placed)  # README and notes.txt skipped
     ct = recs[_rid(placed["CT_small.dcm"])]
     assert ct.captions == ["An axial computed tomography (CT) image (128 x 128 pixels); the body part is not recorded."]
@@ -303,9 +308,50 @@ def test_dicom_specifics(dicom_run):
     assert (round(cols[0] / 512, 3), round(rows[0] / 512, 3)) == (x1, y1)
 
 
-def test_dicom_ids_are_stable(dicom_run, tmp_path):
-    again = from_dicom(dicom_run["src"], tmp_path / "w2")
+def test_dicom_ids_are_stable_and_salted(dicom_run, tmp_path):
+    """The same output folder gives the same ids (resume); another gives others: an id cannot be
+    recomputed from a guessed path."""
+    again = from_dicom(dicom_run["src"], dicom_run["work"])
     assert {r.id for r in again} == set(dicom_run["records"])
+    elsewhere = from_dicom(dicom_run["src"], tmp_path / "w2")
+    assert not {r.id for r in elsewhere} & set(dicom_run["records"])
+    bare = {"dicom-" + hashlib.sha256(rel.encode()).hexdigest()[:12] for rel in dicom_run["placed"].values()}
+    assert not bare & set(dicom_run["records"])
+
+
+@pytest.mark.parametrize("label", ["Liver Roe^Jane", "liver (jane roe)", "J. ROE liver", "Liver - Jahne Row", "ROEJANE"])
+def test_free_text_segment_labels_never_reach_the_records(tmp_path, label):
+    """A segment label is free text: a name in it, however spelled, must not reach prompts; the
+    coded meaning is used instead."""
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata("liver_1frame.dcm"))
+    ds.PatientName = "Roe^Jane"
+    for item in ds.SegmentSequence:
+        item.SegmentLabel = label
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "seg.dcm")
+    (rec,) = from_dicom(src, tmp_path / "work")
+    said = json.dumps(rec.to_json()).lower()
+    assert rec.findings == ["Segmented region: Liver"] and [b.label for b in rec.boxes] == ["Liver"]
+    for part in ("roe", "jane", "jahne", "row^", "- jahne"):
+        assert part not in said, part
+
+
+def test_burned_in_annotation_is_refused_unless_checked(tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "ct.dcm")
+    with pytest.raises(KitError) as e:
+        from_dicom(src, tmp_path / "work")
+    assert "BurnedInAnnotation is YES" in str(e.value) and "--burned-in-checked" in str(e.value)
+    assert not (tmp_path / "work" / "images").exists()
+    assert len(from_dicom(src, tmp_path / "work", burned_in_checked=True)) == 1
 
 
 def _png_outside_pixels(data: bytes) -> bytes:

@@ -22,6 +22,8 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
         raise typer.Exit(1)
 
 
+BurnedInOpt = Annotated[bool, typer.Option("--burned-in-checked", help="DICOM: use images marked BurnedInAnnotation=YES; "
+                                              "only after checking that their pixels show no identifying text.")]
 PublicOpt = Annotated[bool, typer.Option("--public", help="COCO / figures: the images and texts are public data. "
                                            "Without it every source is private: it never goes to a remote backend without --allow-remote.")]
 
@@ -46,6 +48,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     public: PublicOpt = False,
+    burned_in_checked: BurnedInOpt = False,
 ) -> None:
     """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
 
@@ -54,7 +57,8 @@ def generate(
     from kit.generate.command import generate_command
 
     generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
-                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public)
+                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public,
+                     burned_in_checked=burned_in_checked)
 
 
 @data_app.command("sample")
@@ -76,11 +80,12 @@ def data_ingest(
     instances: InstancesOpt = None,
     seed: Annotated[int, typer.Option(help="Chooses the instruction wording per image.")] = 0,
     public: PublicOpt = False,
+    burned_in_checked: BurnedInOpt = False,
 ) -> None:
     """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
     from kit.ingest.pairs import ingest
 
-    n = ingest(source, input, out, images, instances, seed, public=public)
+    n = ingest(source, input, out, images, instances, seed, public=public, burned_in_checked=burned_in_checked)
     typer.echo(f"{n} caption pairs -> {out}")
 
 

@@ -41,6 +41,7 @@ def generate_command(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     public: bool = False,
+    burned_in_checked: bool = False,
 ) -> Summary:
     """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,
     ledger.jsonl and kit.json into `out`; rerunning the same command resumes.
@@ -78,7 +79,8 @@ def generate_command(
     input, out = Path(input), Path(out)
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
     scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
-    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public)
+    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public,
+                           burned_in_checked=burned_in_checked)
     try:
         return run_generation(
             records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,

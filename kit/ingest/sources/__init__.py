@@ -28,7 +28,7 @@ SOURCES = ("coco", "manifest", "dicom", "figures")
 
 
 def load_records(source: str, input: Path, work_dir: Path, images: Path | None = None, instances: Path | None = None,
-                 public: bool = False) -> list[Record]:
+                 public: bool = False, burned_in_checked: bool = False) -> list[Record]:
     """Dispatch on the source kind (what `kit generate` and `kit data ingest` take).
 
     Every record is private (it never goes to a remote backend without --allow-remote) unless
@@ -47,7 +47,7 @@ def load_records(source: str, input: Path, work_dir: Path, images: Path | None =
     if source == "dicom":
         if public:
             raise KitError("--public does not apply to DICOM: DICOM records are always private")
-        return from_dicom(input, Path(work_dir))
+        return from_dicom(input, Path(work_dir), burned_in_checked=burned_in_checked)
     if source == "figures":
         return from_figures(input, Path(images) if images else input.parent, private=not public)
     raise KitError(f"unknown --source '{source}'; choose from {', '.join(SOURCES)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import io
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from kit.core.files import write_bytes_atomic
 from kit.ingest.records import Box, Record
 from kit.ingest.sources.common import one_line
 from kit.ingest.sources.dicom_pixels import render_frame, segments
-from kit.ingest.sources.dicom_tags import dataset_phi, dicom_caption, safe_metadata
+from kit.ingest.sources.dicom_tags import dicom_caption, safe_metadata
 
 def _read_dicom(path: Path, strict: bool) -> Any | None:
     """The dataset, or None for a file that is not DICOM (only allowed when not `strict`)."""
@@ -51,7 +52,19 @@ def _dicom_files(folder: Path) -> list[Path]:
     return files
 
 
-def from_dicom(folder: Path, work_dir: Path) -> list[Record]:
+SALT_FILE = ".kit-id-salt"
+
+
+def id_salt(work_dir: Path) -> bytes:
+    """A random salt kept with the converted images: ids stay stable across reruns into the same
+    output, and cannot be recomputed from a guessed path (folder names are often patient names)."""
+    f = Path(work_dir) / SALT_FILE
+    if not f.is_file():
+        write_bytes_atomic(f, secrets.token_hex(16).encode())
+    return f.read_bytes().strip()
+
+
+def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False) -> list[Record]:
     """Records from every DICOM image under `folder` (recursive), with an 8-bit PNG per file.
 
     Files ending in `.dcm` must be DICOM; files without an extension are used when pydicom can read
@@ -59,24 +72,33 @@ def from_dicom(folder: Path, work_dir: Path) -> list[Record]:
     skipped. Each image becomes `work_dir/images/<id>.png` (the middle frame of a multi-frame file,
     modality LUT then the file's window or min-max, MONOCHROME1 inverted, colour as RGB).
 
-    Ids are `dicom-` + 12 hex chars of sha256 of the path relative to `folder`: stable, and unlike
-    UIDs not traceable to the patient. Metadata holds only `DICOM_METADATA_ALLOWLIST` (coded or
-    numeric tags); captions come from it. A segmentation's labels go to findings and the box of the
-    segment shown in the PNG to boxes. Records are always private.
+    Ids are `dicom-` + 12 hex chars of a salted sha256 of the path relative to `folder` (the salt
+    lives in `work_dir`): stable across reruns, and unlike UIDs or bare path hashes not traceable to
+    the patient. Metadata holds only `DICOM_METADATA_ALLOWLIST` (coded or numeric tags); captions
+    come from it. A segmentation's coded segment names go to findings and the box of the segment
+    shown in the PNG to boxes. Records are always private.
 
     Raises KitError for: a missing folder; a `.dcm` file that cannot be read; pixel data that cannot
-    be decoded (a codec plugin is missing); a folder with no DICOM image.
+    be decoded (a codec plugin is missing); an image whose BurnedInAnnotation is YES (text such as a
+    name may be in the pixels) unless `burned_in_checked`; a folder with no DICOM image.
     """
     folder, work_dir = Path(folder), Path(work_dir)
     if not folder.is_dir():
         raise KitError(f"DICOM folder {folder} does not exist")
     records: list[Record] = []
+    salt = None
     for path in _dicom_files(folder):
         ds = _read_dicom(path, strict=path.suffix.lower() == ".dcm")
         if ds is None or "PixelData" not in ds:
             continue
         rel = path.relative_to(folder).as_posix()
-        rid = "dicom-" + hashlib.sha256(rel.encode("utf-8")).hexdigest()[:12]
+        if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" and not burned_in_checked:
+            raise KitError(
+                f"{folder.name}/{rel}: BurnedInAnnotation is YES, so its pixels may show identifying text; remove the file, "
+                "or check the pixels and pass --burned-in-checked"
+            )
+        salt = salt or id_salt(work_dir)
+        rid = "dicom-" + hashlib.sha256(salt + b"\0" + rel.encode("utf-8")).hexdigest()[:12]
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         index = n_frames // 2
         try:
@@ -97,7 +119,7 @@ def from_dicom(folder: Path, work_dir: Path) -> list[Record]:
         labels: list[str] = []
         boxes: list[Box] = []
         if str(ds.get("Modality", "")).upper() == "SEG":
-            labels, boxes = segments(ds, index, frame, dataset_phi(ds))
+            labels, boxes = segments(ds, index, frame)
         records.append(
             Record(
                 id=rid,

@@ -59,20 +59,19 @@ def render_frame(ds: Any, frame: np.ndarray) -> np.ndarray:
     return to_uint8(unit)
 
 
-def segments(ds: Any, frame_index: int, frame: np.ndarray, phi: list[str]) -> tuple[list[str], list[Box]]:
-    """Segment labels (safe ones) and the box of each segment visible in the rendered frame."""
+def segments(ds: Any, frame_index: int, frame: np.ndarray) -> tuple[list[str], list[Box]]:
+    """Segment names and the box of each segment visible in the rendered frame.
+
+    Names are the coded meanings (SegmentedPropertyTypeCodeSequence, e.g. "Liver") only, never the
+    free-text SegmentLabel: a label can hold a patient's name spelled any way, which no comparison
+    with the PatientName tag catches. A segment without a code is "segment N"."""
     labels: dict[int, str] = {}
     for item in ds.get("SegmentSequence") or []:
-        label = str(item.get("SegmentLabel", "") or "").strip()
+        number = int(item.get("SegmentNumber", len(labels) + 1))
         coded = ""
         for code in item.get("SegmentedPropertyTypeCodeSequence") or []:
-            coded = str(code.get("CodeMeaning", "") or "").strip()
-        # A segment label is free text: fall back to the coded term when it echoes an identifier.
-        if label and any(p.lower() in label.lower() for p in phi if len(p) >= 3):
-            label = coded
-        label = label or coded
-        if label:
-            labels[int(item.get("SegmentNumber", len(labels) + 1))] = label
+            coded = " ".join(str(code.get("CodeMeaning", "") or "").split())
+        labels[number] = coded or f"segment {number}"
     if not labels:
         return [], []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
