@@ -251,6 +251,33 @@ def test_failed_tasks_are_retried_on_rerun_and_ledger_stays_unique(tmp_path):
     assert len(tasks) == len(set(tasks)) == 3
 
 
+def test_a_corrected_caption_is_asked_again_on_resume(tmp_path):
+    """Resume matches what was asked, not only the task id: a changed caption (or another model)
+    is regenerated, and the stale conversation leaves data.json."""
+    records = make_records(3, tmp_path)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    with MockOpenAI() as server:
+        run_generation(records, out, types="detail", backend=backend_for(server), echo=quiet([]), **FAST)
+        assert server.stats()["requests"] == 3
+        records[1].captions = ["A person with a cat on a beach (corrected)."]
+        s = run_generation(records, out, types="detail", backend=backend_for(server), echo=lines.append, **FAST)
+        assert server.stats()["requests"] == 4 and s.resumed == 2
+        assert any("1 finished tasks were asked with other inputs" in line for line in lines), lines
+        again = run_generation(records, out, types="detail", backend=OpenAIBackend("another-model", base_url=server.base_url),
+                               echo=quiet([]), **FAST)
+        assert server.stats()["requests"] == 7 and again.resumed == 0
+    entries = {}
+    for e in ledger_lines(out):
+        entries[e["task"]] = e  # the newest line of a task counts
+    assert len(entries) == 3 and all(e["request"] for e in entries.values())
+    data = json.loads((out / "data.json").read_text())
+    assert data == [entries[t]["sample"] for t in ("img000-detail", "img001-detail", "img002-detail")]
+    ledger = Ledger(out / "ledger.jsonl")
+    ledger.load(repair=False)
+    assert {k: v["request"] for k, v in ledger.entries.items()} == {k: v["request"] for k, v in entries.items()}
+
+
 def test_torn_last_line_is_cut_and_bad_middle_line_is_an_error(tmp_path):
     path = tmp_path / "ledger.jsonl"
     good = {"task": "a-detail", "status": "ok", "sample": {"id": "a-detail"}, "usage": {}}

@@ -1,8 +1,11 @@
 """The generation ledger: one fsynced JSON line per finished task, so a killed run resumes where it
-stopped. Finished tasks (ok or rejected) are skipped on resume; failed ones are tried again."""
+stopped. Finished tasks (ok or rejected) are skipped on resume while their request is unchanged
+(`request`: a hash of the messages, backend and model); failed or changed ones are asked again, and
+the newest line of a task is the one that counts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +16,13 @@ from kit.core.files import write_jsonl_atomic
 
 LEDGER = "ledger.jsonl"
 FINAL = ("ok", "rejected")  # statuses a resume skips; "failed" is tried again
+
+
+def request_key(messages: list[dict], backend) -> str:
+    """What a task asks, as a hash: its messages (records' text and the prompt set), the backend
+    kind and the model. Not the URL: the same local server on another port is the same request."""
+    body = {"messages": messages, "backend": type(backend).__name__, "model": getattr(backend, "model", "")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class Ledger:
@@ -52,8 +62,7 @@ class Ledger:
             task = entry["task"]
             if entry["status"] in FINAL:
                 if task in self.entries:
-                    dirty = True
-                    continue
+                    dirty = True  # asked again after its input changed: the newer line counts
                 self.entries[task] = entry
             else:
                 dirty = True

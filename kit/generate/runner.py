@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kit.core.errors import KitError
 from kit.generate import parse, prompts
 from kit.generate.backends import Backend, BackendError, Completion
-from kit.generate.ledger import LEDGER, Ledger
+from kit.generate.ledger import LEDGER, Ledger, request_key
 from kit.generate.report import Summary, estimate_dry_run, finalise, price_for, summary_table, write_summary
 from kit.ingest.records import TYPES, Record, image_folder_for
 
@@ -34,6 +34,7 @@ class _Task:
     record: Record
     rtype: str
     seed: int
+    request: str = ""  # hash of what is sent for it (kit.generate.ledger.request_key)
 
 
 def _task_seed(seed: int, task_id: str) -> int:
@@ -129,7 +130,16 @@ def run_generation(
 
     ledger = Ledger(out_dir / LEDGER)
     ledger.load(repair=not dry_run)
+    for t in tasks:
+        t.request = request_key(prompts.build_messages(t.record, t.rtype, domain), backend)
+    # A finished task is kept only while its request is unchanged: a corrected caption, another
+    # prompt set or another model is asked again (the old reply may quote what was corrected).
+    stale = {t.id for t in tasks if t.id in ledger.entries and ledger.entries[t.id].get("request") != t.request}
+    for tid in stale:
+        ledger.entries.pop(tid)
     pending = [t for t in tasks if t.id not in ledger.entries]
+    if stale and not dry_run:
+        echo(f"{len(stale)} finished tasks were asked with other inputs (captions, findings, prompts or model changed): asked again")
 
     if dry_run:
         return estimate_dry_run(tasks, pending, domain, backend, ppm, max_tokens, out_dir, echo)
@@ -294,6 +304,7 @@ class _Run:
     def _finish(self, task: _Task, entry: dict) -> None:
         """Queue the task's ledger line. The worker moves on at once; the task counts as finished
         (ledger entry, progress) only when the line is fsynced."""
+        entry["request"] = task.request
         carried = self.ledger.carried_usage.get(task.id)
         usage = entry.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0})
         if carried:
