@@ -19,6 +19,11 @@ def main() -> None:
     import warnings
 
     from kit.core.errors import KitError
+    from kit.core.network import go_offline
+
+    # kit only loads local folders: with HF_HUB_OFFLINE a folder missing its weights is an error,
+    # never a download (the user's own setting wins).
+    go_offline()
 
     # bitsandbytes' CPU backend warns at import that it could not fetch an optional kernel from the
     # Hub; kit never lets it download anything, so the warning is only noise.

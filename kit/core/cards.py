@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,41 @@ class DataRef(_Open):
     sha256: str | None = None
 
 
+SECRET_OPTIONS = ("--api-key",)
+
+
+def _redact_value(value: str) -> str:
+    key, eq, rest = value.partition("=")
+    if eq and key.replace(".", "").replace("_", "").isalnum():  # --set key=value
+        return f"{key}={_redact_value(rest)}"
+    if "://" in value:
+        return "<url>"  # URLs can carry credentials and host names
+    if "/" in value or "\\" in value or os.path.exists(value):
+        return "<path>"  # folder and file names are often patient or project names
+    return value
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command a card records: commands, options and plain values as typed; paths, URLs and
+    secrets replaced by <path>, <url>, <redacted>."""
+    out = ["kit"]
+    hide_next = False
+    for tok in argv[1:]:
+        if hide_next:
+            out.append("<redacted>")
+            hide_next = False
+        elif tok.startswith("--"):
+            name, eq, value = tok.partition("=")
+            if name in SECRET_OPTIONS:
+                out.append(name + ("=<redacted>" if eq else ""))
+                hide_next = not eq
+            else:
+                out.append(name + ("=" + _redact_value(value) if eq else ""))
+        else:
+            out.append(_redact_value(tok))
+    return " ".join(out)
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How a model was prompted in training; None where the card does not say."""
@@ -106,7 +142,7 @@ class Card(_Open):
             kind=kind,
             made_by=made_by,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            command=" ".join(sys.argv) if sys.argv and sys.argv[0].endswith("kit") else None,
+            command=redacted_command(sys.argv) if sys.argv and sys.argv[0].endswith("kit") else None,
             versions=library_versions(),
             **fields,
         )

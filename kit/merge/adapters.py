@@ -7,6 +7,7 @@ from typing import Any
 
 from kit.core.cards import Card, describe_source, hash_files
 from kit.core.errors import KitError
+from kit.core.cards import CARD_NAME
 from kit.core.files import read_json
 from kit.core.precision import compute_dtype
 from kit.infer.load import ADAPTER_CONFIG, adapter_base, folder_kind
@@ -24,8 +25,12 @@ def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
         p = Path(p).resolve()
         if resolved == p or p.is_relative_to(resolved):
             raise KitError(f"--out {out} would replace an input ({p}); choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise KitError(f"--out {out} already exists and is not empty; choose another folder or pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise KitError(f"--out {out} already exists and is not empty; choose another folder or pass --force to replace it")
+        if not (out / CARD_NAME).is_file():
+            raise KitError(f"--out {out} holds files kit did not write (no {CARD_NAME}); --force replaces only kit's own "
+                           "output folders: choose another folder")
 
 
 def adapter_info(path: Path) -> dict[str, Any]:

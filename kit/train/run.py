@@ -6,6 +6,8 @@ resolved recipe + card + logs). What differs between stages lives in the recipe,
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,15 +110,34 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     return plan.out
 
 
+# Written last when a final save is moved into place: until it is there the folder does not load
+# as a model or adapter, so a save killed midway never leaves weights without their card.
+COMMIT_FILES = ("adapter_config.json", "config.json")
+FINAL_STAGING = ".final-save"
+
+
 def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict[str, Any]) -> None:
-    """Every rank takes part (ZeRO-3 / FSDP gather the weights); rank 0 writes."""
+    """Every rank takes part (ZeRO-3 / FSDP gather the weights); rank 0 writes. The weights, the
+    processor and the card are written beside the run's folder first, then moved in, the file that
+    makes the folder loadable last."""
+    out = plan.out
+    staging = out / FINAL_STAGING
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.final_save = True
-    trainer.save_model(str(plan.out))
+    trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
-    out = plan.out
     kind = "adapter" if is_peft(trainer.accelerator.unwrap_model(trainer.model)) else "model"
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
     plot_loss(out / "log.csv", out / "loss.png", title=f"{plan.recipe.name} ({plan.recipe.stage})")
     data_report = {"summary": report.summary(), "problems": len(report.problems)}
-    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report).write(out)
+    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report).write(staging)
+    commit_into(staging, out)
+
+
+def commit_into(staging: Path, out: Path) -> None:
+    """Move a finished save into `out`, the files that make it loadable (COMMIT_FILES) last."""
+    for f in sorted(staging.iterdir(), key=lambda p: p.name in COMMIT_FILES):
+        os.replace(f, out / f.name)
+    staging.rmdir()
