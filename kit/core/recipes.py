@@ -114,7 +114,7 @@ class TrainArgs(_Strict):
         description="Recompute activations in backward (saves memory, costs ~30% step time). auto: off when kit's "
         "memory estimate without it, at the longest sample, fits the GPU with 15% to spare; on otherwise and on CPU.",
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed (torch and numpy take 0 .. 2**32-1).")
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)
@@ -188,7 +188,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise KitError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise KitError(f"{path}: cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

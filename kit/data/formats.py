@@ -61,7 +61,7 @@ def _parse(where: str, rec: Any, index: int, placement: str) -> Sample:
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise KitError(f"{where}: sample '{sid}': conversations[{j}] needs 'from' and 'value'")
-        role = _ROLES.get(turn["from"])
+        role = _ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise KitError(f"{where}: sample '{sid}': conversations[{j}].from '{turn['from']}' is not human/gpt")
         if not isinstance(turn["value"], str):

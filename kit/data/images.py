@@ -45,6 +45,9 @@ def _opened(source, label: str) -> Image.Image:
         raise ImageProblem(f"{label} is not an image kit reads (formats: {', '.join(FORMATS)})") from None
     except FileNotFoundError:
         raise ImageProblem(f"{label} is missing") from None
+    except Image.DecompressionBombError:
+        raise ImageProblem(f"{label} is far larger than kit takes (at most {MAX_PIXELS:,} pixels and {MAX_SIDE} on the longest "
+                           "side); downscale it first") from None
     except _ERRORS as e:
         raise ImageProblem(f"{label} is truncated, damaged or not an image ({_first_line(e)})") from None
     w, h = im.size
