@@ -48,7 +48,7 @@ def _one_error_line(err: str) -> str:
     "case, expected",
     [
         ("missing_image", r"data\.json\[1\]: sample 'b': image file .*nope\.png is missing"),
-        ("corrupt_image", r"data\.json\[1\]: sample 'b': image file .*bad\.png is corrupt"),
+        ("corrupt_image", r"data\.json\[1\]: sample 'b': image file .*bad\.png is not an image kit reads"),
         ("broken_json_line", r"data\.jsonl:2: invalid JSON"),
         ("over_long", r"data\.json\[0\]: sample 'a': image tokens would be truncated"),
         ("unknown_recipe_key", r"unknown key 'train\.learning_rate'"),

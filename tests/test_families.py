@@ -273,7 +273,8 @@ def test_truncation_that_would_cut_an_image_is_found_before_training(smol_tokeni
     n_image = Processing(proc, "chat", "crop").image_tokens((64, 64))
     assert n_image > 8  # the vision start/end markers around the image's own tokens
     full, _ = build_dataset(root / "train.json", proc, "chat", 4096, "crop", family=family_of(base))
-    image_end = int(max(i for i, t in enumerate(full.items[0].input_ids) if t == proc.tokenizer.convert_tokens_to_ids("<|vision_end|>"))) + 1
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_end = int(max(i for i, t in enumerate(full.items[0].input_ids) if t == pad)) + 1
     from kit.core.errors import KitError
     from kit.data.dataset import IGNORE
 
@@ -282,4 +283,4 @@ def test_truncation_that_would_cut_an_image_is_found_before_training(smol_tokeni
     assert ok.items[0].truncated and len(ok.items[0].input_ids) == first_answer + 3
 
     with pytest.raises(KitError, match="image tokens would be truncated"):
-        build_dataset(root / "train.json", proc, "chat", image_end - 1, "crop", family=family_of(base))
+        build_dataset(root / "train.json", proc, "chat", image_end - 2, "crop", family=family_of(base))

@@ -239,7 +239,7 @@ def test_bad_requests_get_openai_errors(client, url, image_root, paths, tmp_path
     not_png = "data:image/png;base64," + base64.b64encode(b"this is not a picture").decode()
     cases = {
         "not valid base64": image("data:image/png;base64,@@@not-base64@@@"),
-        "cannot be decoded": image(not_png),
+        "not an image kit reads": image(not_png),
         "does not fetch https": image("https://example.com/cat.png"),
         "escapes the image folder": image(str(outside)),
         "escapes the image folder ": image(outside.as_uri()),
@@ -579,3 +579,27 @@ def test_a_full_queue_answers_429_before_parsing_then_recovers(pool, monkeypatch
         assert results == [200, 200]
         assert _raw(url, HI)[0] == 200
 
+
+
+def test_extreme_images_and_numbers_are_400s_not_500s(url, tmp_path):
+    """A small file with an extreme shape (a huge canvas once padded square), a decompression bomb,
+    and a seed beyond what samplers take: each a 400 that says what is wrong."""
+    import struct
+    import zlib
+
+    def png(w, h):
+        raw = zlib.compress(b"".join(b"\x00" + b"\x00" * ((w + 7) // 8) for _ in range(h)), 9)
+
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+    for w, h, said in ((40000, 1000, "40000x1000 pixels"), (16000, 16000, "far larger than kit takes")):
+        data = base64.b64encode(png(w, h)).decode()
+        body = {"model": "alpha", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}, {"type": "text", "text": "?"}]}]}
+        status, reply = _raw(url, json.dumps(body).encode(), AUTH)
+        assert status == 400 and said in reply["error"]["message"], reply
+    status, reply = _raw(url, json.dumps({**json.loads(HI), "seed": 2**70}).encode(), AUTH)
+    assert status == 400 and "seed" in reply["error"]["message"], reply

@@ -96,7 +96,8 @@ def server(tmp_path_factory, tiny_base, adapter):
             time.sleep(0.2)
         while True:  # the line comes just before uvicorn starts listening
             try:
-                urllib.request.urlopen(url + "/health", timeout=5).read()
+                req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+                urllib.request.urlopen(req, timeout=5).read()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:

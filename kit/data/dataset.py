@@ -185,7 +185,11 @@ def default_image_folder(data_path: Path) -> Path:
     """The data file's folder, unless a `kit.json` data card there (kit generate / ingest) names another."""
     card = Card.read(data_path.parent)
     if card is not None and card.kind == "data" and card.image_folder:
-        return Path(card.image_folder)
+        folder = Path(card.image_folder)
+        if not folder.is_dir():
+            raise KitError(f"{data_path.parent / 'kit.json'}: its image_folder {folder} does not exist; "
+                           "fix the card, remove it, or set data.image_folder")
+        return folder
     return data_path.parent
 
 

@@ -49,7 +49,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)  # what the samplers take; beyond it a 400, not a 500
     stop: str | list[str] | None = None
     n: int | None = Field(1, ge=1)
     logprobs: bool | None = None

@@ -111,7 +111,7 @@ def _seg_liver(name: str, phi: list[str]) -> Pixels:
     ds, frame, image, md, values = _dicom(name, "SEG")
     phi += values
     _need_shape(name, image, (512, 512))
-    labels, _ = segments(ds, 0, frame, values)
+    labels, _ = segments(ds, 0, frame)
     if [label.lower() for label in labels] != ["liver"]:
         raise Skip(f"{name} segments {labels}, not the single liver segment its texts describe")
     return Pixels(image, boxes=[("liver", mask_box(image > 0))], fields={"plane": md.get("ImagePlane", "axial")})
