@@ -163,27 +163,21 @@ def build(family: str, smol_tokenizer_dir: Path):
         proc = tf.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=16,
                                           vision_feature_select_strategy="full", chat_template=template)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
-        text = dict(vocab_size=V, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+        text = dict(vocab_size=V, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, hidden_size=32,
+                    intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
         ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"), video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                    vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
                    vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        pixels = dict(patch_size=8, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+        ip, vp = tf.Qwen2VLImageProcessor(**pixels), tf.Qwen2VLVideoProcessor(**pixels)
         if family == "qwen2_vl":
             vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
             cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-            ip = tf.Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-            vp = tf.Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
             proc = tf.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=template)
         else:
             vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
                           temporal_patch_size=2, out_hidden_size=32, window_size=32, fullatt_block_indexes=[1])
             cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-            ip = tf.Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-            vp = tf.Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                          size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
             proc = tf.Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=template)
     elif family == "gemma3":
         text = tf.Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

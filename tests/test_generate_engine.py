@@ -453,3 +453,33 @@ def test_generated_data_passes_data_check_and_trains_with_kit_adapt(capsys, tmp_
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     card = json.loads((tmp_path / "adapter" / "kit.json").read_text())
     assert card["kind"] == "adapter" and card["steps"] == 2 and card["recipe"]["name"] == "llava15-qlora"
+
+
+def test_a_looping_reply_is_stopped_where_it_repeats_itself(smol_tokenizer_dir):
+    """A small model that loops asks its questions again until max_tokens; the in-process backend
+    stops that row at the first repeated question and keeps the rounds before it. The parser's
+    rule is unchanged: a reply that still repeats a question is rejected."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kit.generate import parse
+    from kit.generate.backends import StopOnRepeat
+
+    looping = "Question: What is shown?\nAnswer: A CT slice.\nQuestion: Which plane?\nAnswer: Axial.\nQuestion: what  is SHOWN?\n"
+    cut = parse.repeat_start(looping)
+    assert looping[:cut] == "Question: What is shown?\nAnswer: A CT slice.\nQuestion: Which plane?\nAnswer: Axial.\n"
+    assert parse.repeat_start(looping.rstrip("\n")) is None  # an unfinished line may still change
+    assert parse.parse_reply("conversation", looping[:cut])[-1] == ("gpt", "Axial.")
+    with pytest.raises(parse.Rejected, match="repeated question"):
+        parse.parse_reply("conversation", looping + "Answer: again")
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    prompt = tok("<|im_start|>user\nhi<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    rows = [prompt + tok(looping, add_special_tokens=False)["input_ids"],
+            prompt + tok(looping.replace("what  is SHOWN?", "Any contrast?"), add_special_tokens=False)["input_ids"]]
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
+    stop = StopOnRepeat(tok, len(prompt) + (width - len(rows[0])))
+    assert stop(batch[:1], None).tolist() == [True]
+    stop = StopOnRepeat(tok, len(prompt) + (width - len(rows[1])))
+    assert stop(batch[1:], None).tolist() == [False]

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from kit.core.errors import KitError
 from kit.core.network import is_loopback_host
+from kit.generate.parse import repeat_start
 
 BACKENDS = ("openai", "hf")
 OPENAI_HOST = "api.openai.com"
@@ -227,6 +228,26 @@ def _completion_from(resp: Any) -> Completion:
     )
 
 
+class StopOnRepeat:
+    """Stops a row of a batched generate as soon as its reply asks a question it already asked:
+    what follows is the model looping (a 135M model does, often after two rounds) and would only
+    burn time until max_tokens before the reply is rejected."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            # Only a finished line can complete a repeated question.
+            if row and "\n" in self.tokenizer.decode(row[-1:]):
+                done[i] = repeat_start(self.tokenizer.decode(row, skip_special_tokens=True)) is not None
+        return done
+
+
 class HFBackend(Backend):
     """An in-process transformers causal LM, batched (left padding, the tokenizer's chat template).
 
@@ -297,6 +318,7 @@ class HFBackend(Backend):
                     top_p=None,
                     top_k=None,
                     pad_token_id=tok.pad_token_id,
+                    stopping_criteria=[StopOnRepeat(tok, enc["input_ids"].shape[1])],
                 )
             self.batches_run += 1
             self.largest_batch = max(self.largest_batch, len(batch))
@@ -308,12 +330,15 @@ class HFBackend(Backend):
             for row, mask in zip(new.tolist(), enc["attention_mask"]):
                 n = next((i for i, t in enumerate(row) if t in stops), None)
                 kept = row if n is None else row[:n]
+                text = tok.decode(kept, skip_special_tokens=True)
+                cut = repeat_start(text)
                 results.append(
                     Completion(
-                        text=tok.decode(kept, skip_special_tokens=True).strip(),
+                        # A reply that began asking its questions again ends where the loop began.
+                        text=(text if cut is None else text[:cut]).strip(),
                         prompt_tokens=int(mask.sum()),
                         completion_tokens=len(kept) + (0 if n is None else 1),
-                        finish_reason="length" if n is None else "stop",
+                        finish_reason="length" if n is None and cut is None else "stop",
                     )
                 )
             return results

@@ -81,6 +81,22 @@ def _qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(r, t.strip().strip("*").strip()) for r, t in turns]
 
 
+def repeat_start(text: str) -> int | None:
+    """Where a reply starts asking again a question it already asked (the offset of that question
+    line), or None. Only finished lines count. A small model that loops repeats whole rounds until
+    max_tokens; an in-process generator stops there (kit.generate.backends.HFBackend)."""
+    seen: set[str] = set()
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n") and _Q.match(line):
+            question = " ".join(_Q.sub("", line, count=1).lower().split())
+            if question in seen:
+                return offset
+            seen.add(question)
+        offset += len(line)
+    return None
+
+
 def complete_rounds(text: str) -> str:
     """The reply up to (not including) its last question line: whole rounds only, or ""."""
     lines = text.splitlines()
