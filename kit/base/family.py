@@ -4,7 +4,7 @@ how many images a sample may hold, and how its prompts are built. Every stage as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,6 @@ import yaml
 from kit.core.errors import KitError
 from kit.core.files import read_json
 
-PARTS = ("vision", "projector", "llm")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -32,6 +31,7 @@ class Family:
     prompt: str  # "chat" | "prefix"
     hub_example: str
 
+    @cached_property
     def prefixes(self) -> list[tuple[str, str]]:
         """(module path, part), most specific first: a projector inside the tower wins there."""
         pairs = [(p, "vision") for p in self.vision] + [(p, "projector") for p in self.projector]
@@ -41,7 +41,7 @@ class Family:
     def part_of(self, name: str) -> str | None:
         """Which part ('vision', 'projector', 'llm') a parameter or module belongs to; PEFT names allowed."""
         name = name.removeprefix(PEFT_PREFIX)
-        for path, part in self.prefixes():
+        for path, part in self.prefixes:
             if name == path or name.startswith(path + "."):
                 return part
         return None
@@ -61,11 +61,6 @@ class Family:
         modules and so cannot travel in an adapter's modules_to_save)."""
         names = dict(model.named_modules())
         return [p for p in self.projector if p in names]
-
-    def modules(self, model, part: str) -> list[Any]:
-        names = dict(model.named_modules())
-        paths = {"vision": self.vision, "projector": self.projector, "llm": (self.llm,)}[part]
-        return [names[p] for p in paths if p in names]
 
     def check_layout(self, model, where: str) -> None:
         """KitError naming what is missing when a checkpoint does not have the family's modules."""

@@ -108,11 +108,6 @@ class Rendered:
     def answers(self) -> list[str]:
         return [p for p, supervised in self.pieces if supervised and p]
 
-    def expand(self, placeholder: str, times: int) -> Rendered:
-        """The same conversation with each image placeholder repeated `times` (a processor's
-        expansion), spans moved with it."""
-        return Rendered(tuple((p.replace(placeholder, placeholder * times), sup) for p, sup in self.pieces))
-
     def expand_each(self, placeholder: str, expansions: list[str]) -> Rendered:
         """Each placeholder, in order, replaced by its image's expansion (processors that expand
         every image differently: tiles, dynamic resolution, markers around the tokens)."""
@@ -270,8 +265,8 @@ def _end_if_open(body: str, tokenizer) -> str:
 
 def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: str, system: str | None = None,
            chat_template: str | None = None, placeholder: str | None = None) -> Rendered:
-    """`turns` hold one `image_token` per image; the caller expands it (Rendered.expand) where
-    its tokenization needs the processor's count."""
+    """`turns` hold one `image_token` per image; the caller expands each (Rendered.expand_each)
+    where its tokenization needs the processor's expansion."""
     if template == "plain":
         return render_plain(turns, image_token)
     if template == "vicuna_v1":

@@ -13,7 +13,7 @@ from PIL import Image
 from kit.base.family import Family
 from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.templates import IMAGE_TOKEN, TemplateError, prefix_parts, render, template_for, PREFIX
+from kit.core.templates import IMAGE_TOKEN, PREFIX, TemplateError, prefix_parts, render, template_for
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, placement_for
 from kit.data.images import ImageProblem, check_image, image_size, open_rgb, resolve_image
@@ -70,14 +70,13 @@ def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answ
 
 
 def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | list, max_length: int, system: str | None = None,
-                  chat_template: str | None = None, placeholder: str = IMAGE_TOKEN, image_id: int | None = None):
+                  chat_template: str | None = None, placeholder: str = IMAGE_TOKEN):
     """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample.
 
     image_tokens: per image, in order, what it becomes (kit.data.processing.Processing.expansions):
     a token count for plain / vicuna_v1, the expanded text for chat; one int for every image means
     that many `placeholder`s. chat_template: the processor's template for `chat` (default: the
-    tokenizer's). placeholder: what the chat template writes for an image (the processor's token).
-    image_id: the id that counts image positions (default: the placeholder's)."""
+    tokenizer's). placeholder: what the chat template writes for an image (the processor's token)."""
     specials = special_texts(tokenizer)
     for j, (role, text) in enumerate(sample.turns):
         special = next((t for t in specials if t in text), None)
@@ -102,9 +101,10 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
     tokens = tokenize(tokenizer, expanded.text, template, image_tokens if chunked else 0)
     ids = tokens.ids
     labels = np.where(supervised_mask(tokens, expanded.spans), ids, IGNORE)
-    image_id = image_id if image_id is not None else tokenizer.convert_tokens_to_ids(placeholder if not chunked else IMAGE_TOKEN)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN if chunked else placeholder)
     n_img = int((ids == image_id).sum())
-    want = sum(image_tokens) if chunked else sum(tokenizer(e, add_special_tokens=False)["input_ids"].count(image_id) for e in image_tokens)
+    # The placeholder is a special token: each written copy is one id.
+    want = sum(image_tokens) if chunked else sum(e.count(placeholder) for e in image_tokens)
     if n_img != want:
         return None, f"template produced {n_img} image tokens, expected {want}"
     if (labels != IGNORE).sum() == 0:

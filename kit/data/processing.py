@@ -10,6 +10,8 @@ so every tensor it returns (image_sizes, image_grid_thw, token_type_ids, ...) re
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from PIL import Image
 
@@ -160,6 +162,18 @@ class Processing:
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def processing_for(processor, template: str) -> Processing:
+    """One Processing per loaded processor and template, for inference on images the caller has
+    already fitted: its per-size expansions are asked of the processor once, not per request."""
+    per_template = _SHARED.setdefault(processor, {})
+    if template not in per_template:
+        per_template[template] = Processing(processor, template, aspect=None)
+    return per_template[template]
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

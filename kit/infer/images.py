@@ -7,12 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.core.errors import KitError
-from kit.data.images import ImageProblem, decode_bytes, mean_colour, open_rgb, pad_to_square
-
-def decode_image(data: bytes):
-    """An RGB PIL image from encoded bytes (PNG, JPEG, ...), under kit.data.images' rules. Raises ImageProblem."""
-    return decode_bytes(data)
-
+from kit.data.images import ImageProblem, mean_colour, open_rgb, pad_to_square
 
 def load_image_file(path) -> Any:
     """An RGB PIL image from a file. Raises KitError naming the file if it is missing or not an image."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, PREFIX, VICUNA_TEMPLATE, prefix_prompt
-from kit.data.processing import Processing
+from kit.data.processing import processing_for
 from kit.infer.images import fit_image
 
 
@@ -68,7 +68,7 @@ def count_images(messages: list[dict[str, Any]]) -> int:
 def encode(processor, prompts: list[str], images: list, template: str = "chat") -> dict[str, Any]:
     """A left-padded batch for generation, made as training made its samples (kit.data.processing):
     `images` (already fitted as training showed them) in the order of the prompts' placeholders."""
-    return Processing(processor, template, aspect=None).prompt_inputs(prompts, images)
+    return processing_for(processor, template).prompt_inputs(prompts, images)
 
 
 def prepare(processor, info: dict[str, Any], messages: list[dict[str, Any]], images: list) -> dict[str, Any]:

@@ -17,8 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kit.data.images import ImageProblem, check_image, open_rgb, resolve_image
-from kit.infer.images import decode_image
+from kit.data.images import ImageProblem, check_image, decode_bytes, open_rgb, resolve_image
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error", 503: "server_error"}
@@ -106,7 +105,7 @@ def _image(url: str, where: str, limits: Limits) -> Any:
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data URL's payload is not valid base64", "invalid_base64", where) from None
         try:
-            return decode_image(data)
+            return decode_bytes(data)
         except ImageProblem as e:
             raise ApiError(400, f"{where}: {e}", "invalid_image", where) from None
     scheme = urllib.parse.urlsplit(url).scheme.lower()

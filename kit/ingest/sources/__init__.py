@@ -13,14 +13,13 @@ from pathlib import Path
 from kit.core.errors import KitError
 from kit.ingest.records import Record
 from kit.ingest.sources.coco import from_coco
-from kit.ingest.sources.common import PRIVATE_DIR_NAME
 from kit.ingest.sources.dicom import from_dicom
 from kit.ingest.sources.dicom_tags import DICOM_METADATA_ALLOWLIST, MODALITY_WORDS, PHI_KEYWORDS, dicom_caption, phi_values
 from kit.ingest.sources.figures import from_figures
 from kit.ingest.sources.manifest import BOX_FORMATS, MANIFEST_NAME, from_manifest
 
 __all__ = [
-    "BOX_FORMATS", "DICOM_METADATA_ALLOWLIST", "MANIFEST_NAME", "MODALITY_WORDS", "PHI_KEYWORDS", "PRIVATE_DIR_NAME",
+    "BOX_FORMATS", "DICOM_METADATA_ALLOWLIST", "MANIFEST_NAME", "MODALITY_WORDS", "PHI_KEYWORDS",
     "SOURCES", "dicom_caption", "from_coco", "from_dicom", "from_figures", "from_manifest", "load_records", "phi_values",
 ]
 

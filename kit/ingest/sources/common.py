@@ -1,4 +1,4 @@
-"""Helpers shared by the source readers: boxes, texts, relative paths, the private-folder rule."""
+"""Helpers shared by the source readers: boxes, texts, relative paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Iterable
 
 from kit.core.errors import KitError
 
-PRIVATE_DIR_NAME = "private_data"
 # A box may poke this far past the image edge (rounding in annotation tools) and is clamped.
 _EDGE_TOLERANCE_PX = 1.0
 
