@@ -3,7 +3,7 @@ how many images a sample may hold, and how its prompts are built. Every stage as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
@@ -30,6 +30,7 @@ class Family:
     inputs: tuple[str, ...]
     prompt: str  # "chat" | "prefix"
     hub_example: str
+    gguf: dict | None = field(default=None, hash=False, compare=False)  # kit export: projector, towers, text (model_type -> llama.cpp arch)
 
     @cached_property
     def prefixes(self) -> list[tuple[str, str]]:
@@ -91,6 +92,7 @@ def families() -> dict[str, Family]:
             name=name, label=d["label"], model_types=tuple(d["model_types"]), vision=tuple(d["vision"]),
             projector=tuple(d["projector"]), llm=d["llm"], head=d["head"], images=d["images"],
             inputs=tuple(d["inputs"]), prompt=d.get("prompt", "chat"), hub_example=d["hub_example"],
+            gguf=d.get("gguf"),
         )
     return out
 

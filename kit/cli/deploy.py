@@ -61,3 +61,18 @@ def merge(adapters: Annotated[list[Path], typer.Argument(help="Adapter folder(s)
 
     typer.echo(str(run(adapters, out, weights=weights, method=method, rank=rank, as_adapter=as_adapter, density=density,
                        seed=seed, base_precision=base_precision, tolerance=tolerance, force=force, echo=echo_err)))
+
+
+@app.command()
+def export(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (an adapter is merged first, verified).")],
+           out: Annotated[Path, typer.Option(help="Folder to write the GGUF files, Modelfile and card to.")],
+           format: Annotated[str, typer.Option("--format", help="gguf: llama.cpp / Ollama (LLM file + mmproj file).")] = "gguf",
+           quant: Annotated[str, typer.Option(help="The LLM's weights: f16, q8_0, or q4_k_m (made by llama.cpp; needs llama-cpp-python).")] = "f16",
+           text_only: Annotated[bool, typer.Option("--text-only", help="Write the LLM alone (no vision tower), e.g. for a tower llama.cpp cannot run.")] = False,
+           tolerance: Annotated[Optional[float], typer.Option(help="Adapters: max |Δlogit| of the merge vs the unmerged adapter (default 0.5).")] = None,
+           force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out written by kit.")] = False) -> None:
+    """Export a model or adapter for llama.cpp and Ollama: GGUF LLM + mmproj, Modelfile, card."""
+    from kit.export.run import export as run_export
+
+    typer.echo(str(run_export(model, out, fmt=format, quant=quant, text_only=text_only, force=force, tolerance=tolerance,
+                              echo=echo_err)))

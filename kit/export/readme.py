@@ -1,0 +1,60 @@
+"""The README of an export folder: what each file is, how to run it, where it differs from kit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, Any], info: dict[str, Any]) -> str:
+    quant = export["quant"]
+    lines = [
+        f"# {name} for llama.cpp and Ollama",
+        "",
+        "Written by `kit export`; `kit.json` says from what, how it was merged and verified.",
+        "",
+        f"- `{llm_file}`: the language model ({export['llm']['arch']} architecture, {quant}; "
+        f"tokenizer {export['llm']['tokenizer']}{', pre-tokenizer ' + export['llm']['pre_tokenizer'] if export['llm']['pre_tokenizer'] else ''}).",
+    ]
+    if mmproj_file:
+        lines.append(f"- `{mmproj_file}`: the vision tower and projector (llama.cpp's mmproj, always f16).")
+    lines += [
+        "- `Modelfile`: Ollama's recipe for the same files, with the prompt format the model was trained with, its "
+        "system prompt and stop strings.",
+        "",
+        "## Run",
+        "",
+        "```bash",
+    ]
+    if mmproj_file:
+        lines += [
+            f"llama-mtmd-cli -m {llm_file} --mmproj {mmproj_file} --image scan.png -p 'What is shown?' --temp 0",
+            f"llama-server -m {llm_file} --mmproj {mmproj_file} --host 127.0.0.1 --port 8080   # OpenAI-compatible",
+        ]
+    else:
+        lines.append(f"llama-server -m {llm_file} --host 127.0.0.1 --port 8080   # text only: no vision tower was exported")
+    lines += [
+        f"ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}",
+        "```",
+        "",
+        "`kit generate --base-url http://127.0.0.1:8080/v1` drives such a server (several `--base-url`s spread the work).",
+        "",
+        "## Where it differs from the model in transformers",
+        "",
+    ]
+    aspect = export.get("image_aspect") or "pad"
+    if mmproj_file:
+        if aspect == "pad":
+            lines.append("- Images: llama.cpp pads a non-square image to a square with the CLIP mean colour and resizes it, "
+                         "as LLaVA-1.5 and kit's training did.")
+        else:
+            lines.append(f"- Images: the model was trained with image aspect '{aspect}', but llama.cpp pads non-square images "
+                         "to a square: answers about non-square images can differ from `kit chat`'s.")
+        lines.append("- llama.cpp's GELU is the tanh approximation (transformers' projector uses the exact one): "
+                     "activations differ in the last digits.")
+    if quant != "f16":
+        lines.append(f"- {quant} stores the LLM's matrices in fewer bits: answers can differ from f16's; the project's "
+                     "llama.cpp test reports how often greedy answers agree.")
+    if info.get("system_prompt"):
+        lines.append("- The system prompt the model was trained with is the Modelfile's SYSTEM; llama-server takes it as "
+                     "a system message.")
+    return "\n".join(lines) + "\n"

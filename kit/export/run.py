@@ -1,0 +1,130 @@
+"""`kit export`: a model or adapter as files llama.cpp and Ollama run offline.
+
+An adapter is merged into its base first (kit.merge, verified against the unmerged adapter); the
+merged model's LLM becomes `<name>-<quant>.gguf`, its tower + projector `mmproj-<name>-f16.gguf`,
+beside an Ollama `Modelfile`, a `kit.json` card and a README. Everything is written into a temp
+folder beside `--out` and renamed into place only when all of it succeeded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kit.base.family import family_of
+from kit.base.load import load_model, load_processor
+from kit.core.cards import Card, describe_source
+from kit.core.errors import KitError
+from kit.core.files import staged_folder
+from kit.core.templates import VICUNA_TEMPLATE
+from kit.export.ollama import modelfile
+from kit.export.readme import readme
+from kit.export.tensors import check_quant, size_of
+from kit.export.text import write_text
+from kit.export.vision import check_exportable, write_mmproj
+from kit.infer.load import folder_kind, prompting
+from kit.infer.prompts import template_of
+from kit.merge.adapters import adapter_info, check_out
+from kit.merge.single import merge
+from kit.merge.verify import DEFAULT_TOLERANCE
+
+FORMATS = ("gguf",)
+LLAMA_CPP_HINT = "install llama-cpp-python (`bash setup.sh --llama-cpp`, or `pip install llama-cpp-python`)"
+
+
+def _chat_template(processor, info: dict[str, Any]) -> str | None:
+    template = template_of(processor, info)
+    if template == "vicuna_v1":
+        return VICUNA_TEMPLATE
+    if template == "chat":
+        return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    return None
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
+    """k-quants come from llama.cpp's own quantizer (the gguf library only reads them)."""
+    import llama_cpp  # optional dependency; only q4_k_m needs it
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise KitError(f"llama.cpp could not quantize {src.name} to {kind}")
+
+
+def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_only: bool = False, force: bool = False,
+           tolerance: float | None = None, echo=print) -> Path:
+    source = Path(source)
+    if fmt not in FORMATS:
+        raise KitError(f"--format {fmt}: kit exports {', '.join(FORMATS)} (llama.cpp, Ollama); vLLM serves the merged "
+                       "HF folder of `kit merge` as it is (README: Deploy)")
+    check_quant(quant)
+    if quant == "q4_k_m" and importlib.util.find_spec("llama_cpp") is None:
+        raise KitError(f"--quant q4_k_m is made by llama.cpp's own quantizer: {LLAMA_CPP_HINT}, or use f16 or q8_0")
+    kind = folder_kind(source)
+    inputs = [source]
+    if kind == "adapter":
+        info = adapter_info(source)  # a missing or changed base fails here, before anything is written
+        inputs.append(info["base"])
+        family = family_of(info["base"])
+    else:
+        family = family_of(source)
+    if family.gguf is None:
+        raise KitError(f"{source}: {family.label} checkpoints are not exported to GGUF by kit; llama.cpp export covers "
+                       "the llava family (LLaVA-1.5 layout: CLIP or SigLIP tower, MLP projector, Llama/Mistral/Qwen2 LLM)")
+    check_out(out, force, inputs)
+    name = source.resolve().name
+
+    with staged_folder(out, replace=force) as tmp:
+        merged_card = None
+        model_dir = source
+        if kind == "adapter":
+            model_dir = tmp / "merged"
+            merge(source, model_dir, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, echo=echo)
+            merged_card = Card.read(model_dir)
+        model = load_model(model_dir, torch.float32).eval()
+        if not text_only:
+            check_exportable(model, family)
+        processor = load_processor(model_dir)
+        card = Card.read(model_dir) or Card(kind="model")
+        info = prompting(card, None, model_dir)
+
+        llm_file = f"{name}-{quant}.gguf"
+        f16_file = tmp / f"{name}-f16.gguf"
+        written = {}
+        echo(f"writing {llm_file} (LLM)")
+        with torch.no_grad():
+            text = write_text(model, family, model_dir, f16_file if quant == "q4_k_m" else tmp / llm_file, quant, name,
+                              _chat_template(processor, info))
+        if quant == "q4_k_m":
+            quantize_with_llama_cpp(f16_file, tmp / llm_file, quant)
+            f16_file.unlink()
+        written[llm_file] = size_of(tmp / llm_file)
+        mmproj_file, vision = None, None
+        if not text_only:
+            mmproj_file = f"mmproj-{name}-f16.gguf"
+            echo(f"writing {mmproj_file} (vision tower + projector)")
+            with torch.no_grad():
+                vision = write_mmproj(model, family, processor.image_processor, tmp / mmproj_file, quant, name)
+            written[mmproj_file] = size_of(tmp / mmproj_file)
+        del model
+        (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, info), encoding="utf-8")
+        if kind == "adapter":
+            shutil.rmtree(model_dir)
+        export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
+                       "image_aspect": info.get("image_aspect"), "template": template_of(processor, info)}
+        extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
+        if merged_card is not None:
+            extra["merge"] = merged_card.model_extra.get("merge")
+            extra["verification"] = merged_card.model_extra.get("verification")
+        Card.new("export", made_by="kit export", recipe=card.recipe, **extra).write(tmp)
+        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, info), encoding="utf-8")
+    for f, size in written.items():
+        echo(f"  {f}: {size}")
+    return Path(out)
