@@ -31,7 +31,7 @@ def add_tensor(writer: gguf.GGUFWriter, name: str, tensor: torch.Tensor, quant: 
         return
     if quant == "q8_0" and data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         return
     writer.add_tensor(name, data.astype(np.float16))
 

@@ -1,0 +1,177 @@
+"""Greedy answers from llama.cpp itself (llama-cpp-python's bindings of its multimodal library,
+libmtmd) and from transformers on the same prompt and image, for the export agreement checks.
+
+llama.cpp's side is driven at the level its own CLI works: mtmd tokenizes the prompt around the
+media marker, encodes the image, evaluates the chunks; the answer is the argmax of each step's
+logits (no sampler, so nothing but the model decides).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class LlamaCpp:
+    """One exported model (LLM GGUF + mmproj GGUF) loaded in llama.cpp."""
+
+    def __init__(self, model_file: Path, mmproj_file: Path | None, n_ctx: int = 512):
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        self.lib, self.mtmd = llama_cpp, mtmd
+        # llama.cpp's AMX repacking of Q8_0 weights (picked on CPUs with AMX, as here) crashes on
+        # prompts of several tokens when the matrices are as small as these tiny models'; the
+        # Llama class has no switch for it, so its default model parameters are wrapped.
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_repacking():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_repacking
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
+                                       n_threads=os.cpu_count() or 1)
+        finally:
+            llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
+        self.ctx = None
+        if mmproj_file is not None:
+            params = mtmd.mtmd_context_params_default()
+            params.use_gpu = False
+            params.print_timings = False
+            params.n_threads = os.cpu_count() or 1
+            self.ctx = mtmd.mtmd_init_from_file(str(mmproj_file).encode(), self.llm.model, params)
+            assert self.ctx, f"llama.cpp could not load {mmproj_file}"
+
+    @property
+    def marker(self) -> str:
+        return self.mtmd.mtmd_default_marker().decode()
+
+    def _logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
+
+    def _chunks(self, text: str, image: Path | None):
+        mtmd = self.mtmd
+        bitmaps = []
+        if image is not None:
+            data = Path(image).read_bytes()
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            bitmaps.append(mtmd.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(data), False))
+        inp = mtmd.mtmd_input_text()
+        raw = text.encode()
+        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), True, True
+        chunks = mtmd.mtmd_input_chunks_init()
+        arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        assert mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps)) == 0, "mtmd could not tokenize"
+        return chunks, bitmaps
+
+    def prompt_ids(self, text: str, image: Path | None) -> list[int | None]:
+        """The prompt as llama.cpp tokenizes it; None for each image position."""
+        mtmd = self.mtmd
+        chunks, bitmaps = self._chunks(text, image)
+        out: list[int | None] = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                out += [ptr[j] for j in range(n.value)]
+            else:
+                out += [None] * mtmd.mtmd_input_chunk_get_n_tokens(ch)
+        self._free(chunks, bitmaps)
+        return out
+
+    def image_embeddings(self, image: Path) -> np.ndarray:
+        """What the mmproj makes of one image: [tokens, LLM hidden]."""
+        mtmd = self.mtmd
+        chunks, bitmaps = self._chunks(self.marker, image)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(ch) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                assert mtmd.mtmd_encode_chunk(self.ctx, ch) == 0
+                n = mtmd.mtmd_input_chunk_get_n_tokens(ch)
+                d = self.llm.n_embd()
+                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n * d,)).reshape(n, d).copy()
+        self._free(chunks, bitmaps)
+        return out
+
+    def greedy(self, text: str, image: Path | None, max_new_tokens: int) -> list[int]:
+        mtmd, lib = self.mtmd, self.lib
+        chunks, bitmaps = self._chunks(text, image)
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            ch = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                self.llm.eval([ptr[j] for j in range(n.value)])
+            else:
+                n_past = lib.llama_pos(0)
+                assert mtmd.mtmd_helper_eval_chunk_single(self.ctx, self.llm._ctx.ctx, ch, lib.llama_pos(self.llm.n_tokens),
+                                                          lib.llama_seq_id(0), self.llm.n_batch, False,
+                                                          ctypes.byref(n_past)) == 0
+                self.llm.n_tokens = n_past.value
+        self._free(chunks, bitmaps)
+        out = []
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(self._logits()))
+            out.append(tok)
+            if tok == self.llm.token_eos():
+                break
+            self.llm.eval([tok])
+        return out
+
+    def _free(self, chunks, bitmaps) -> None:
+        self.mtmd.mtmd_input_chunks_free(chunks)
+        for b in bitmaps:
+            self.mtmd.mtmd_bitmap_free(b)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+        self.llm.close()
+
+
+def hf_greedy(model, processor, text: str, image, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids without image tokens, greedy answer ids) from transformers; `text` holds the
+    processor's own image placeholder where the image goes."""
+    enc = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = enc["input_ids"][0].tolist()
+    image_id = getattr(model.config, "image_token_id", None)
+    return [t for t in ids if t != image_id], out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two greedy answers agree, up to the longer one's length."""
+    n = max(len(a), len(b))
+    return sum(1 for x, y in zip(a, b) if x == y) / n if n else 1.0
+
+
+def cls_last_features(model, pixel_values: torch.Tensor) -> np.ndarray:
+    """A LLaVA's projected image features as llama.cpp builds affected by its issue 25814 compute
+    them: CLIP's class token appended after the patches (so every token takes the next one's
+    position embedding), the first patch dropped and the class token kept."""
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    layer = model.config.vision_feature_layer
+    n_layers = len(vm.encoder.layers)
+    keep = layer if layer >= 0 else n_layers + layer + 1
+    with torch.no_grad():
+        emb = vm.embeddings
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([patches, emb.class_embedding.expand(1, 1, -1)], 1)
+        x = vm.pre_layrnorm(x + emb.position_embedding.weight[: x.shape[1]][None])
+        for blk in vm.encoder.layers[:keep]:
+            out = blk(x, None)
+            x = out[0] if isinstance(out, tuple) else out
+        return model.model.multi_modal_projector(x[0, 1:]).numpy()
