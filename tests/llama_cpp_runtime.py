@@ -24,22 +24,8 @@ class LlamaCpp:
         import llama_cpp.mtmd_cpp as mtmd
 
         self.lib, self.mtmd = llama_cpp, mtmd
-        # llama.cpp's AMX repacking of Q8_0 weights (picked on CPUs with AMX, as here) crashes on
-        # prompts of several tokens when the matrices are as small as these tiny models'; the
-        # Llama class has no switch for it, so its default model parameters are wrapped.
-        default_params = llama_cpp.llama_model_default_params
-
-        def without_repacking():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama.llama_cpp.llama_model_default_params = without_repacking
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
-                                       n_threads=os.cpu_count() or 1)
-        finally:
-            llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
+        self.llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
+                                   n_threads=os.cpu_count() or 1)
         self.ctx = None
         if mmproj_file is not None:
             params = mtmd.mtmd_context_params_default()
@@ -175,3 +161,45 @@ def cls_last_features(model, pixel_values: torch.Tensor) -> np.ndarray:
             out = blk(x, None)
             x = out[0] if isinstance(out, tuple) else out
         return model.model.multi_modal_projector(x[0, 1:]).numpy()
+
+
+def align_projector(base: Path, steps: int = 120) -> Path:
+    """Train `base`'s projector in place on drawn-shape captions (stage 1, briefly), so its
+    answers depend on the image: agreement on answers that ignore the image would prove little."""
+    import json
+    import random
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from kit.ingest.shapes import write_shapes_dataset
+
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    proc = AutoProcessor.from_pretrained(base)
+    paths = write_shapes_dataset(base.parent / "align-data", 64, seed=7, size=32)
+    caps = json.loads(Path(paths["captions"]).read_text())
+    files = {im["id"]: im["file_name"] for im in caps["images"]}
+    pairs = [(Path(paths["root"]) / files[a["image_id"]], a["caption"]) for a in caps["annotations"]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.model.multi_modal_projector.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    rng, tok = random.Random(0), proc.tokenizer
+    newline = tok.convert_tokens_to_ids(tok.tokenize("\n"))[-1]
+    for _ in range(steps):
+        batch = rng.sample(pairs, 8)
+        enc = proc(text=[f"{proc.image_token}\n{c}{tok.eos_token}" for _, c in batch],
+                   images=[Image.open(f).convert("RGB") for f, _ in batch], return_tensors="pt", padding=True)
+        labels = enc["input_ids"].clone()
+        for i in range(len(batch)):
+            labels[i, : labels[i].tolist().index(newline) + 1] = -100  # the caption only
+        labels[enc["attention_mask"] == 0] = -100
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 3.0, f"the projector did not learn the captions (loss {loss.item():.2f})"
+    model.save_pretrained(base)
+    return base

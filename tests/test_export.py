@@ -182,7 +182,10 @@ def test_modelfile_and_card(tiny_base, exported):
     lines = text.splitlines()
     assert lines[0] == f"FROM ./{tiny_base.name}-f16.gguf" and lines[1] == f"FROM ./mmproj-{tiny_base.name}-f16.gguf"
     assert re.search(r'^TEMPLATE """\{\{ \$prev := "" \}\}.*"""$', text, re.M)
-    assert 'PARAMETER stop "</s>"' in text or "PARAMETER stop" in text
+    from kit.base.load import load_processor
+
+    eos = load_processor(tiny_base).tokenizer.eos_token
+    assert f"PARAMETER stop {json.dumps(eos)}" in text
     card = json.loads((exported / "kit.json").read_text())
     assert card["kind"] == "export" and card["export"]["quant"] == "f16"
     assert set(card["export"]["files"]) == {f"{tiny_base.name}-f16.gguf", f"mmproj-{tiny_base.name}-f16.gguf"}

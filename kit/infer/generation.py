@@ -94,35 +94,76 @@ class TextFilter:
         return out
 
 
-class Generation:
-    """One answer generated in a background thread. Iterate it for text pieces (see TextFilter);
-    afterwards `text`, `prompt_tokens`, `completion_tokens` and `finish_reason` ('stop' | 'length')
-    are set. Leaving the iteration early (or `cancel()`) stops the generation at the next token.
+class Answer:
+    """One answer as its caller reads it. Iterate it for text pieces (see TextFilter); afterwards
+    `text`, `prompt_tokens`, `completion_tokens` and `finish_reason` ('stop' | 'length') are set.
+    Leaving the iteration early (or `cancel()`) stops its generation at the next token. Errors of
+    the generating thread are raised from the iteration. Subclasses generate into `_streamer` and
+    set `error` / counts before `_done` is set."""
 
-    `lock` serialises generations on one model: the thread waits for it before generating.
-    `select` is a context manager entered around generate (e.g. choosing a PEFT adapter).
-    Errors in the thread are raised from the iteration.
-    """
-
-    def __init__(self, model, tokenizer, inputs: dict[str, Any], sampling: Sampling,
-                 lock: threading.Lock | None = None, select=None):
-        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.inputs = inputs
-        self.lock = lock or threading.Lock()
-        self.select = select or contextlib.nullcontext
+    def __init__(self, tokenizer, inputs: dict[str, Any], sampling: Sampling):
+        self.tokenizer, self.sampling, self.inputs = tokenizer, sampling, inputs
         self.prompt_tokens = int(inputs["input_ids"].shape[1])
         self.completion_tokens = 0
         self.finish_reason = "stop"
         self.text = ""
         self.error: BaseException | None = None
         self._cancel = threading.Event()
+        self._done = threading.Event()
         self._filter = TextFilter(sampling.stop)
         self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._thread = threading.Thread(target=self._run, name="kit-generate", daemon=True)
-        self._thread.start()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self._streamer:
+                out = self._filter.feed(piece)
+                if out:
+                    self.text += out
+                    yield out
+                if self._filter.stopped:
+                    self._cancel.set()
+                    break
+            out = self._filter.finish()
+            self._done.wait()
+            if self.error is not None:
+                raise self.error
+            if self._filter.stopped:
+                self.finish_reason = "stop"
+            if out:
+                self.text += out
+                yield out
+        finally:
+            self._cancel.set()
+
+    def result(self) -> str:
+        """Wait for the whole answer and return it."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class Generation(Answer):
+    """One answer generated alone, in a background thread.
+
+    `lock` serialises generations on one model: the thread waits for it before generating.
+    `select` is a context manager entered around generate (e.g. choosing a PEFT adapter).
+    """
+
+    def __init__(self, model, tokenizer, inputs: dict[str, Any], sampling: Sampling,
+                 lock: threading.Lock | None = None, select=None):
+        super().__init__(tokenizer, inputs, sampling)
+        self.model = model
+        self.lock = lock or threading.Lock()
+        self.select = select or contextlib.nullcontext
+        self._thread = threading.Thread(target=self._run, name="kit-generate", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         cancel = self._cancel
@@ -156,31 +197,4 @@ class Generation:
         finally:
             if not ended:
                 self._streamer.end()
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            for piece in self._streamer:
-                out = self._filter.feed(piece)
-                if out:
-                    self.text += out
-                    yield out
-                if self._filter.stopped:
-                    self._cancel.set()
-                    break
-            out = self._filter.finish()
-            self._thread.join()
-            if self.error is not None:
-                raise self.error
-            if self._filter.stopped:
-                self.finish_reason = "stop"
-            if out:
-                self.text += out
-                yield out
-        finally:
-            self._cancel.set()
-
-    def result(self) -> str:
-        """Wait for the whole answer and return it."""
-        for _ in self:
-            pass
-        return self.text
+            self._done.set()

@@ -3,7 +3,8 @@
 The base loads once; each adapter is attached with `PeftModel.load_adapter` under its own name and
 chosen per request (`set_adapter`); the base itself answers inside `disable_adapter()`. Every
 adapter's card must name this very base (same fingerprint) — checked before any weights load.
-One lock serialises generation: adapter selection is model-wide state.
+One lock serialises generation: adapter selection is model-wide state. Requests that arrive
+together for the same name are generated as one batch (kit.serve.batching).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from kit.base.load import load_base
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype, default_device
-from kit.infer.generation import Generation
 from kit.infer.load import adapter_base, base_form, folder_kind, processor_for, prompting
 from kit.infer.prompts import prepare
+from kit.serve.batching import BatchedAnswer, Batcher
 
 
 @dataclass
@@ -50,12 +51,14 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 class ModelPool:
     """Served models by name, all sharing `model`. Use `start()` to answer a conversation."""
 
-    def __init__(self, model, served: dict[str, Served], device: str = "cpu"):
+    def __init__(self, model, served: dict[str, Served], device: str = "cpu", max_batch: int = 8):
         self.model = model
         self.served = served
         self.device = device
-        self.lock = threading.Lock()  # one generation at a time: one model, one active adapter
+        self.lock = threading.Lock()  # one generate call at a time: one model, one active adapter
         self.tokenize_lock = threading.Lock()  # fast tokenizers refuse concurrent use
+        self.batcher = Batcher(model, lambda name: self.served[name].processor.tokenizer, self.selected, self.lock,
+                               max_batch=max_batch)
 
     @property
     def names(self) -> list[str]:
@@ -89,12 +92,13 @@ class ModelPool:
         return getattr(text, "max_position_embeddings", None)
 
     def start(self, name: str, inputs: dict[str, Any], sampling):
-        """A kit.infer.generation.Generation for prepared inputs, queued behind any running one."""
+        """The answer to prepared inputs (a kit.infer.generation.Answer), generated in the next
+        batch of requests for `name`."""
         s = self.served[name]
-        return Generation(self.model, s.processor.tokenizer, inputs, sampling, lock=self.lock, select=lambda: self.selected(name))
+        return self.batcher.submit(BatchedAnswer(name, s.processor.tokenizer, inputs, sampling))
 
 
-def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print) -> ModelPool:
+def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = 8) -> ModelPool:
     """Load the base (MODEL_OR_ADAPTER itself, or the base an adapter names) once and attach every adapter.
 
     Names: the base's folder name, then each adapter's folder name (or NAME=PATH). Raises KitError for
@@ -152,4 +156,4 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     model.eval()
     for note in notes + [n for s in served.values() for n in s.notes]:
         echo(f"note: {note}")
-    return ModelPool(model, served, device=device.type)
+    return ModelPool(model, served, device=device.type, max_batch=max_batch)

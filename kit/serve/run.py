@@ -76,7 +76,7 @@ def read_key_file(path: Path) -> str:
 def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
-          echo=print, api_key_file: Path | None = None) -> None:
+          echo=print, api_key_file: Path | None = None, max_batch: int = 8) -> None:
     """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or
     folders, and for an address other machines can reach without a key."""
     go_offline()
@@ -90,6 +90,8 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         raise KitError(f"--max-tokens-limit {max_tokens_limit}: give at least 1")
     if max_queue < 1:
         raise KitError(f"--max-queue {max_queue}: give at least 1")
+    if max_batch < 1:
+        raise KitError(f"--max-batch {max_batch}: give at least 1 (1 generates one request at a time)")
     if image_root is not None and not Path(image_root).is_dir():
         raise KitError(f"--image-root {image_root} is not a folder")
     if api_key is not None and not api_key.strip():
@@ -103,7 +105,7 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         if not local:
             echo(f"warning: listening on {host}, reachable from other machines: with the key they can use the models"
                  + (f" and read images below {image_root}" if image_root else ""))
-        pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo)
+        pool = load_pool(Path(model), list(adapters), dtype=dtype, echo=echo, max_batch=max_batch)
         # A wildcard address answers to whatever name clients reach it by (the key guards it).
         hosts = ("*",) if host in ("0.0.0.0", "::", "") else (host,)
         app = create_app(pool, api_key=api_key, image_root=image_root, max_request_bytes=max_request_bytes,
