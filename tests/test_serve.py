@@ -327,6 +327,73 @@ def test_burst_of_concurrent_requests_is_answered_correctly(url, client, paths):
     assert _ask(client, names[0], PROMPT, max_tokens=4).choices[0].message.content == want[names[0]]
 
 
+def test_requests_arriving_together_are_batched_and_greedy_answers_do_not_change(url, pool, paths, image_root):
+    """8 requests at once for one adapter, with and without an image, of different lengths,
+    budgets and stop strings, one streamed: they are generated in batches (left-padded), and each
+    greedy answer is exactly what the adapter loaded alone answers, cut by its own max_tokens and
+    stop string; a request for another name in the same burst answers as that model."""
+    from openai import AsyncOpenAI
+
+    from kit.infer.images import load_image_file
+
+    image = load_image_file(image_root / "shape.png")
+    picture = {"type": "image_url", "image_url": {"url": png_data_url(image_root / "shape.png")}}
+    questions = ["What is in the picture?", "Describe it.", "Where is the shape in this image, and what colour is it?", "Hi"]
+    asks = []
+    for i in range(8):
+        q = questions[i % 4]
+        with_image = i % 2 == 0
+        asks.append({"model": "alpha", "q": q, "image": with_image, "max_tokens": 4 + i, "stream": i == 5,
+                     "content": [picture, {"type": "text", "text": q}] if with_image else q})
+    asks.append({"model": "beta", "q": questions[0], "image": True, "max_tokens": 6, "stream": False,
+                 "content": [picture, {"type": "text", "text": questions[0]}]})
+    before = pool.batcher.batches
+
+    async def burst():
+        aclient = AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        async def one(a):
+            kw = dict(model=a["model"], messages=[{"role": "user", "content": a["content"]}], max_tokens=a["max_tokens"], temperature=0)
+            if a["stream"]:
+                text = ""
+                async for c in await aclient.chat.completions.create(stream=True, **kw):
+                    text += (c.choices[0].delta.content or "") if c.choices else ""
+                return text, None
+            r = await aclient.chat.completions.create(**kw)
+            return r.choices[0].message.content, r
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*[one(a) for a in asks]), timeout=120)
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(burst())
+    assert pool.batcher.largest >= 4, "requests that arrived together were not generated together"
+    assert pool.batcher.batches - before < len(asks)
+    for a, (text, r) in zip(asks, results):
+        messages = [{"role": "user", "content": ([{"type": "image"}, {"type": "text", "text": a["q"]}] if a["image"] else a["q"])}]
+        want = direct_answer(paths[a["model"]], messages, [image] if a["image"] else [], a["max_tokens"])
+        assert text == want, a
+        if r is not None:
+            assert r.usage.completion_tokens <= a["max_tokens"]
+            if r.usage.completion_tokens == a["max_tokens"]:
+                assert r.choices[0].finish_reason == "length"
+
+
+def test_sampled_requests_in_one_batch_keep_their_own_temperature(pool):
+    """Sampled rows share a batch; a row at a tiny temperature answers like greedy, whatever its
+    neighbours ask for."""
+    from kit.infer.generation import Sampling
+
+    name = "alpha"
+    inputs = pool.prepare(name, [{"role": "user", "content": PROMPT}], [])
+    greedy = pool.start(name, inputs, Sampling(8, 0.0)).result()
+    rows = [pool.start(name, inputs, Sampling(8, t)) for t in (1e-4, 5.0, 1e-4, 5.0)]
+    texts = [r.result() for r in rows]
+    assert texts[0] == texts[2] == greedy
+    assert texts[1] != greedy or texts[3] != greedy  # at temperature 5 the tiny model's answer wanders
+
+
 # ---------------------------------------------------------------------------------- loading / CLI
 
 
