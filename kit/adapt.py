@@ -20,7 +20,7 @@ from kit.core.templates import IMAGE_TOKEN
 from kit.data.vqa import ANSWER_TYPES, ask
 from kit.eval.metrics import PROMPT_STYLE
 from kit.eval.vqa import before_after_table, changes, evaluate
-from kit.generate.backends import make_backend
+from kit.generate.replicas import backend_for
 from kit.generate.runner import run_generation
 from kit.ingest.pairs import write_caption_pairs
 from kit.ingest.samples.write import write_sample
@@ -108,7 +108,7 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
     g = recipe.generate
     if g is None:
         raise KitError(f"recipe '{recipe.name}' has no generate section; it cannot turn {path} into conversations")
-    backend = make_backend(g.backend, g.model, g.base_url)
+    backend = backend_for(g.backend, g.model, g.base_url)
     summary = run_generation(
         train_records, work / "generated", types=g.types, domain=g.domain, backend=backend, concurrency=g.concurrency,
         max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,

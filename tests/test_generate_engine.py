@@ -483,3 +483,59 @@ def test_a_looping_reply_is_stopped_where_it_repeats_itself(smol_tokenizer_dir):
     assert stop(batch[:1], None).tolist() == [True]
     stop = StopOnRepeat(tok, len(prompt) + (width - len(rows[1])))
     assert stop(batch[1:], None).tolist() == [False]
+
+
+# --------------------------------------------------------------------------------------- replicas
+
+
+def test_requests_spread_over_replicas_into_one_ledger(tmp_path):
+    """Two replicas of one model: every task answered once, into one ledger; both replicas
+    served, each at most --concurrency at once; a rerun with one replica resumes (same requests)."""
+    from kit.generate.replicas import ReplicaBackend, backend_for as replicas_for
+
+    records = make_records(8, tmp_path / "imgs")
+    out = tmp_path / "out"
+    with MockOpenAI(latency=0.05) as a, MockOpenAI(latency=0.05) as b:
+        backend = replicas_for("openai", "mock-model", [a.base_url, b.base_url])
+        assert isinstance(backend, ReplicaBackend) and backend.servers == 2
+        summary = run_generation(records, out, backend=backend, concurrency=3, echo=quiet([]), **FAST)
+        sa, sb = a.stats(), b.stats()
+    assert summary.generated + sum(summary.rejected.values()) == 24
+    assert sa["requests"] + sb["requests"] == 24 and min(sa["requests"], sb["requests"]) >= 6
+    assert sa["max_in_flight"] <= 3 and sb["max_in_flight"] <= 3
+    assert sa["max_in_flight"] + sb["max_in_flight"] > 3  # more in flight than one server's share
+    assert sorted(e["task"] for e in ledger_lines(out)) == sorted(f"{r.id}-{t}" for r in records for t in ("conversation", "detail", "complex"))
+    with MockOpenAI(latency=0.0) as c:
+        again = run_generation(records, out, backend=replicas_for("openai", "mock-model", [c.base_url]), echo=quiet([]), **FAST)
+        assert c.stats()["requests"] == 0
+    assert again.resumed == 24
+
+
+def test_a_dead_replica_is_rested_and_the_others_take_its_work(tmp_path):
+    from kit.generate.replicas import backend_for as replicas_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # bound, never listening: connections are refused
+        records = make_records(4, tmp_path / "imgs")
+        with MockOpenAI(latency=0.01) as live:
+            backend = replicas_for("openai", "mock-model", [dead, live.base_url])
+            summary = run_generation(records, tmp_path / "out", backend=backend, concurrency=2, echo=quiet([]), **FAST)
+            assert live.stats()["requests"] >= 12
+    assert not summary.failed
+    assert backend.answered[0] == 0 and backend.answered[1] >= 12
+
+
+def test_replica_options_are_checked(tmp_path):
+    from kit.generate.replicas import backend_for as replicas_for
+
+    with pytest.raises(KitError, match="the same server is given twice"):
+        replicas_for("openai", "m", ["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1"])
+    with pytest.raises(KitError, match="--base-url applies only to --backend openai"):
+        replicas_for("hf", None, ["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"])
+    # One remote replica makes the whole backend remote: private records are refused.
+    backend = replicas_for("openai", "m", ["http://127.0.0.1:1/v1", "https://gpu.example.org/v1"])
+    assert backend.is_remote
+    with pytest.raises(KitError, match="private"):
+        run_generation(make_records(1, tmp_path, private=True), tmp_path / "out", backend=backend, echo=quiet([]), **FAST)
+    assert not (tmp_path / "out").exists()

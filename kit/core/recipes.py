@@ -65,7 +65,7 @@ class GenerateArgs(_Strict):
     types: list[Literal["conversation", "detail", "complex"]] = Field(["conversation", "detail", "complex"], min_length=1)
     backend: Literal["hf", "openai"] = "hf"
     model: str | None = None
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # several: replicas of one model (kit.generate.replicas)
     max_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.7, ge=0, le=2)
     concurrency: int = Field(8, gt=0)

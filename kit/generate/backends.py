@@ -58,6 +58,7 @@ class Backend:
     is_remote: bool = False
     batch_size: int = 1
     model: str = ""
+    servers: int = 1  # servers behind it (kit.generate.replicas); --concurrency is per server
 
     def describe(self) -> str:
         raise NotImplementedError

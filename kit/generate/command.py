@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kit.core.errors import KitError
-from kit.generate.backends import make_backend
+from kit.generate.replicas import backend_for
 from kit.generate.prompts import load_domain
 from kit.generate.report import Summary
 from kit.generate.runner import run_generation, validate_types
@@ -28,7 +28,7 @@ def generate_command(
     domain: str = "general",
     backend: str = "hf",
     model: str | None = None,
-    base_url: str | None = None,
+    base_url: list[str] | str | None = None,
     concurrency: int = 8,
     limit: int | None = None,
     seed: int = 0,
@@ -68,7 +68,7 @@ def generate_command(
         raise KitError(f"--images applies only to --source coco and figures; {source} input names its own images")
     if instances is not None and source != "coco":
         raise KitError("--instances applies only to --source coco")
-    engine = make_backend(backend, model, base_url, timeout=timeout)
+    engine = backend_for(backend, model, base_url, timeout=timeout)
     if source == "dicom" and engine.is_remote and not allow_remote:
         # DICOM records are always private; refuse before converting anything into `out`.
         raise KitError(

@@ -197,8 +197,9 @@ class _Run:
         batch = max(1, self.backend.batch_size)
         units = [pending[i : i + batch] for i in range(0, len(pending), batch)]
         # A batched backend is one in-process model: more than one batch at a time only queues on it.
-        workers = 1 if batch > 1 else min(self.concurrency, max(1, len(units)))
-        semaphore = asyncio.Semaphore(self.concurrency)
+        in_flight = self.concurrency * max(1, self.backend.servers)
+        workers = 1 if batch > 1 else min(in_flight, max(1, len(units)))
+        semaphore = asyncio.Semaphore(in_flight)
         queue: asyncio.Queue[list[_Task]] = asyncio.Queue()
         for u in units:
             queue.put_nowait(u)
