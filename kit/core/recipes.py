@@ -119,6 +119,17 @@ class TrainArgs(_Strict):
     save_total_limit: int | None = Field(2, gt=0)
     logging_steps: int = Field(10, gt=0)
     num_workers: int = Field(2, ge=0)
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
+        "tensorboard",
+        description="Where training metrics go besides kit's own CSV and loss plot: tensorboard (event files in the run "
+        "folder), wandb (offline: a wandb/ folder in the run folder, `wandb sync` uploads it later), mlflow (a local "
+        "file store, mlruns/ in the run folder), or none.",
+    )
+    tracker_online: bool = Field(
+        False,
+        description="wandb / mlflow: log to the tracker's server as the environment configures it (WANDB_MODE, "
+        "MLFLOW_TRACKING_URI) instead of local files. The metrics and the run's settings then leave the machine.",
+    )
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "TrainArgs":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -49,10 +50,45 @@ def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingA
         data_seed=t.seed,
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
-        report_to=["tensorboard"],
+        report_to=tracker(recipe, out),
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
     )
+
+
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny"}
+
+
+def tracker(recipe: Recipe, out: Path) -> list[str] | str:
+    """`train.report_to` for the Trainer. wandb and mlflow write local files unless
+    `train.tracker_online`: their clients are pointed at the run folder through their own
+    environment variables, which the Trainer's callbacks read when training starts."""
+    name, online = recipe.train.report_to, recipe.train.tracker_online
+    if name == "none":
+        return "none"
+    if name in TRACKER_PACKAGES and importlib.util.find_spec(name) is None:
+        raise KitError(f"train.report_to {name} needs the {name} package: pip install {TRACKER_PACKAGES[name]} "
+                       "(or `pip install 'kit[trackers]'`), or choose tensorboard or none")
+    if name == "wandb" and not online:
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_DIR"] = str(Path(out).absolute())
+        os.environ.setdefault("WANDB_PROJECT", recipe.name)
+    if name == "mlflow" and not online:
+        os.environ["MLFLOW_TRACKING_URI"] = (Path(out).absolute() / "mlruns").as_uri()
+        # MLflow 3 keeps file stores working only on request (it steers users to databases).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", recipe.name)
+    return [name]
+
+
+def close_tracker(recipe: Recipe) -> None:
+    """Finish the tracker's run when training ends (the Trainer leaves a wandb run open until the
+    process exits, and its summary is written only then)."""
+    if recipe.train.report_to == "wandb":
+        import wandb  # present: tracker() checked before training
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 CHECKPOINTING_HEADROOM = 0.85  # the estimate is within ~6% of measured peaks; leave room for fragmentation

@@ -22,7 +22,7 @@ from kit.core.recipes import Recipe
 from kit.core.stages import Stages
 from kit.data.collator import Collator, supervised_loss
 from kit.data.dataset import Report, build_dataset
-from kit.train.args import resolve_checkpointing, training_args
+from kit.train.args import close_tracker, resolve_checkpointing, training_args
 from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
 from kit.train.plan import RunPlan, last_checkpoint, plan_run
@@ -105,7 +105,10 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
         kit_recipe=recipe,
         kit_lengths=dataset.modality_lengths(),
     )
-    result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if plan.resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if plan.resume else None)
+    finally:
+        close_tracker(recipe)
     save_final(trainer, plan, report, result.metrics)
     return plan.out
 
