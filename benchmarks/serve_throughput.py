@@ -101,7 +101,7 @@ def main() -> int:
     same = unb_r["answers"] == bat_r["answers"]
     ratio = bat_r["tokens_per_s"] / unb_r["tokens_per_s"]
     print(f"kit serve, mini base ({base}), CPU: {args.concurrency} concurrent requests x {args.tokens} new tokens, greedy, one image each")
-    print(f"| setting | tokens/s | completion tokens | wall s | p50 s | p95 s | generate calls |")
+    print("| setting | tokens/s | completion tokens | wall s | p50 s | p95 s | generate calls |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         print(f"| {label} | {r['tokens_per_s']:.1f} | {r['completion_tokens']} | {r['wall_s']:.2f} | {r['p50_s']:.2f} | "
