@@ -26,6 +26,22 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
+def assert_clean_failure(result: tuple[int, str, str], expected: str, out: Path, kept: list[str] | None = None) -> None:
+    """One `error:` line matching `expected`, exit 2, nothing on stdout; `out` keeps exactly `kept`
+    (the user's files), or without it neither `out` nor the parent folders it would have made exist."""
+    import re
+
+    code, stdout, err = result
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(expected, lines[0]), lines[0]
+    assert code == 2 and stdout == ""
+    if kept is not None:
+        assert sorted(p.name for p in out.iterdir()) == sorted(kept)
+    else:
+        assert not out.parent.exists()  # not even a temp folder or a parent was left behind
+
+
 def _data(tmp_path: Path, records: list[dict], name="data.json") -> Path:
     Image.new("RGB", (16, 16), (0, 90, 200)).save(tmp_path / "ok.png")
     f = tmp_path / name

@@ -18,7 +18,7 @@ import torch
 from gguf import GGUFReader
 
 from tests import families
-from tests.test_cli_errors import run_cli
+from tests.test_cli_errors import assert_clean_failure, run_cli
 from tests.test_merge import make_adapter
 
 
@@ -222,6 +222,18 @@ def _export_base(tiny_base: Path, tmp_path: Path) -> Path:
     return tmp_path / "base-export" / f"{tiny_base.name}-f16.gguf"
 
 
+def test_hub_layout_llava_exports_with_its_own_chat_template(smol_tokenizer_dir, tmp_path):
+    """A llava-hf-layout download (template in chat_template.jinja, content as parts): the GGUF
+    carries that template, and the Modelfile speaks its USER: / ASSISTANT: format."""
+    folder = families.save("llava", smol_tokenizer_dir, tmp_path / "llava-hf")
+    code, _, err = _cli("export", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    r = GGUFReader(tmp_path / "out" / "llava-hf-f16.gguf")
+    assert _field(r, "tokenizer.chat_template") == (folder / "chat_template.jinja").read_text()
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert '{{ "USER: " }}' in modelfile and '{{ " ASSISTANT:" }}' in modelfile
+
+
 def test_mini_base_tower_is_refused_by_name():
     from types import SimpleNamespace
 
@@ -271,12 +283,5 @@ def test_bad_input_gives_one_line_and_no_output(capsys, case, expected, tiny_bas
         cfg = json.loads((source / "config.json").read_text())
         cfg["vision_feature_select_strategy"] = "full"
         (source / "config.json").write_text(json.dumps(cfg))
-    code, stdout, err = run_cli(capsys, "export", str(source), "--out", str(out), *extra)
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.search(expected, lines[0]), lines[0]
-    assert code == 2 and stdout == ""
-    if case == "out_not_empty":
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    else:
-        assert not (tmp_path / "sub").exists()  # not even a temp folder or a parent was left behind
+    assert_clean_failure(run_cli(capsys, "export", str(source), "--out", str(out), *extra), expected, out,
+                         kept=["keep.txt"] if case == "out_not_empty" else None)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from tests.llama_cpp_runtime import LlamaCpp, agreement, align_projector, cls_last_features
+from tests.test_llava_fidelity import sp_model  # noqa: F401  (the Llama-style tokenizer fixture)
 
 HAVE = importlib.util.find_spec("llama_cpp") is not None
 if not HAVE and os.environ.get("CI"):
@@ -197,35 +198,98 @@ def test_clip_llava_matches_llama_cpp_graph(clip_base, tmp_path, table):
         assert [r["lc"] for r in rows] == [r["hf"] for r in rows]
 
 
+def _text_agrees(model, tokenizer, gguf_file: Path, texts: list[str]) -> None:
+    """llama.cpp tokenizes each text as transformers does, and continues it with the same greedy tokens."""
+    runtime = LlamaCpp(gguf_file, None)
+    lm = model.model.language_model
+    try:
+        for text in texts:
+            ids = tokenizer(text)["input_ids"]
+            assert runtime.llm.tokenize(text.encode(), add_bos=tokenizer.bos_token_id in ids[:1], special=True) == ids, text
+            with torch.no_grad():
+                cur, want = torch.tensor([ids]), []
+                for _ in range(NEW_TOKENS):
+                    nxt = int(model.lm_head(lm(input_ids=cur).last_hidden_state)[0, -1].argmax())
+                    want.append(nxt)
+                    cur = torch.cat([cur, torch.tensor([[nxt]])], 1)
+            runtime.llm.reset()
+            runtime.llm._ctx.kv_cache_clear()
+            runtime.llm.eval(ids)
+            got = []
+            for _ in range(NEW_TOKENS):
+                nxt = int(np.argmax(runtime._logits()))
+                got.append(nxt)
+                runtime.llm.eval([nxt])
+            assert got == want, text
+    finally:
+        runtime.close()
+
+
+TEXTS = ["a red circle", "USER: Where is the square? ASSISTANT:", "the blue triangle is at the", "two  spaces, 1234 digits\nand  a line",
+         "caf\u00e9 \u2014 na\u00efve \u4e2d\u6587"]
+
+
 def test_text_only_export_answers_token_for_token(tiny_base, tmp_path):
     """The LLM file alone (what --text-only writes): text prompts agree exactly."""
     r = _kit("export", tiny_base, "--out", tmp_path / "t", "--text-only", cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert not list((tmp_path / "t").glob("mmproj-*"))
     model, processor, _ = _reference(tiny_base)
-    runtime = LlamaCpp(tmp_path / "t" / f"{tiny_base.name}-f16.gguf", None)
+    _text_agrees(model, processor.tokenizer, tmp_path / "t" / f"{tiny_base.name}-f16.gguf", TEXTS)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_vicuna_style_sentencepiece_tokenizer_exports_exactly(sp_model, tmp_path, legacy):  # noqa: F811 (fixture)
+    """LLaVA-1.5's LLM (Vicuna) has Llama's SentencePiece-style tokenizer (byte fallback): a
+    llava-hf-layout checkpoint with one exports to llama.cpp's `llama` tokenizer, which splits
+    every text, special tokens included, as transformers does."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from tests.families import TEMPLATES
+
+    tok = LlamaTokenizer.from_pretrained(sp_model, legacy=legacy, add_bos_token=True)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.pad_token = tok.unk_token
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a sharper head than init's, as a trained model has
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=TEMPLATES["llava"])
+    folder = tmp_path / "vicuna-style"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    r = _kit("export", folder, "--out", tmp_path / "gguf", cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tmp_path / "gguf" / "vicuna-style-f16.gguf")
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    after_special = "USER: <image>\nWhat is it? ASSISTANT:"
+    card = json.loads((tmp_path / "gguf" / "kit.json").read_text())
+    if legacy:
+        assert not card.get("notes")
+        _text_agrees(model, tok, tmp_path / "gguf" / "vicuna-style-f16.gguf", TEXTS + [after_special])
+        return
+    # Non-legacy: llama.cpp marks text after a special token with one more space token; the card says so.
+    assert "one token more after each special token" in card["notes"][0]
+    _text_agrees(model, tok, tmp_path / "gguf" / "vicuna-style-f16.gguf", TEXTS)
+    runtime = LlamaCpp(tmp_path / "gguf" / "vicuna-style-f16.gguf", None)
     try:
-        for text in ["a red circle", "USER: Where is the square? ASSISTANT:", "the blue triangle is at the"]:
-            ids = processor.tokenizer(text)["input_ids"]
-            assert runtime.llm.tokenize(text.encode(), add_bos=False, special=True) == [t for t in ids if t != processor.tokenizer.bos_token_id]
-            lm = model.model.language_model
-            with torch.no_grad():
-                cur, out = torch.tensor([ids]), []
-                for _ in range(NEW_TOKENS):
-                    nxt = int(model.lm_head(lm(input_ids=cur).last_hidden_state)[0, -1].argmax())
-                    out.append(nxt)
-                    cur = torch.cat([cur, torch.tensor([[nxt]])], 1)
-            runtime.llm.reset()
-            runtime.llm._ctx.kv_cache_clear()
-            runtime.llm.eval(ids)
-            lc = []
-            for _ in range(NEW_TOKENS):
-                nxt = int(np.argmax(runtime._logits()))
-                lc.append(nxt)
-                runtime.llm.eval([nxt])
-            assert lc == out, text
+        got = runtime.llm.tokenize(after_special.encode(), add_bos=True, special=True)
     finally:
         runtime.close()
+    want = tok(after_special)["input_ids"]
+    at = want.index(tok.convert_tokens_to_ids("<image>")) + 1
+    assert got == want[:at] + [tok.convert_tokens_to_ids("\u2581")] + want[at:]
 
 
 def _free_port() -> int:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from kit.core import cards
-from tests.test_cli_errors import run_cli
+from tests.test_cli_errors import assert_clean_failure, run_cli
 from kit.merge.single import merge, verification_inputs
 from kit.merge.multi import merge_adapters
 
@@ -268,7 +268,6 @@ def test_ties_and_dare_run_and_differ_from_linear(tiny_base, adapters, linear, t
     ],
 )
 def test_bad_input_gives_one_line_and_no_output(capsys, adapters, tmp_path, case, expected):
-    import re
 
     a, b = str(adapters["a"]), str(adapters["b"])
     out = tmp_path / "sub" / "out"
@@ -293,15 +292,8 @@ def test_bad_input_gives_one_line_and_no_output(capsys, adapters, tmp_path, case
     if case == "out_not_empty":
         out.mkdir(parents=True)
         (out / "keep.txt").write_text("mine")
-    code, stdout, err = run_cli(capsys, "merge", *args, "--out", str(out))
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.search(expected, lines[0]), lines[0]
-    assert code == 2 and stdout == ""
-    if case == "out_not_empty":
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    else:
-        assert not (tmp_path / "sub").exists()  # not even a temp folder or a parent was left behind
+    assert_clean_failure(run_cli(capsys, "merge", *args, "--out", str(out)), expected, out,
+                         kept=["keep.txt"] if case == "out_not_empty" else None)
 
 
 def test_cli_merges_two_adapters_with_comma_weights(capsys, adapters, linear, tmp_path):

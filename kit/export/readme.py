@@ -54,6 +54,7 @@ def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, 
     if quant != "f16":
         lines.append(f"- {quant} stores the LLM's matrices in fewer bits: answers can differ from f16's; the project's "
                      "llama.cpp test reports how often greedy answers agree.")
+    lines += [f"- {note[0].upper()}{note[1:]}." for note in export["llm"].get("notes", [])]
     if info.get("system_prompt"):
         lines.append("- The system prompt the model was trained with is the Modelfile's SYSTEM; llama-server takes it as "
                      "a system message.")

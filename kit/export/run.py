@@ -82,12 +82,10 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
     name = source.resolve().name
 
     with staged_folder(out, replace=force) as tmp:
-        merged_card = None
         model_dir = source
         if kind == "adapter":
             model_dir = tmp / "merged"
             merge(source, model_dir, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, echo=echo)
-            merged_card = Card.read(model_dir)
         model = load_model(model_dir, torch.float32).eval()
         if not text_only:
             check_exportable(model, family)
@@ -111,7 +109,7 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
             mmproj_file = f"mmproj-{name}-f16.gguf"
             echo(f"writing {mmproj_file} (vision tower + projector)")
             with torch.no_grad():
-                vision = write_mmproj(model, family, processor.image_processor, tmp / mmproj_file, quant, name)
+                vision = write_mmproj(model, family, processor.image_processor, tmp / mmproj_file, name)
             written[mmproj_file] = size_of(tmp / mmproj_file)
         del model
         (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, info), encoding="utf-8")
@@ -120,10 +118,12 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
         export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
                        "image_aspect": info.get("image_aspect"), "template": template_of(processor, info)}
         extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
-        if merged_card is not None:
-            extra["merge"] = merged_card.model_extra.get("merge")
-            extra["verification"] = merged_card.model_extra.get("verification")
-        Card.new("export", made_by="kit export", recipe=card.recipe, **extra).write(tmp)
+        if kind == "adapter":
+            extra["merge"] = card.model_extra.get("merge")
+            extra["verification"] = card.model_extra.get("verification")
+        for note in text["notes"]:
+            echo(f"note: {note}")
+        Card.new("export", made_by="kit export", recipe=card.recipe, notes=text["notes"], **extra).write(tmp)
         (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, info), encoding="utf-8")
     for f, size in written.items():
         echo(f"  {f}: {size}")

@@ -69,6 +69,16 @@ def _vocab(tok_dir: Path, n_rows: int) -> tuple[str, list[bytes], list[float], l
         tokens.append(text)
         scores.append(score)
         types.append(int(kind))
+    if vocab.tokenizer_model == "llama":
+        # llama.cpp's SentencePiece-style tokenizer merges the adjacent pair whose result scores
+        # highest; the library's reader leaves every score equal, so the merge order is lost.
+        # Scoring each merge's result by its rank gives back transformers' BPE order.
+        ids = model.get("vocab") or {}
+        for rank, merge in enumerate(model.get("merges") or []):
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            i = ids.get(left + right)
+            if i is not None and i < len(scores) and scores[i] == -1000.0:
+                scores[i] = -float(rank)
     for added in tok_json.get("added_tokens") or []:
         i = added["id"]
         if i < len(types):
@@ -80,6 +90,17 @@ def _vocab(tok_dir: Path, n_rows: int) -> tuple[str, list[bytes], list[float], l
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.UNUSED))
     return vocab.tokenizer_model, tokens, scores, types, pre
+
+
+def tokenizer_notes(tok_dir: Path) -> list[str]:
+    """Where llama.cpp will tokenize differently from transformers, said in the card."""
+    tok_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = tok_json.get("pre_tokenizer") or {}
+    if (tok_json.get("model") or {}).get("byte_fallback") and pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        return ["this tokenizer (a non-legacy Llama tokenizer) adds no space marker to text that follows a special token "
+                "or an image, while llama.cpp's SentencePiece-style tokenizer adds one ('\u2581') to every such piece of "
+                "text: prompts in llama.cpp hold one token more after each special token and image"]
+    return []
 
 
 def _reorder_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -147,4 +168,4 @@ def write_text(model, family: Family, tok_dir: Path, path: Path, quant: str, nam
         add_tensor(w, mapped, tensor, quant)
     finish(w)
     return {"arch": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok_model, "pre_tokenizer": pre, "tokens": n_rows,
-            "tied_embeddings": tied}
+            "tied_embeddings": tied, "notes": tokenizer_notes(tok_dir)}

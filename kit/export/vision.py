@@ -57,7 +57,7 @@ def check_exportable(model, family: Family) -> None:
     feature_layer(cfg, vcfg.num_hidden_layers)
 
 
-def write_mmproj(model, family: Family, image_processor, path, quant: str, name: str) -> dict[str, Any]:
+def write_mmproj(model, family: Family, image_processor, path, name: str) -> dict[str, Any]:
     cfg, vcfg = model.config, model.config.vision_config
     n_layers = feature_layer(cfg, vcfg.num_hidden_layers)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
