@@ -247,6 +247,22 @@ def test_mini_base_tower_is_refused_by_name():
         check_exportable(model, families()["llava"])
 
 
+def test_the_embedded_mini_base_exports_its_llm_alone(capsys, tmp_path):
+    """The real mini base: its EfficientNet tower is refused in one line (nothing written), and
+    --text-only writes SmolLM2 as llama.cpp reads it (tied embeddings: no output tensor)."""
+    from kit.base.mini import mini_base
+
+    base = mini_base()
+    assert_clean_failure(run_cli(capsys, "export", str(base), "--out", str(tmp_path / "sub" / "out")),
+                         r"embedded mini base has an EfficientNet-Lite0 \(timm\) vision tower", tmp_path / "sub" / "out")
+    code, _, err = run_cli(capsys, "export", str(base), "--out", str(tmp_path / "text"), "--text-only")
+    assert code == 0, err
+    r = GGUFReader(next((tmp_path / "text").glob("*-f16.gguf")))
+    names = {t.name for t in r.tensors}
+    assert _field(r, "llama.block_count") == 30 and "output.weight" not in names and "token_embd.weight" in names
+    assert "FROM ./" in (tmp_path / "text" / "Modelfile").read_text() and not list((tmp_path / "text").glob("mmproj-*"))
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
