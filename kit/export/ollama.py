@@ -82,6 +82,8 @@ def modelfile(model_file: str, mmproj_file: str | None, processor, info: dict[st
         lines.append(f"FROM ./{mmproj_file}")
     lines.append(f'TEMPLATE """{go_template(pieces)}"""')
     if info.get("system_prompt"):
+        if '"""' in info["system_prompt"]:
+            raise KitError('the recipe\'s data.system_prompt holds """, which an Ollama Modelfile cannot quote; remove it')
         lines.append(f'SYSTEM """{info["system_prompt"]}"""')
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stop_strings(pieces, processor.tokenizer)]
     return "\n".join(lines) + "\n"

@@ -16,35 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from kit.base.family import family_of
 from kit.base.load import load_model, load_processor
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
 from kit.core.files import staged_folder
-from kit.core.templates import VICUNA_TEMPLATE
 from kit.export.ollama import modelfile
 from kit.export.readme import readme
 from kit.export.tensors import check_quant, size_of
 from kit.export.text import write_text
 from kit.export.vision import check_exportable, write_mmproj
 from kit.infer.load import folder_kind, prompting
-from kit.infer.prompts import template_of
+from kit.infer.prompts import chat_template_of, template_of
 from kit.merge.adapters import adapter_info, check_out
 from kit.merge.single import merge
 from kit.merge.verify import DEFAULT_TOLERANCE
 
 FORMATS = ("gguf",)
 LLAMA_CPP_HINT = "install llama-cpp-python (`bash setup.sh --llama-cpp`, or `pip install llama-cpp-python`)"
-
-
-def _chat_template(processor, info: dict[str, Any]) -> str | None:
-    template = template_of(processor, info)
-    if template == "vicuna_v1":
-        return VICUNA_TEMPLATE
-    if template == "chat":
-        return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    return None
 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
@@ -78,6 +69,8 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
     if family.gguf is None:
         raise KitError(f"{source}: {family.label} checkpoints are not exported to GGUF by kit; llama.cpp export covers "
                        "the llava family (LLaVA-1.5 layout: CLIP or SigLIP tower, MLP projector, Llama/Mistral/Qwen2 LLM)")
+    if not text_only:
+        check_exportable(AutoConfig.from_pretrained(inputs[-1]), family)  # the base's config: a merge does not change it
     check_out(out, force, inputs)
     name = source.resolve().name
 
@@ -87,8 +80,6 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
             model_dir = tmp / "merged"
             merge(source, model_dir, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, echo=echo)
         model = load_model(model_dir, torch.float32).eval()
-        if not text_only:
-            check_exportable(model, family)
         processor = load_processor(model_dir)
         card = Card.read(model_dir) or Card(kind="model")
         info = prompting(card, None, model_dir)
@@ -99,7 +90,7 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
         echo(f"writing {llm_file} (LLM)")
         with torch.no_grad():
             text = write_text(model, family, model_dir, f16_file if quant == "q4_k_m" else tmp / llm_file, quant, name,
-                              _chat_template(processor, info))
+                              chat_template_of(processor, info))
         if quant == "q4_k_m":
             quantize_with_llama_cpp(f16_file, tmp / llm_file, quant)
             f16_file.unlink()

@@ -8,7 +8,6 @@ library leaves to its converter is done here: LLaMA-arch q/k rows reordered for 
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,9 +19,10 @@ import yaml
 
 from kit.base.family import Family
 from kit.core.errors import KitError
+from kit.core.files import read_json
 from kit.export.tensors import FILE_TYPES, add_tensor, finish, map_name
 
-ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+ARCHES = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "llama" -> MODEL_ARCH.LLAMA
 
 
 @cache
@@ -50,12 +50,9 @@ def pretokenizer(tok_json: dict[str, Any], where: str) -> str:
                    f"name for ({', '.join(r['pre'] for r in _pretokenizers())}); llama.cpp would split text differently")
 
 
-def _vocab(tok_dir: Path, n_rows: int) -> tuple[str, list[bytes], list[float], list[int], str | None]:
+def _vocab(tok_dir: Path, tok_json: dict[str, Any], n_rows: int) -> tuple[str, list[bytes], list[float], list[int], str | None]:
     """(tokenizer model, tokens, scores, types, pre-tokenizer) padded to the embedding's rows."""
     tok_file = tok_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise KitError(f"{tok_dir}: no tokenizer.json; kit exports fast (tokenizer.json) tokenizers only")
-    tok_json = json.loads(tok_file.read_text(encoding="utf-8"))
     model = tok_json.get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         vocab, pre = gguf.vocab.LlamaHfVocab(tok_dir), None
@@ -92,9 +89,8 @@ def _vocab(tok_dir: Path, n_rows: int) -> tuple[str, list[bytes], list[float], l
     return vocab.tokenizer_model, tokens, scores, types, pre
 
 
-def tokenizer_notes(tok_dir: Path) -> list[str]:
+def tokenizer_notes(tok_json: dict[str, Any]) -> list[str]:
     """Where llama.cpp will tokenize differently from transformers, said in the card."""
-    tok_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     pre = tok_json.get("pre_tokenizer") or {}
     if (tok_json.get("model") or {}).get("byte_fallback") and pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
         return ["this tokenizer (a non-legacy Llama tokenizer) adds no space marker to text that follows a special token "
@@ -129,7 +125,11 @@ def write_text(model, family: Family, tok_dir: Path, path: Path, quant: str, nam
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     llm, head = model.get_submodule(family.llm), model.get_submodule(family.head)
     n_rows = llm.get_input_embeddings().weight.shape[0]
-    tok_model, tokens, scores, types, pre = _vocab(tok_dir, n_rows)
+    tok_file = tok_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise KitError(f"{tok_dir}: no tokenizer.json; kit exports fast (tokenizer.json) tokenizers only")
+    tok_json = read_json(tok_file, "tokenizer", fix="restore it from the checkpoint you downloaded")
+    tok_model, tokens, scores, types, pre = _vocab(tok_dir, tok_json, n_rows)
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     w.add_name(name)
@@ -168,4 +168,4 @@ def write_text(model, family: Family, tok_dir: Path, path: Path, quant: str, nam
         add_tensor(w, mapped, tensor, quant)
     finish(w)
     return {"arch": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok_model, "pre_tokenizer": pre, "tokens": n_rows,
-            "tied_embeddings": tied, "notes": tokenizer_notes(tok_dir)}
+            "tied_embeddings": tied, "notes": tokenizer_notes(tok_json)}

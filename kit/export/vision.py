@@ -34,19 +34,16 @@ def feature_layer(cfg, n_layers: int) -> int:
     return layer
 
 
-def check_exportable(model, family: Family) -> None:
-    """KitError naming what llama.cpp cannot run, before anything is written."""
-    cfg = model.config
+def check_exportable(cfg, family: Family) -> None:
+    """KitError naming what llama.cpp cannot run, from the model's config (before any merge or write)."""
     vcfg = cfg.vision_config
-    if cfg.model_type == "fast_vlm" or vcfg.model_type not in family.gguf["towers"]:
-        what = ("kit's embedded mini base has an EfficientNet-Lite0 (timm) vision tower"
-                if vcfg.model_type in ("timm_wrapper", "fastvit") or cfg.model_type == "fast_vlm"
-                else f"its vision tower is a '{vcfg.model_type}'")
-        raise KitError(f"{what}, which llama.cpp's multimodal runtime has no encoder for; kit exports LLaVA models with "
-                       f"{' or '.join(family.gguf['towers'])} towers (or --text-only writes the LLM alone)")
-    has_cls = vcfg.model_type == "clip_vision_model"
+    towers = family.gguf["towers"]
+    if vcfg.model_type not in towers:
+        what = family.gguf.get("no_encoder", {}).get(vcfg.model_type, f"a '{vcfg.model_type}'")
+        raise KitError(f"its vision tower is {what}, which llama.cpp's multimodal runtime has no encoder for; kit exports "
+                       f"LLaVA models with {' or '.join(towers)} towers (or --text-only writes the LLM alone)")
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
-    if (strategy == "default") != has_cls:
+    if (strategy == "default") != towers[vcfg.model_type]["class_token"]:
         raise KitError(f"vision_feature_select_strategy '{strategy}' with a {vcfg.model_type} tower: llama.cpp drops "
                        "the class token exactly when the tower has one")
     act = getattr(cfg, "projector_hidden_act", "gelu")

@@ -29,6 +29,17 @@ def template_of(processor, info: dict[str, Any]) -> str:
     return "vicuna_v1" if _is_vicuna(processor, info) else "chat"
 
 
+def chat_template_of(processor, info: dict[str, Any]) -> str | None:
+    """The Jinja chat template a model's conversations are rendered with (None for the plain and
+    prefix layouts, which have none)."""
+    template = template_of(processor, info)
+    if template == "vicuna_v1":
+        return VICUNA_TEMPLATE
+    if template == "chat":
+        return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    return None
+
+
 def build_prompt(processor, messages: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """The prompt text for a conversation, ending where the assistant's next answer starts.
 
@@ -44,8 +55,8 @@ def build_prompt(processor, messages: list[dict[str, Any]], info: dict[str, Any]
     messages = list(messages)
     if info.get("system_prompt") and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": info["system_prompt"]})
-    chat_template = VICUNA_TEMPLATE if _is_vicuna(processor, info) else None
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=chat_template)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         chat_template=chat_template_of(processor, info))
 
 
 def _prefix_prompt(processor, messages: list[dict[str, Any]]) -> str:
