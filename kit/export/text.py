@@ -108,7 +108,7 @@ def _rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     kind = params.get("rope_type", "default")
     if kind not in ("default", None):
-        raise KitError(f"the LLM uses '{kind}' rope scaling, which kit does not export to GGUF yet; "
+        raise KitError(f"config.json text_config.rope_parameters.rope_type '{kind}': kit does not export rope scaling to GGUF yet; "
                        "export a model whose LLM uses plain rope (LLaVA-1.5's Vicuna/Llama, Mistral, Qwen2)")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     return float(theta if theta is not None else 10000.0)
