@@ -77,6 +77,24 @@ def test_interactive_keeps_history_until_reset(tiny_base, image):
     assert "conversation reset" in r.stderr and "attached" in r.stderr
 
 
+def test_many_chats_in_a_row_on_a_busy_machine_all_exit_cleanly(tiny_base, image):
+    """The generating thread is joined before the interpreter exits: a thread still freeing tensors
+    at exit aborted about half of these runs ("terminate called without an active exception",
+    SIGABRT) after a right answer, most often while other processes kept the cores busy."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        runs = [kit_chat(str(tiny_base), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "6")
+                for _ in range(8)]
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    codes = [r.returncode for r in runs]
+    assert codes == [0] * len(runs), f"exit codes {codes}: {next(r.stderr for r in runs if r.returncode)[-500:]}"
+    assert not any("terminate called" in r.stderr for r in runs)
+    assert len({r.stdout for r in runs}) == 1 and runs[0].stdout.strip()
+
+
 def test_bad_image_is_a_one_line_error(tiny_base, tmp_path):
     r = kit_chat(str(tiny_base), "--image", str(tmp_path / "nope.png"), "--prompt", "hi")
     assert r.returncode == 2 and r.stdout == ""

@@ -28,6 +28,9 @@ def main() -> None:
     # bitsandbytes' CPU backend warns at import that it could not fetch an optional kernel from the
     # Hub; kit never lets it download anything, so the warning is only noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # That same attempt goes through the `kernels` package, which warns that offline mode skips its
+    # publisher check for a kernel it then does not load.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # Weight-loading progress bars flood a chat or server log; training keeps its own progress bar.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -141,6 +141,10 @@ class Answer:
                 yield out
         finally:
             self._cancel.set()
+            self._finished()
+
+    def _finished(self) -> None:
+        """Called once the reader is done with the answer (read to the end, left early, or failed)."""
 
     def result(self) -> str:
         """Wait for the whole answer and return it."""
@@ -162,8 +166,14 @@ class Generation(Answer):
         self.model = model
         self.lock = lock or threading.Lock()
         self.select = select or contextlib.nullcontext
-        self._thread = threading.Thread(target=self._run, name="kit-generate", daemon=True)
+        # Not a daemon, and joined by the reader: a daemon thread still releasing tensors when the
+        # interpreter finalizes is killed inside torch's C++ destructors, which aborts the process
+        # ("terminate called without an active exception") after a right answer.
+        self._thread = threading.Thread(target=self._run, name="kit-generate")
         self._thread.start()
+
+    def _finished(self) -> None:
+        self._thread.join()
 
     def _run(self) -> None:
         cancel = self._cancel

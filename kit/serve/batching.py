@@ -130,7 +130,23 @@ class Batcher:
         self.cond = threading.Condition()
         self.batches = 0  # how many generate calls ran (tests and benchmarks read it)
         self.largest = 0
-        threading.Thread(target=self._loop, name="kit-batcher", daemon=True).start()
+        self.closed = False
+        # Stopped and joined by close() before the interpreter exits: a daemon thread caught inside
+        # generate at exit dies in torch's C++ destructors and aborts the process.
+        self._thread = threading.Thread(target=self._loop, name="kit-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop taking batches, fail what is still pending, and wait for the running batch to end."""
+        with self.cond:
+            self.closed = True
+            left, self.pending = list(self.pending), deque()
+            self.cond.notify_all()
+        for a in left:
+            a.cancel()
+            a._close("stop")
+            a._done.set()
+        self._thread.join(timeout)
 
     def submit(self, answer: BatchedAnswer) -> BatchedAnswer:
         with self.cond:
@@ -140,11 +156,13 @@ class Batcher:
 
     def _take(self) -> list[BatchedAnswer]:
         with self.cond:
-            while not self.pending:
+            while not self.pending and not self.closed:
                 self.cond.wait()
         if self.max_batch > 1:
             time.sleep(self.gather_s)
         with self.cond:
+            if self.closed or not self.pending:
+                return []
             key = self.pending[0].key
             batch = [a for a in self.pending if a.key == key][: self.max_batch]
             for a in batch:
@@ -152,7 +170,7 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
-        while True:
+        while not self.closed:
             batch = self._take()
             for a in batch:
                 if a.cancelled:

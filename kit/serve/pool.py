@@ -91,6 +91,10 @@ class ModelPool:
         text = getattr(cfg, "text_config", None) or cfg
         return getattr(text, "max_position_embeddings", None)
 
+    def close(self) -> None:
+        """Stop generating (the running batch ends first); the pool answers nothing afterwards."""
+        self.batcher.close()
+
     def start(self, name: str, inputs: dict[str, Any], sampling):
         """The answer to prepared inputs (a kit.infer.generation.Answer), generated in the next
         batch of requests for `name`."""

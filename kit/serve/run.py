@@ -101,6 +101,7 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         raise KitError(f"--host {host} is reachable from other machines: set a key with KIT_API_KEY or --api-key-file "
                        "(clients send 'Authorization: Bearer KEY'), or serve on 127.0.0.1")
     sock = bind(host, port)  # before loading: a taken port fails in a second, not after the weights load
+    pool = None
     try:
         if not local:
             echo(f"warning: listening on {host}, reachable from other machines: with the key they can use the models"
@@ -115,3 +116,5 @@ def serve(model: Path, adapters: list[str] = (), host: str = "127.0.0.1", port: 
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     finally:
         sock.close()
+        if pool is not None:
+            pool.close()
