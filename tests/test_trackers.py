@@ -3,8 +3,8 @@ offline, none writes nothing extra; all without a connection leaving the machine
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -64,16 +64,49 @@ def test_tensorboard_is_the_default_and_writes_event_files(tiny_base, shapes, tm
     assert list(out.rglob("events.out.tfevents.*"))
 
 
+def wandb_records(path: Path) -> list:
+    """Every record of a wandb run file, decoded with wandb's own protobuf message (`Record`).
+
+    The file is a LevelDB-style log (what wandb's writer produces): a 7-byte header (`:W&B`, magic,
+    version), then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full,
+    2 first, 3 middle, 4 last); a chunk header never straddles a block, the tail of a block too
+    short for one is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", raw[:7]
+    block, pos, records, parts = 32768, 7, [], b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        parts = data if kind in (1, 2) else parts + data
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(parts)
+            records.append(rec)
+    return records
+
+
 def _wandb_run(out: Path) -> tuple[set[int], set[float]]:
-    """The logged steps and losses of the one offline run in `out` (its records are protobuf with
-    values as JSON text)."""
+    """The logged steps and losses of the one offline run in `out`."""
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir()) if (out / "wandb").exists() else "no wandb folder"
     logs = list(runs[0].glob("run-*.wandb"))
     assert len(logs) == 1
-    raw = logs[0].read_bytes()
-    steps = {int(m.group(1)) for m in re.finditer(rb"global_step\x82\x01.([0-9]+)", raw)}
-    losses = {float(m.group(1)) for m in re.finditer(rb"loss\x82\x01.([0-9.eE+-]+)", raw)}
+    steps, losses = set(), set()
+    for rec in wandb_records(logs[0]):
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in rec.history.item}
+        if "train/loss" in row:
+            steps.add(int(row["train/global_step"]))
+            losses.add(float(row["train/loss"]))
     return steps, losses
 
 
