@@ -177,6 +177,12 @@ def test_duplicate_replies_are_rejected(tmp_path):
 
 def test_private_records_never_reach_a_remote_backend(tmp_path, no_connect):
     records = make_records(2, tmp_path, private=True) + make_records(3, tmp_path)[2:]
+    # The resolver sends `localhost.` to DNS (only `localhost` is in the hosts file): remote.
+    for url in ("http://localhost.:9/v1", "http://127.0.0.1.:9/v1"):
+        assert OpenAIBackend("gpt-4o", base_url=url, api_key="sk-test").is_remote, url
+        with pytest.raises(KitError, match="--allow-remote"):
+            run_generation(records, tmp_path / "out", backend=OpenAIBackend("gpt-4o", base_url=url, api_key="sk-test"),
+                           dry_run=True, echo=quiet([]), **FAST)
     backend = OpenAIBackend("gpt-4o", base_url="http://10.0.0.1:9/v1", api_key="sk-test")
     assert backend.is_remote
     for dry in (False, True):

@@ -169,7 +169,8 @@ def test_unreadable_replies_are_problems_not_zeros(reply, problem):
 
 def test_remote_judges_are_refused_before_any_connection(no_connect, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    for spec in ("openai", "http://10.0.0.1:8000/v1", "https://judge.example.com/v1"):
+    # `localhost.` (fully qualified) is looked up in DNS, not in the hosts file: it is not this machine.
+    for spec in ("openai", "http://10.0.0.1:8000/v1", "https://judge.example.com/v1", "http://localhost.:8000/v1"):
         with pytest.raises(KitError) as err:
             resolve_judge(spec, "m" if spec != "openai" else None)
         msg = str(err.value)

@@ -73,7 +73,8 @@ def test_a_remote_destination_may_use_the_proxy_the_user_set(monkeypatch):
 
 
 @pytest.mark.parametrize("host,loopback", [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True), ("LOCALHOST.", True),
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True), ("LOCALHOST", True),
+    ("localhost.", False), ("LOCALHOST.", False), ("127.0.0.1.", False),
     ("foo.localhost", False), ("localhost.example.com", False), ("0.0.0.0", False), ("10.0.0.1", False), ("", False),
 ])
 def test_only_literal_loopback_names_count_as_loopback(host, loopback):

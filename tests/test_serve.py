@@ -670,3 +670,90 @@ def test_extreme_images_and_numbers_are_400s_not_500s(url, tmp_path):
         assert status == 400 and said in reply["error"]["message"], reply
     status, reply = _raw(url, json.dumps({**json.loads(HI), "seed": 2**70}).encode(), AUTH)
     assert status == 400 and "seed" in reply["error"]["message"], reply
+    # Python's JSON reader refuses these itself (recursion and digit limits): a 400 naming why.
+    deep = b'{"model": "alpha", "messages": ' + b"[" * 40_000 + b"]" * 40_000 + b"}"
+    status, reply = _raw(url, deep, AUTH)
+    assert status == 400 and "nested too deeply" in reply["error"]["message"], reply
+    status, reply = _raw(url, HI.replace(b'"max_tokens": 2', b'"max_tokens": ' + b"9" * 5000), AUTH)
+    assert status == 400 and "too many digits" in reply["error"]["message"], reply
+    status, reply = _raw(url, HI.replace(b'"max_tokens": 2', b'"temperature": NaN'), AUTH)
+    assert status == 400 and "NaN is not a JSON number" in reply["error"]["message"], reply
+
+
+def _rgb_png(w: int, h: int) -> bytes:
+    """A flat RGB PNG: a few kilobytes that decode to w * h * 3 bytes."""
+    import struct
+    import zlib
+
+    raw = zlib.compress(b"".join(b"\x00" + b"\x80" * (3 * w) for _ in range(h)), 9)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_waiting_requests_hold_no_decoded_images(pool, monkeypatch):
+    """Three requests with an 8192 x 4882 PNG (under 10 KB, ~120 MiB decoded, inside the pixel
+    limit) wait while the model is busy: their images are decoded one at a time (the budget here is
+    one 8192 px canvas) and none of the decoded images is alive while they wait; all are answered."""
+    import concurrent.futures
+    import gc
+
+    from PIL import Image
+
+    from kit.serve.app import create_app
+    from kit.serve.run import running
+
+    png = _rgb_png(8192, 4882)
+    assert len(png) < 200_000
+    prepared = []
+    real = pool.prepare
+    monkeypatch.setattr(pool, "prepare", lambda *a, **k: (real(*a, **k), prepared.append(1))[0])
+    app = create_app(pool, max_queue=4, max_decoded_pixels=8192**2)
+    body = json.dumps({"model": "alpha", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+        {"type": "text", "text": "?"}]}]}).encode()
+    with running(app) as base_url, concurrent.futures.ThreadPoolExecutor(3) as ex:
+        with pool.lock:  # a long generation: every request waits for the model
+            waiting = [ex.submit(_raw, base_url, body) for _ in range(3)]
+            deadline = time.monotonic() + 120
+            while len(prepared) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+            assert len(prepared) == 3 and app.state.admission.count == 3
+            gc.collect()
+            big = [o for o in gc.get_objects() if isinstance(o, Image.Image) and max(o.size) >= 4882]
+            assert big == [], [o.size for o in big]
+            assert app.state.pixels.used == 0 and app.state.pixels.peak == 8192**2
+        assert [f.result(timeout=120)[0] for f in waiting] == [200, 200, 200]
+
+
+def test_a_body_that_never_arrives_frees_its_place(pool):
+    """Two clients send headers and then nothing: they hold the queue (max 2) only until the body
+    timeout, get 408, and the next request is served."""
+    import socket
+
+    from kit.serve.app import create_app
+    from kit.serve.run import running
+
+    app = create_app(pool, max_queue=2, body_timeout_s=1.5)
+    with running(app) as base_url:
+        host, port = base_url.removeprefix("http://").rsplit(":", 1)
+        stalled = []
+        for _ in range(2):
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      "Content-Length: 500\r\n\r\n".encode())
+            stalled.append(s)
+        deadline = time.monotonic() + 10
+        while app.state.admission.count < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.admission.count == 2
+        assert _raw(base_url, HI)[0] == 429
+        replies = [s.recv(4096).decode("latin-1") for s in stalled]
+        for s in stalled:
+            s.close()
+        assert all(r.startswith("HTTP/1.1 408") and "request_timeout" in r for r in replies), replies
+        assert app.state.admission.count == 0
+        assert _raw(base_url, HI)[0] == 200

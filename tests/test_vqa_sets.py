@@ -105,6 +105,26 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
         read_plain_pickle(tmp_path / "cut.pkl")
 
 
+# Crafted pickles that hold no class yet fail inside the unpickler with errors other than
+# UnpicklingError: each is a one-line KitError naming the file.
+CRAFTED_PICKLES = {
+    "build-on-a-list": b"\x80\x02]}b.",  # BUILD on a list: AttributeError
+    "huge-bytes": b"\x80\x04\x8e" + (2**64 - 1).to_bytes(8, "little") + b"x.",  # OverflowError
+    "huge-text": b"\x80\x04\x8d" + (2**62).to_bytes(8, "little") + b"x.",  # MemoryError or truncated
+    "huge-long": b"\x80\x02\x8b" + (2**31 - 1).to_bytes(4, "little") + b".",
+    "bad-int": b"\x80\x02I1x\n.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED_PICKLES))
+def test_crafted_pickles_are_one_line_errors(tmp_path, name):
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(CRAFTED_PICKLES[name])
+    with pytest.raises(KitError) as err:
+        read_plain_pickle(path)
+    assert f"{name}.pkl: not a readable pickle" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_bad_layouts_name_the_file_and_record(tmp_path):
     root = _vqa_rad(tmp_path / "rad")
     rows = json.loads((root / "VQA_RAD Dataset Public.json").read_text())

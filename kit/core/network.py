@@ -28,13 +28,14 @@ def go_offline() -> None:
 
 def is_loopback_host(host: str | None) -> bool:
     """Whether `host` names this machine without a lookup: a literal loopback address
-    (127.0.0.0/8, ::1) or `localhost` itself.
+    (127.0.0.0/8, ::1) or `localhost` itself, spelled exactly so.
 
     Other names count as remote: resolving them would itself be a network request, and a name can
-    point anywhere (`*.localhost` too: the resolver here may send such names to DNS)."""
+    point anywhere. That includes `*.localhost` and the fully qualified `localhost.`: the hosts
+    file lists `localhost` alone, so the resolver sends `localhost.` to DNS like any other name."""
     if not host:
         return False
-    host = host.strip("[]").lower().rstrip(".")
+    host = host.strip("[]").lower()
     if host == "localhost":
         return True
     try:

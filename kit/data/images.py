@@ -86,6 +86,30 @@ def open_rgb(path: Path) -> Image.Image:
     return _decoded(Path(path), f"image file {path}")
 
 
+class EncodedImage:
+    """An image checked from its header (format, size limits) whose pixels are decoded only when
+    asked: a few kilobytes of PNG can unpack to hundreds of megabytes, so what waits (a queued
+    request) holds the encoded bytes, and whoever decodes can count the cost first.
+
+    Raises ImageProblem (with `label`) for a bad header, and from `decode()` for damaged pixels."""
+
+    def __init__(self, source: bytes | Path, label: str):
+        self.source, self.label = source, label
+        with _opened(self._stream(), label) as im:
+            self.size: tuple[int, int] = im.size
+
+    def _stream(self):
+        return io.BytesIO(self.source) if isinstance(self.source, bytes) else Path(self.source)
+
+    @property
+    def canvas_pixels(self) -> int:
+        """Pixels of the largest canvas it can take while being prepared (padded to a square)."""
+        return max(self.size) ** 2
+
+    def decode(self) -> Image.Image:
+        return _decoded(self._stream(), self.label)
+
+
 def decode_bytes(data: bytes, label: str = "the image") -> Image.Image:
     """An RGB image from encoded bytes (a request's data: URI), under the same rules as files."""
     return _decoded(io.BytesIO(data), label)

@@ -52,7 +52,11 @@ def read_plain_pickle(path: Path) -> Any:
             return _PlainData(f).load()
     except _Refused as e:
         raise KitError(f"{path}: the pickle holds a Python object ({e}), not plain data; kit does not unpickle objects") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+    except OSError as e:
+        raise KitError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - no code of the file's runs (classes are refused), so any
+        # failure (AttributeError from BUILD on a list, MemoryError / OverflowError from a forged
+        # length, ...) means a damaged or crafted file
         raise KitError(f"{path}: not a readable pickle ({type(e).__name__}); download the file again") from None
 
 

@@ -17,6 +17,7 @@ generated.
 (No `from __future__ import annotations` here: FastAPI reads the route functions' annotations.)
 """
 
+import contextlib
 import functools
 import hmac
 import json
@@ -38,11 +39,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kit.core.errors import KitError
 from kit.core.files import ASSETS
 from kit.infer.generation import Sampling
-from kit.serve.openai_schema import ApiError, Limits, chunk, completion, completion_id, model_card, parse_request, usage
+from kit.data.images import MAX_SIDE
+from kit.serve.openai_schema import (ApiError, Limits, chunk, completion, completion_id, decode_images, model_card, parse_request,
+                                     usage)
 
 DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_QUEUE = 64
+# Decoded pixels in flight across requests: two of the largest canvases kit takes (8192 px
+# squares, ~200 MiB each as RGB). Queued requests hold only their encoded bytes.
+DEFAULT_MAX_DECODED_PIXELS = 2 * MAX_SIDE**2
+# A request whose body has not arrived by then is answered 408 and leaves the queue.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 GENERATION_FAILED = "generation failed on the server (its log says why); retry, or report it to whoever runs the server"
 
@@ -69,6 +77,31 @@ class Admission:
     def leave(self) -> None:
         with self._lock:
             self.count -= 1
+
+
+class PixelBudget:
+    """Bounds the decoded image pixels held at once: a request decodes its images (and prepares
+    model inputs from them) only once its pixels fit beside those already decoded; a request larger
+    than the whole budget runs when it has the budget to itself. Counts canvases, as `pad` makes
+    them square. `peak` is the most ever held (tests read it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self, pixels: int):
+        with self._cond:
+            while self.used and self.used + pixels > self.limit:
+                self._cond.wait()
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
 
 
 WEB_DIR = ASSETS / "web"
@@ -106,7 +139,8 @@ class HostCheck:
 def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR,
-               hosts: tuple[str, ...] = (), log=None):
+               hosts: tuple[str, ...] = (), log=None, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
     """The FastAPI app serving `pool` (kit.serve.pool.ModelPool).
 
     api_key: when set, every /v1 route and /health need `Authorization: Bearer <api_key>` (401 otherwise).
@@ -115,6 +149,9 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     image_root: local image paths / file:// URLs are read only from below it (None: refused).
     max_request_bytes: larger bodies get 413. max_tokens_limit: larger max_tokens get 400.
     max_queue: more generations than this running or waiting get 429 (see Admission).
+    max_decoded_pixels: decoded image pixels held at once across requests (see PixelBudget).
+    body_timeout_s: an admitted request whose body has not fully arrived by then gets 408 and
+        frees its place (a client that sends headers and then nothing cannot hold the queue).
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
@@ -125,6 +162,7 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     app.add_middleware(HostCheck, allowed={*LOOPBACK_NAMES, *(h.lower() for h in hosts)})
     app.state.pool = pool
     admission = app.state.admission = Admission(max_queue)
+    pixels = app.state.pixels = PixelBudget(max_decoded_pixels)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     # Every admitted request holds at most one worker thread at a time (parsing, then the answer):
     # a pool this size never makes an admitted request wait for a thread, so overload is a 429.
@@ -206,18 +244,17 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
                 admission.leave()
 
     async def _started(request: Request):
-        raw = await _read_body(request, max_request_bytes, ApiError)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+            with anyio.fail_after(body_timeout_s):
+                raw = await _read_body(request, max_request_bytes, ApiError)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {body_timeout_s:g} s; send it whole, at once",
+                           "request_timeout") from None
+        body = parse_json(raw)
         if isinstance(body, dict) and "model" in body:
             _served(body["model"])  # an unknown model is reported before any image is decoded
         conv = await in_thread(parse_request, body, limits)
-        try:
-            inputs = await in_thread(pool.prepare, conv.model, conv.messages, conv.images)
-        except KitError as e:
-            raise ApiError(400, str(e), "invalid_request") from None
+        inputs = await in_thread(_prepared, conv)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         context = pool.max_positions()
         if context and prompt_tokens >= context:
@@ -225,6 +262,19 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
                            "context_length_exceeded", "messages")
         max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
         return pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop)), conv
+
+    def _prepared(conv):
+        """Model inputs, with the request's images decoded only inside the pixel budget and
+        dropped once the processor has turned them into (much smaller) tensors."""
+        with pixels.held(sum(im.canvas_pixels for im in conv.images)):
+            images = decode_images(conv.images)
+            conv.images = []
+            try:
+                return pool.prepare(conv.model, conv.messages, images)
+            except KitError as e:
+                raise ApiError(400, str(e), "invalid_request") from None
+            finally:
+                images.clear()
 
     app.include_router(v1)
 
@@ -244,6 +294,30 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     if web_dir and Path(web_dir).is_dir():
         app.mount("/web", StaticFiles(directory=str(web_dir)), name="web")
     return app
+
+
+def parse_json(raw: bytes) -> Any:
+    """The decoded body. Raises ApiError (400) for what is not JSON or what Python's reader will not
+    take: nesting deeper than its recursion limit, integers past its digit limit, NaN / Infinity."""
+
+    class NotANumber(ValueError):
+        pass
+
+    def constant(name: str):
+        raise NotANumber(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(raw, parse_constant=constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to read", "invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON (it is not UTF-8 text)", "invalid_json") from None
+    except NotANumber as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except ValueError:  # the only other: an integer of more digits than int() converts
+        raise ApiError(400, "the request body is not valid JSON (a number in it has too many digits)", "invalid_json") from None
 
 
 async def _read_body(request, limit: int, error) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kit.data.images import ImageProblem, check_image, decode_bytes, open_rgb, resolve_image
+from kit.data.images import EncodedImage, ImageProblem, resolve_image
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error", 503: "server_error"}
@@ -64,12 +64,37 @@ class Limits:
 
 
 @dataclass
+class PendingImage:
+    """One image of a request: checked from its header, decoded later; `where` names its field."""
+
+    encoded: EncodedImage
+    where: str
+
+    @property
+    def canvas_pixels(self) -> int:
+        return self.encoded.canvas_pixels
+
+
+def decode_images(images: list[PendingImage]) -> list:
+    """The PIL images of a request. Raises ApiError (400) naming the field of a damaged image."""
+    out = []
+    for im in images:
+        try:
+            out.append(im.encoded.decode())
+        except ImageProblem as e:
+            raise ApiError(400, f"{im.where}: {e}", "invalid_image", im.where) from None
+    return out
+
+
+@dataclass
 class ParsedRequest:
     """A request turned into what kit.infer takes."""
 
     model: str
     messages: list[dict[str, Any]]  # roles system | user | assistant; image parts as {"type": "image"}
-    images: list = field(default_factory=list)  # PIL images, in the order of the image parts
+    # In the order of the image parts; header-checked, decoded by `decode_images` when the model
+    # inputs are prepared (a waiting request holds no decoded pixels).
+    images: list[PendingImage] = field(default_factory=list)
     max_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
@@ -95,7 +120,7 @@ def _text(content: Any, where: str) -> str:
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", "invalid_content", where)
 
 
-def _image(url: str, where: str, limits: Limits) -> Any:
+def _image(url: str, where: str, limits: Limits) -> PendingImage:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
@@ -105,7 +130,7 @@ def _image(url: str, where: str, limits: Limits) -> Any:
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data URL's payload is not valid base64", "invalid_base64", where) from None
         try:
-            return decode_bytes(data)
+            return PendingImage(EncodedImage(data, "the image"), where)
         except ImageProblem as e:
             raise ApiError(400, f"{where}: {e}", "invalid_image", where) from None
     scheme = urllib.parse.urlsplit(url).scheme.lower()
@@ -124,10 +149,11 @@ def _image(url: str, where: str, limits: Limits) -> Any:
     resolved = None
     try:
         resolved = resolve_image(limits.image_root, path)
-        check_image(resolved)
-        return open_rgb(resolved)
+        if not resolved.is_file():
+            raise ImageProblem(f"image file {path!r} is missing")
+        # Labelled with the client's own path: the server's folders are not the client's business.
+        return PendingImage(EncodedImage(resolved, f"image file {path!r}"), where)
     except ImageProblem as e:
-        # Said with the client's own path: the server's folders are not the client's business.
         reason = str(e)
         for local in filter(None, (str(resolved) if resolved else None, str(limits.image_root))):
             reason = reason.replace(local, repr(path) if local != str(limits.image_root) else "the image root")
