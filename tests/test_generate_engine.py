@@ -199,8 +199,8 @@ def test_private_records_never_reach_a_remote_backend(tmp_path, no_connect):
 
 
 def test_loopback_detection():
-    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST."))
-    assert not any(is_loopback_host(h) for h in ("10.0.0.1", "api.openai.com", "192.168.1.2", "", None, "localhost.evil.com"))
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"))
+    assert not any(is_loopback_host(h) for h in ("10.0.0.1", "api.openai.com", "192.168.1.2", "", None, "localhost.evil.com", "localhost.", "LOCALHOST."))
     assert not OpenAIBackend("m", base_url="http://127.0.0.1:8000/v1").is_remote
     assert OpenAIBackend("gpt-4o", api_key="k").is_remote
 

@@ -241,7 +241,9 @@ def _testdata(name: str) -> Path:
 
 
 def _rid(rel: str, work: Path) -> str:
-    salt = (work / ".kit-id-salt").read_bytes().strip()
+    from kit.ingest.sources.dicom import salt_file
+
+    salt = salt_file(work).read_bytes().strip()
     return "dicom-" + hashlib.sha256(salt + b"\0" + rel.encode()).hexdigest()[:12]
 
 
@@ -266,7 +268,8 @@ def dicom_run(tmp_path_factory) -> dict:
         placed[name] = rel
     (src / "README").write_text("not DICOM; ignored because it has no extension\n")
     (src / "notes.txt").write_text("ignored\n")
-    records = from_dicom(src, work)
+    # The ultrasound and the secondary-capture NM file have no BurnedInAnnotation tag: checked here.
+    records = from_dicom(src, work, burned_in_checked=True)
     return {"src": src, "work": work, "records": {r.id: r for r in records}, "placed": placed, "undecodable": undecodable}
 
 
@@ -311,9 +314,9 @@ def test_dicom_specifics(dicom_run):
 def test_dicom_ids_are_stable_and_salted(dicom_run, tmp_path):
     """The same output folder gives the same ids (resume); another gives others: an id cannot be
     recomputed from a guessed path."""
-    again = from_dicom(dicom_run["src"], dicom_run["work"])
+    again = from_dicom(dicom_run["src"], dicom_run["work"], burned_in_checked=True)
     assert {r.id for r in again} == set(dicom_run["records"])
-    elsewhere = from_dicom(dicom_run["src"], tmp_path / "w2")
+    elsewhere = from_dicom(dicom_run["src"], tmp_path / "w2", burned_in_checked=True)
     assert not {r.id for r in elsewhere} & set(dicom_run["records"])
     bare = {"dicom-" + hashlib.sha256(rel.encode()).hexdigest()[:12] for rel in dicom_run["placed"].values()}
     assert not bare & set(dicom_run["records"])
@@ -337,6 +340,112 @@ def test_free_text_segment_labels_never_reach_the_records(tmp_path, label):
     assert rec.findings == ["Segmented region: Liver"] and [b.label for b in rec.boxes] == ["Liver"]
     for part in ("roe", "jane", "jahne", "row^", "- jahne"):
         assert part not in said, part
+
+
+def test_the_id_salt_stays_out_of_the_shared_folder(dicom_run, kit_cache):
+    """Whoever receives the converted folder cannot test guessed paths against its ids: the salt
+    is in kit's cache, keyed by the folder, and nothing in the folder holds it."""
+    from kit.ingest.sources.dicom import salt_file
+
+    salt = salt_file(dicom_run["work"])
+    assert salt.is_file() and salt.is_relative_to(kit_cache)
+    secret = salt.read_bytes().strip()
+    assert len(secret) == 32
+    for p in dicom_run["work"].rglob("*"):
+        assert not p.name.startswith(".kit-id"), p
+        if p.is_file():
+            assert secret not in p.read_bytes(), p
+
+
+def _seg_with_identity(tmp_path: Path, **tags) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata("liver_1frame.dcm"))
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "PID77321", "19700312"
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    ds.save_as(src / "seg.dcm")
+    return src
+
+
+def test_coded_tags_holding_personal_data_never_reach_the_records(tmp_path):
+    """A CS tag can hold any text: a name in BodyPartExamined, the patient ID in ImageType, a name in
+    a segment's coded meaning. Only standard terms and numbers that repeat no identity value of the
+    file reach the record, and each file says which tags were left out (never their values)."""
+    src = _seg_with_identity(tmp_path, BodyPartExamined="JANE DOE 1970", ImageType=["DERIVED", "PRIMARY", "PID77321"],
+                             ViewPosition="DOE")
+    import pydicom
+
+    ds = pydicom.dcmread(src / "seg.dcm")
+    ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning = "Jane Doe lesion"
+    ds.save_as(src / "seg.dcm")
+    notes: list[str] = []
+    (rec,) = from_dicom(src, tmp_path / "work", echo=notes.append)
+    said = json.dumps(rec.to_json()).lower()
+    for part in ("jane", "doe", "1970", "pid77321"):
+        assert part not in said, (part, said)
+    assert "BodyPartExamined" not in rec.metadata and rec.metadata["ImageType"] == "DERIVED, PRIMARY"
+    assert rec.findings == ["Segmented region: segment 1"] and [b.label for b in rec.boxes] == ["segment 1"]
+    assert "the body part is not recorded" in rec.captions[0]
+    assert len(notes) == 1 and "BodyPartExamined" in notes[0] and "ImageType" in notes[0] and "ViewPosition" in notes[0]
+    assert "jane" not in notes[0].lower() and "pid77321" not in notes[0].lower()
+
+
+def test_standard_terms_still_reach_the_caption(tmp_path):
+    src = _seg_with_identity(tmp_path, BodyPartExamined="LIVER", ImageType=["DERIVED", "PRIMARY"])
+    notes: list[str] = []
+    (rec,) = from_dicom(src, tmp_path / "work", echo=notes.append)
+    assert rec.metadata["BodyPartExamined"] == "LIVER" and "of the liver" in rec.captions[0]
+    assert rec.findings == ["Segmented region: Liver"] and notes == []
+
+
+def test_a_frame_beyond_the_image_limits_is_refused_before_decoding(tmp_path):
+    """An 8192 x 8192 frame (a 1 MB RLE file can declare one) would take gigabytes once rendered:
+    refused from the header, with the file named, before any pixel is decoded."""
+    import tracemalloc
+
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
+    ds.Rows = ds.Columns = 8192
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "huge.dcm")
+    tracemalloc.start()
+    try:
+        with pytest.raises(KitError) as e:
+            from_dicom(src, tmp_path / "work")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "huge.dcm" in str(e.value) and "8192x8192 pixels" in str(e.value) and "\n" not in str(e.value)
+    assert peak < 50 * 2**20, peak
+    assert not (tmp_path / "work" / "images").exists()
+
+
+@pytest.mark.parametrize("name,modality,sop", [
+    ("examples_rgb_color.dcm", "US", None),  # ultrasound: names are often burned into the header
+    ("CT_small.dcm", "CT", "1.2.840.10008.5.1.4.1.1.7"),  # a secondary capture of a CT
+])
+def test_images_that_usually_show_text_need_the_burned_in_check(tmp_path, name, modality, sop):
+    import pydicom
+
+    ds = pydicom.dcmread(_testdata(name))
+    if sop:
+        ds.SOPClassUID = sop
+    assert "BurnedInAnnotation" not in ds
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "x.dcm")
+    with pytest.raises(KitError) as e:
+        from_dicom(src, tmp_path / "work")
+    assert "src/x.dcm" in str(e.value) and "BurnedInAnnotation" in str(e.value) and "--burned-in-checked" in str(e.value)
+    assert len(from_dicom(src, tmp_path / "work", burned_in_checked=True)) == 1
+    ds.BurnedInAnnotation = "NO"
+    ds.save_as(src / "x.dcm")
+    assert len(from_dicom(src, tmp_path / "work2")) == 1
 
 
 def test_burned_in_annotation_is_refused_unless_checked(tmp_path):
@@ -373,8 +482,7 @@ def test_dicom_phi_never_copied(dicom_run):
     texts = json.dumps([{**r.to_json(), "root": ""} for r in dicom_run["records"].values()])
     written = []
     for p in dicom_run["work"].rglob("*"):
-        # The id salt is random hex drawn by kit: a 3-digit value can match it by pure chance.
-        if p.is_file() and p.name != ".kit-id-salt":
+        if p.is_file():
             data = p.read_bytes()
             written.append((p, _png_outside_pixels(data) if p.suffix == ".png" else data))
     assert written

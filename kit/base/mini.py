@@ -10,7 +10,6 @@ Its projector is aligned by kit's own `mini-pretrain` recipe; the result ships a
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -20,17 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 from kit.base.parts import add_image_token, assemble, fresh_projector, grow_embeddings
 from kit.core.cards import CARD_NAME, Card
 from kit.core.errors import KitError
-from kit.core.files import ASSETS, staged_folder
+from kit.core.files import ASSETS, cache_dir, staged_folder
 from kit.core.templates import CHATML_TEMPLATE
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINI_VERSION = "mini-v1"
 ALIGNED_PROJECTOR = ASSETS / "mini_projector.safetensors"
 EFFNET_ARGS = {"bn_eps": 1e-3, "pad_type": "same"}  # match the TF-ported weights exactly
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "kit"))
 
 
 def _package_dir(name: str, install_hint: str) -> Path:

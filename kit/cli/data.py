@@ -85,7 +85,7 @@ def data_ingest(
     """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
     from kit.ingest.pairs import ingest
 
-    n = ingest(source, input, out, images, instances, seed, public=public, burned_in_checked=burned_in_checked)
+    n = ingest(source, input, out, images, instances, seed, public=public, burned_in_checked=burned_in_checked, echo=echo_err)
     typer.echo(f"{n} caption pairs -> {out}")
 
 

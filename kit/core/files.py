@@ -14,6 +14,11 @@ from typing import Any
 
 from kit.core.errors import KitError
 
+
+def cache_dir() -> Path:
+    """kit's own cache (KIT_CACHE, else ~/.cache/kit): built bases, compiled wheels, DICOM id salts."""
+    return Path(os.environ.get("KIT_CACHE", Path.home() / ".cache" / "kit"))
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `kit` package folder
 ASSETS = PACKAGE_ROOT / "assets"
 STAGING_MARK = ".kit-staging-"  # in the name of every staged folder: `.{name}.kit-staging-{pid}-{random}`

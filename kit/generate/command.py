@@ -80,7 +80,7 @@ def generate_command(
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
     scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
     records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public,
-                           burned_in_checked=burned_in_checked)
+                           burned_in_checked=burned_in_checked, echo=echo, salt_for=out / "dicom")
     try:
         return run_generation(
             records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,

@@ -77,7 +77,7 @@ def write_caption_pairs(records: list[Record], out_file: Path, seed: int = 0) ->
 
 
 def ingest(source: str, input: Path, out: Path, images: Path | None = None, instances: Path | None = None, seed: int = 0,
-           public: bool = False, burned_in_checked: bool = False) -> int:
+           public: bool = False, burned_in_checked: bool = False, echo=None) -> int:
     """Read the source fully, then write `out` (+ its data card). Raises KitError; writes nothing on error."""
     out = Path(out)
     if out.suffix != ".json":
@@ -88,7 +88,8 @@ def ingest(source: str, input: Path, out: Path, images: Path | None = None, inst
     # DICOM pixels are rendered next to the output; a failed read leaves no half-filled folder.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ingest.") as scratch:
         staging = Path(scratch)
-        records = load_records(source, input, staging, images, instances, public=public, burned_in_checked=burned_in_checked)
+        records = load_records(source, input, staging, images, instances, public=public, burned_in_checked=burned_in_checked,
+                               echo=echo, salt_for=out.parent)
         if not any(r.captions for r in records):
             raise KitError(f"{input}: no record has a caption to pair with its image")
         if source == "dicom":

@@ -27,12 +27,13 @@ SOURCES = ("coco", "manifest", "dicom", "figures")
 
 
 def load_records(source: str, input: Path, work_dir: Path, images: Path | None = None, instances: Path | None = None,
-                 public: bool = False, burned_in_checked: bool = False) -> list[Record]:
+                 public: bool = False, burned_in_checked: bool = False, echo=None, salt_for: Path | None = None) -> list[Record]:
     """Dispatch on the source kind (what `kit generate` and `kit data ingest` take).
 
     Every record is private (it never goes to a remote backend without --allow-remote) unless
     `public` says the COCO / figure source is public data; a manifest says so per line, DICOM never.
-    `work_dir` receives rendered DICOM images. Raises KitError for an unknown source or bad input.
+    `work_dir` receives rendered DICOM images (ids are salted for `salt_for`, default `work_dir`);
+    `echo` gets per-file notes. Raises KitError for an unknown source or bad input.
     """
     input = Path(input)
     if source == "coco":
@@ -46,7 +47,8 @@ def load_records(source: str, input: Path, work_dir: Path, images: Path | None =
     if source == "dicom":
         if public:
             raise KitError("--public does not apply to DICOM: DICOM records are always private")
-        return from_dicom(input, Path(work_dir), burned_in_checked=burned_in_checked)
+        return from_dicom(input, Path(work_dir), burned_in_checked=burned_in_checked, echo=echo,
+                          salt_for=salt_for)
     if source == "figures":
         return from_figures(input, Path(images) if images else input.parent, private=not public)
     raise KitError(f"unknown --source '{source}'; choose from {', '.join(SOURCES)}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import io
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,12 @@ from pydicom import dcmread, pixels
 from pydicom.errors import InvalidDicomError
 
 from kit.core.errors import KitError
-from kit.core.files import write_bytes_atomic
+from kit.core.files import cache_dir, write_bytes_atomic
+from kit.data.images import MAX_PIXELS, MAX_SIDE
 from kit.ingest.records import Box, Record
 from kit.ingest.sources.common import one_line
 from kit.ingest.sources.dicom_pixels import render_frame, segments
-from kit.ingest.sources.dicom_tags import dicom_caption, safe_metadata
+from kit.ingest.sources.dicom_tags import dicom_caption, needs_burned_in_check, safe_metadata
 
 def _read_dicom(path: Path, strict: bool) -> Any | None:
     """The dataset, or None for a file that is not DICOM (only allowed when not `strict`)."""
@@ -52,19 +53,37 @@ def _dicom_files(folder: Path) -> list[Path]:
     return files
 
 
-SALT_FILE = ".kit-id-salt"
+def salt_file(work_dir: Path) -> Path:
+    """Where the id salt of an output folder lives: in kit's cache (KIT_CACHE, else ~/.cache/kit),
+    keyed by the folder's absolute path, never inside the folder: whoever receives the converted
+    data must not be able to test guessed paths (often patient names) against its ids."""
+    key = hashlib.sha256(str(Path(work_dir).resolve()).encode("utf-8")).hexdigest()[:32]
+    return cache_dir() / "dicom-id-salts" / key
 
 
 def id_salt(work_dir: Path) -> bytes:
-    """A random salt kept with the converted images: ids stay stable across reruns into the same
-    output, and cannot be recomputed from a guessed path (folder names are often patient names)."""
-    f = Path(work_dir) / SALT_FILE
+    """A random salt per output folder: ids stay stable across reruns into the same output, and
+    cannot be recomputed from a guessed path. Moving the output folder starts a new salt."""
+    f = salt_file(work_dir)
     if not f.is_file():
         write_bytes_atomic(f, secrets.token_hex(16).encode())
     return f.read_bytes().strip()
 
 
-def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False) -> list[Record]:
+def _pixel_limits(ds: Any, where: str) -> None:
+    """The frame size from the header, checked before any pixel is decoded: a small compressed file
+    can declare a frame of gigabytes (the same limits as every other image kit opens)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        raise KitError(f"{where}: Rows / Columns are not numbers; the file is damaged") from None
+    if rows * cols > MAX_PIXELS or max(rows, cols) > MAX_SIDE:
+        raise KitError(f"{where}: its frames are {cols}x{rows} pixels; kit takes at most {MAX_PIXELS:,} pixels and {MAX_SIDE} "
+                       "on the longest side (downscale it, or leave the file out)")
+
+
+def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False, echo=None,
+               salt_for: Path | None = None) -> list[Record]:
     """Records from every DICOM image under `folder` (recursive), with an 8-bit PNG per file.
 
     Files ending in `.dcm` must be DICOM; files without an extension are used when pydicom can read
@@ -73,14 +92,19 @@ def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False) ->
     modality LUT then the file's window or min-max, MONOCHROME1 inverted, colour as RGB).
 
     Ids are `dicom-` + 12 hex chars of a salted sha256 of the path relative to `folder` (the salt
-    lives in `work_dir`): stable across reruns, and unlike UIDs or bare path hashes not traceable to
-    the patient. Metadata holds only `DICOM_METADATA_ALLOWLIST` (coded or numeric tags); captions
-    come from it. A segmentation's coded segment names go to findings and the box of the segment
-    shown in the PNG to boxes. Records are always private.
+    is kept in kit's cache per output folder, see `salt_file`): stable across reruns, and unlike
+    UIDs or bare path hashes not traceable to the patient. Metadata holds only
+    `DICOM_METADATA_ALLOWLIST` tags whose values are standard terms or numbers and repeat none of
+    the file's identity values; captions come from it. A segmentation's coded segment names go to
+    findings and the box of the segment shown in the PNG to boxes. Records are always private.
+    `echo` is told, per file, which tags were left out. `salt_for` is the folder the ids belong to
+    when `work_dir` is a staging folder (default: `work_dir`).
 
-    Raises KitError for: a missing folder; a `.dcm` file that cannot be read; pixel data that cannot
-    be decoded (a codec plugin is missing); an image whose BurnedInAnnotation is YES (text such as a
-    name may be in the pixels) unless `burned_in_checked`; a folder with no DICOM image.
+    Raises KitError for: a missing folder; a `.dcm` file that cannot be read; a frame beyond the
+    image limits (checked before decoding); pixel data that cannot be decoded (a codec plugin is
+    missing); unless `burned_in_checked`, an image whose BurnedInAnnotation is YES, or that has no
+    BurnedInAnnotation and is of a kind that usually shows text (ultrasound, photographs, secondary
+    captures: `dicom_codes.yaml`); a folder with no DICOM image.
     """
     folder, work_dir = Path(folder), Path(work_dir)
     if not folder.is_dir():
@@ -92,12 +116,12 @@ def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False) ->
         if ds is None or "PixelData" not in ds:
             continue
         rel = path.relative_to(folder).as_posix()
-        if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES" and not burned_in_checked:
-            raise KitError(
-                f"{folder.name}/{rel}: BurnedInAnnotation is YES, so its pixels may show identifying text; remove the file, "
-                "or check the pixels and pass --burned-in-checked"
-            )
-        salt = salt or id_salt(work_dir)
+        burned_in = needs_burned_in_check(ds)
+        if burned_in and not burned_in_checked:
+            raise KitError(f"{folder.name}/{rel}: {burned_in}; remove the file, or check the pixels of every such file "
+                           "and pass --burned-in-checked")
+        _pixel_limits(ds, f"{folder.name}/{rel}")
+        salt = salt or id_salt(salt_for or work_dir)
         rid = "dicom-" + hashlib.sha256(salt + b"\0" + rel.encode("utf-8")).hexdigest()[:12]
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         index = n_frames // 2
@@ -115,7 +139,11 @@ def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False) ->
         Image.fromarray(image).save(buf, format="PNG")  # no text chunks: nothing but pixels
         write_bytes_atomic(work_dir / "images" / f"{rid}.png", buf.getvalue())
 
-        metadata = safe_metadata(ds)
+        dropped: list[str] = []
+        metadata = safe_metadata(ds, dropped)
+        if dropped and echo is not None:
+            echo(f"note: {folder.name}/{rel}: left out {', '.join(dropped)} (values that are not DICOM terms or numbers, "
+                 "or that repeat the patient's name or IDs)")
         labels: list[str] = []
         boxes: list[Box] = []
         if str(ds.get("Modality", "")).upper() == "SEG":

@@ -12,7 +12,7 @@ from pydicom import pixels
 
 from kit.ingest.records import Box
 from kit.ingest.sources.common import pixel_box
-from kit.ingest.sources.dicom_tags import first_value
+from kit.ingest.sources.dicom_tags import first_value, identity_tokens, repeats_identity
 
 def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     """DICOM linear VOI window to 0..1, or None when the file has no usable window."""
@@ -64,13 +64,17 @@ def segments(ds: Any, frame_index: int, frame: np.ndarray) -> tuple[list[str], l
 
     Names are the coded meanings (SegmentedPropertyTypeCodeSequence, e.g. "Liver") only, never the
     free-text SegmentLabel: a label can hold a patient's name spelled any way, which no comparison
-    with the PatientName tag catches. A segment without a code is "segment N"."""
+    with the PatientName tag catches. A coded meaning is text too: one that repeats a part of the
+    file's identity values (a name, an ID) is dropped. A segment without a usable code is "segment N"."""
     labels: dict[int, str] = {}
+    identity = identity_tokens(ds)
     for item in ds.get("SegmentSequence") or []:
         number = int(item.get("SegmentNumber", len(labels) + 1))
         coded = ""
         for code in item.get("SegmentedPropertyTypeCodeSequence") or []:
             coded = " ".join(str(code.get("CodeMeaning", "") or "").split())
+        if repeats_identity(coded, identity):
+            coded = ""
         labels[number] = coded or f"segment {number}"
     if not labels:
         return [], []

@@ -3,10 +3,15 @@ reads, and the caption those give. Shared by the DICOM source and the packaged m
 
 from __future__ import annotations
 
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from pydicom import dcmread
 from pydicom.multival import MultiValue
 
@@ -51,13 +56,72 @@ PHI_KEYWORDS: tuple[str, ...] = (
 
 _PHI_SET = frozenset(PHI_KEYWORDS)
 
-# Only coded or numeric tags (VR CS/DS/IS/US): their values cannot carry a name or a sentence.
+# Coded or numeric tags. The value representation a file declares is no guarantee (a CS tag can
+# hold "JANE DOE 1970"), so each value must also be one of the standard's terms or a number
+# (`dicom_codes.yaml`), and must not repeat the file's own identity values (`identity_tokens`).
 DICOM_METADATA_ALLOWLIST: tuple[str, ...] = (
     "Modality", "BodyPartExamined", "ViewPosition", "PatientPosition", "ImageType", "PhotometricInterpretation",
     "Rows", "Columns", "NumberOfFrames", "SliceThickness", "PixelSpacing", "ImageLaterality", "Laterality",
     "SegmentationType",
 )
 _SAFE_VRS = {"CS", "DS", "IS", "US", "UL", "SS"}
+# Tags whose values say who the patient (or the staff) is: no text kit copies may repeat them.
+IDENTITY_KEYWORDS: tuple[str, ...] = (
+    "PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientID", "OtherPatientIDs",
+    "IssuerOfPatientID", "PatientBirthDate", "AccessionNumber", "ResponsiblePerson", "ReferringPhysicianName",
+    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "PatientAddress", "MedicalRecordLocator",
+)
+
+
+@dataclass(frozen=True)
+class DicomCodes:
+    """What `dicom_codes.yaml` allows: coded terms per tag, numeric tags, and where burned-in text is likely."""
+
+    terms: dict[str, frozenset[str]]
+    integers: frozenset[str]
+    decimals: frozenset[str]
+    burned_in_modalities: frozenset[str]
+    burned_in_sop_classes: frozenset[str]
+
+
+@functools.cache
+def dicom_codes() -> DicomCodes:
+    raw = yaml.safe_load(resources.files("kit.ingest.sources").joinpath("dicom_codes.yaml").read_text(encoding="utf-8"))
+    names = {k: frozenset(str(v) for v in raw.pop(k)) for k in ("integers", "decimals")}
+    where = {k: frozenset(str(v).strip().upper() for v in raw.pop(k)) for k in ("burned_in_modalities", "burned_in_sop_classes")}
+    terms = {k: frozenset(" ".join(str(v).upper().split()) for v in vals) for k, vals in raw.items()}
+    return DicomCodes(terms, names["integers"], names["decimals"], where["burned_in_modalities"], where["burned_in_sop_classes"])
+
+
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+def tokens(text: str) -> set[str]:
+    """Lower-case runs of letters and digits (a name's parts, an ID, a date)."""
+    return {t for t in _TOKEN.findall(str(text).lower())}
+
+
+def identity_tokens(ds: Any) -> frozenset[str]:
+    """The parts of the file's identity values (names split at ^ and spaces, IDs, the birth date and
+    its year, staff names), top level and file meta; parts shorter than 2 characters are too common
+    to mean anything."""
+    out: set[str] = set()
+    for kw in IDENTITY_KEYWORDS:
+        el = ds.get(kw) if kw in ds else None
+        value = getattr(el, "value", el)
+        if value is None or isinstance(value, (bytes, bytearray)):
+            continue
+        for v in (list(value) if is_multi(value) else [value]):
+            text = str(v).strip()
+            out |= tokens(text)
+            if kw == "PatientBirthDate" and len(text) >= 4 and text[:4].isdigit():
+                out.add(text[:4])
+    return frozenset(t for t in out if len(t) >= 2)
+
+
+def repeats_identity(text: str, identity: frozenset[str]) -> bool:
+    """Whether `text` holds any part of the file's identity values as a whole word."""
+    return bool(identity and tokens(text) & identity)
 
 MODALITY_WORDS: dict[str, str] = {
     "CT": "computed tomography (CT) image",
@@ -146,7 +210,22 @@ def first_value(value: Any) -> Any:
     return value
 
 
-def safe_metadata(ds: Any) -> dict[str, str]:
+_INTEGER = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"[-+]?[0-9]{0,9}(\.[0-9]{0,9})?([eE][-+]?[0-9]{1,3})?")
+
+
+def _allowed(kw: str, value: str, codes: DicomCodes) -> bool:
+    if kw in codes.integers:
+        return bool(_INTEGER.fullmatch(value))
+    if kw in codes.decimals:
+        return bool(_DECIMAL.fullmatch(value)) and any(c.isdigit() for c in value)
+    return " ".join(value.upper().split()) in codes.terms.get(kw, frozenset())
+
+
+def safe_metadata(ds: Any, dropped: list[str] | None = None) -> dict[str, str]:
+    """The allowlisted tags whose values are standard terms or numbers and repeat no identity
+    value of the file; each value left out is named (tag only, never its value) in `dropped`."""
+    codes, identity = dicom_codes(), identity_tokens(ds)
     out: dict[str, str] = {}
     for kw in DICOM_METADATA_ALLOWLIST:
         if kw not in ds:  # top level only: nested items belong to other images or people
@@ -154,17 +233,35 @@ def safe_metadata(ds: Any) -> dict[str, str]:
         el = ds.data_element(kw)
         if el is None or el.VR not in _SAFE_VRS or el.value is None or el.value == "":
             continue
-        val = el.value
-        if is_multi(val):
-            text = ", ".join(str(v).strip() for v in val if str(v).strip())
-        else:
-            text = str(val).strip()
-        if text:
-            out[kw] = text
+        values = [str(v).strip() for v in (el.value if is_multi(el.value) else [el.value]) if str(v).strip()]
+        kept = [v for v in values if _allowed(kw, v, codes) and (kw in codes.integers or kw in codes.decimals
+                                                                   or not repeats_identity(v, identity))]
+        if len(kept) < len(values) and dropped is not None:
+            dropped.append(kw)
+        if kept:
+            out[kw] = ", ".join(kept)
     plane = _plane(ds)
     if plane:
         out["ImagePlane"] = plane
     return out
+
+
+def needs_burned_in_check(ds: Any) -> str | None:
+    """Why this image's pixels may show identifying text, or None: BurnedInAnnotation YES, or no
+    BurnedInAnnotation at all on a modality / SOP class that usually has text in its pixels."""
+    said = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if said == "YES":
+        return "BurnedInAnnotation is YES, so its pixels may show identifying text"
+    if said == "NO":
+        return None
+    codes = dicom_codes()
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop = str(ds.get("SOPClassUID", "") or "").strip()
+    if modality in codes.burned_in_modalities:
+        return f"it is a {modality} image without a BurnedInAnnotation tag, and such images often show names or IDs in their pixels"
+    if sop in codes.burned_in_sop_classes:
+        return "it is a secondary capture without a BurnedInAnnotation tag, and screen captures often show names or IDs"
+    return None
 
 
 def _plane(ds: Any) -> str | None:
