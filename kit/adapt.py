@@ -21,6 +21,7 @@ from kit.data.vqa import ANSWER_TYPES, ask
 from kit.eval.metrics import PROMPT_STYLE
 from kit.eval.vqa import before_after_table, changes, evaluate
 from kit.generate.replicas import backend_for
+from kit.generate.report import failures_error
 from kit.generate.runner import run_generation
 from kit.ingest.pairs import write_caption_pairs
 from kit.ingest.samples.write import write_sample
@@ -116,6 +117,9 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
     samples = read_json(work / "generated" / "data.json", "generated data", expect=list)
     made = generation_line(len(samples), summary.rejected, summary.failed)
     echo(made)
+    failed = failures_error(summary)
+    if failed is not None:  # training on what happened to finish would hide a broken backend
+        raise failed
     if recipe.data.caption_pairs:
         write_caption_pairs(train_records, work / "captions.json", seed=recipe.train.seed)
         samples += read_json(work / "captions.json", "caption pairs", expect=list)

@@ -398,6 +398,76 @@ def test_generate_command_end_to_end(tmp_path):
         assert sample["conversations"][0]["value"].startswith("<image>\n")
 
 
+def test_generate_never_overwrites_a_folder_it_did_not_write(tmp_path, capsys):
+    """A user's own data.json / kit.json in --out stay as they were (before: data.json became []);
+    a kit generate folder resumes; --force starts it over and is refused for other folders."""
+    from test_cli_errors import run_cli
+
+    src = _manifest(tmp_path / "src", 2)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data.json").write_text('[{"id": "my-own"}]')
+    (out / "kit.json").write_text('{"mine": true}')
+    with MockOpenAI() as server:
+        args = ["generate", "--source", "manifest", "--input", str(src), "--backend", "openai", "--base-url", server.base_url,
+                "--model", "mock", "--types", "detail"]
+        for extra in ([], ["--force"]):
+            code, _, err = run_cli(capsys, *args, "--out", str(out), *extra)
+            assert code == 2 and "is not a kit generate folder" in err and err.count("\n") == 1, err
+            assert (out / "data.json").read_text() == '[{"id": "my-own"}]' and (out / "kit.json").read_text() == '{"mine": true}'
+        assert server.requests == 0
+        fresh = tmp_path / "gen"
+        assert run_cli(capsys, *args, "--out", str(fresh))[0] == 0 and server.requests == 2
+        code, _, err = run_cli(capsys, *args, "--out", str(fresh))  # resumes: nothing asked again
+        assert code == 0 and server.requests == 2, err
+        (fresh / "notes.txt").write_text("the user's")
+        code, _, err = run_cli(capsys, *args, "--out", str(fresh), "--force")  # starts over: asked again
+        assert code == 0 and server.requests == 4 and (fresh / "notes.txt").is_file(), err
+        assert len(json.loads((fresh / "data.json").read_text())) == 2
+
+
+def test_credentials_in_a_base_url_are_never_recorded(tmp_path):
+    """`http://user:SECRET@host/v1` authenticates the requests, but the card, summary, ledger and
+    data hold the URL without its userinfo (or query)."""
+    from kit.core.network import redact_url
+    from kit.generate.command import generate_command
+
+    assert redact_url("http://alice:S3CRET@127.0.0.1:8000/v1?key=K3Y#x") == "http://127.0.0.1:8000/v1"
+    assert redact_url("https://[::1]:9/v1") == "https://[::1]:9/v1"
+    folder = _manifest(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    with MockOpenAI() as server:
+        url = server.base_url.replace("http://", "http://alice:S3CRET@")
+        s = generate_command(source="manifest", input=folder, out=out, backend="openai", model="mock-model", base_url=url,
+                             types="detail", progress=False, echo=quiet(said := []))
+    assert s.generated == 2
+    card = json.loads((out / "kit.json").read_text())
+    assert card["backend"] == f"openai:mock-model@{server.base_url}"
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert b"S3CRET" not in f.read_bytes() and b"alice" not in f.read_bytes(), f
+    assert not any("S3CRET" in line for line in said)
+
+
+def test_generate_exits_non_zero_when_tasks_failed_for_good(tmp_path, capsys):
+    """No server behind the URL: every task fails after its retries. The run says how many and why,
+    that a rerun resumes, and exits 1 (before: 'generated 0 of 3', exit 0)."""
+    import socket
+
+    from test_cli_errors import run_cli
+
+    src = _manifest(tmp_path / "src", 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    code, _, err = run_cli(capsys, "generate", "--source", "manifest", "--input", str(src), "--out", str(tmp_path / "out"),
+                           "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--types", "detail")
+    last = err.strip().splitlines()[-1]
+    assert code == 1, err
+    assert last.startswith("error: 3 of 3 generation tasks failed (3 connection error)") and "rerun the same command" in last, last
+    assert (tmp_path / "out" / "ledger.jsonl").is_file()
+
+
 # --------------------------------------------------------------------------- in-process HF backend
 
 

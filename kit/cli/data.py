@@ -49,16 +49,18 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     public: PublicOpt = False,
     burned_in_checked: BurnedInOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an --out an earlier kit generate wrote, instead of resuming it.")] = False,
 ) -> None:
     """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
 
-    Rerunning the same command resumes: finished tasks are kept, failed ones retried.
+    Rerunning the same command resumes: finished tasks are kept, failed ones retried. Exits 1 when
+    tasks failed for good (what finished is saved).
     """
     from kit.generate.command import generate_command
 
     generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
                      limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public,
-                     burned_in_checked=burned_in_checked)
+                     burned_in_checked=burned_in_checked, force=force)
 
 
 @data_app.command("sample")

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import sys
+import urllib.parse
 
 
 def go_offline() -> None:
@@ -51,3 +52,19 @@ def resolves_only_to_loopback(host: str) -> bool:
     except socket.gaierror:
         return False
     return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` as kit records it (cards, ledgers, logs): scheme, host, port and path only. Userinfo
+    (`user:SECRET@`), query and fragment can carry credentials and never leave this function."""
+    if not url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "<url>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kit.core.errors import KitError
-from kit.core.network import is_loopback_host
+from kit.core.network import is_loopback_host, redact_url
 from kit.generate.parse import repeat_start
 
 BACKENDS = ("openai", "hf")
@@ -137,7 +137,7 @@ class OpenAIBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> str:
-        return f"openai:{self.model}@{self.base_url or 'https://' + OPENAI_HOST + '/v1'}"
+        return f"openai:{self.model}@{redact_url(self.base_url) or 'https://' + OPENAI_HOST + '/v1'}"
 
     def check(self) -> None:
         """Raises KitError when the OpenAI API is the target and no key is set."""

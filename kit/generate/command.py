@@ -6,14 +6,16 @@ records and runs the resumable engine (kit.generate.runner).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from kit.core.errors import KitError
 from kit.generate.replicas import backend_for
+from kit.generate.ledger import LEDGER
 from kit.generate.prompts import load_domain
-from kit.generate.report import Summary
+from kit.generate.report import Summary, failures_error
 from kit.generate.runner import run_generation, validate_types
 from kit.ingest.sources import SOURCES, load_records
 
@@ -42,13 +44,17 @@ def generate_command(
     progress: bool = True,
     public: bool = False,
     burned_in_checked: bool = False,
+    force: bool = False,
 ) -> Summary:
     """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,
-    ledger.jsonl and kit.json into `out`; rerunning the same command resumes.
+    ledger.jsonl and kit.json into `out`; rerunning the same command resumes. `force` replaces
+    what an earlier kit generate wrote into `out` instead of resuming it.
 
     Raises KitError, before `out` is created, for an unknown source, type, domain or backend, a
-    flag that does not fit the source, or DICOM input bound for a remote backend without
-    `allow_remote`; and whatever the source reader and `run_generation` raise.
+    flag that does not fit the source, an `out` that holds files but is not a kit generate folder,
+    or DICOM input bound for a remote backend without `allow_remote`; whatever the source reader
+    and `run_generation` raise; and, after writing what finished, when any task failed for good
+    (exit status 1: rerunning the same command retries those).
     """
     if source not in SOURCES:
         raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
@@ -77,12 +83,14 @@ def generate_command(
         )
 
     input, out = Path(input), Path(out)
+    if not dry_run:
+        prepare_out(out, force)
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
     scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
     records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public,
                            burned_in_checked=burned_in_checked, echo=echo, salt_for=out / "dicom")
     try:
-        return run_generation(
+        summary = run_generation(
             records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,
             limit=limit, seed=seed, temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote,
             dry_run=dry_run, echo=echo, progress=progress,
@@ -90,3 +98,32 @@ def generate_command(
     finally:
         if scratch is not None:
             scratch.cleanup()
+    failed = None if dry_run else failures_error(summary)
+    if failed is not None:
+        raise failed
+    return summary
+
+
+# What kit generate writes into --out; --force removes these and nothing else.
+WRITTEN = ("data.json", "kit.json", "summary.json", "rejects.jsonl", LEDGER, "dicom")
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Make sure generating into `out` overwrites nothing of the user's: a new or empty folder, or
+    one an earlier kit generate wrote (its ledger is there: the run resumes, or with `force`
+    starts over). Raises KitError otherwise."""
+    if out.exists() and not out.is_dir():
+        raise KitError(f"--out {out} is a file; give a folder path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    # A DICOM run renders its images into out/dicom before the ledger exists.
+    if not (out / LEDGER).is_file() and {p.name for p in out.iterdir()} != {"dicom"}:
+        raise KitError(f"--out {out} already holds files and is not a kit generate folder (no {LEDGER}); choose a new or empty "
+                       "folder (--force replaces only what kit generate wrote)")
+    if force:
+        for name in WRITTEN:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()

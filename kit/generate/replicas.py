@@ -13,6 +13,7 @@ import itertools
 import time
 
 from kit.core.errors import KitError
+from kit.core.network import redact_url
 from kit.generate.backends import Backend, BackendError, Completion, OpenAIBackend, make_backend
 
 REST_S = 2.0  # first rest after a connection failure; doubles per failure in a row, capped
@@ -39,7 +40,7 @@ class ReplicaBackend(Backend):
         return len(self.replicas)
 
     def describe(self) -> str:
-        return f"openai:{self.model}@" + ",".join(r.base_url or "" for r in self.replicas)
+        return f"openai:{self.model}@" + ",".join(redact_url(r.base_url) or "" for r in self.replicas)
 
     def check(self) -> None:
         for r in self.replicas:
@@ -62,7 +63,7 @@ class ReplicaBackend(Backend):
             if e.reason.startswith(("connection error", "timeout")):
                 self._failures[i] += 1
                 self._rest_until[i] = time.monotonic() + min(REST_CAP_S, REST_S * 2 ** (self._failures[i] - 1))
-            raise BackendError(f"{self.replicas[i].base_url}: {e.reason}", retryable=e.retryable, retry_after=e.retry_after) from None
+            raise BackendError(f"{redact_url(self.replicas[i].base_url)}: {e.reason}", retryable=e.retryable, retry_after=e.retry_after) from None
         finally:
             self.in_flight[i] -= 1
         self._failures[i] = 0

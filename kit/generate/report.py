@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kit.core.cards import Card
+from kit.core.errors import KitError
 from kit.core.files import write_json_atomic, write_jsonl_atomic
 from kit.generate import prompts
 from kit.generate.backends import Backend
@@ -73,10 +74,15 @@ def category_of(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
-
-
-
-
+def failures_error(summary: Summary) -> KitError | None:
+    """The error a run ends with when tasks failed for good (after every retry), or None: what was
+    finished is written, and a script must still be able to tell (exit status 1)."""
+    n = sum(summary.failed.values())
+    if not n:
+        return None
+    why = ", ".join(f"{count} {reason}" for reason, count in sorted(summary.failed.items(), key=lambda kv: -kv[1]))
+    return KitError(f"{n} of {summary.tasks} generation tasks failed ({why}); the {summary.generated} finished are saved in "
+                    f"{summary.out_dir}; rerun the same command to retry the failed ones (finished tasks are kept)", exit_code=1)
 
 
 def render_table(title: str, rows: list[tuple[str, str]]) -> str:
