@@ -45,12 +45,27 @@ def _parts_loop(open_turn: str, close_turn: str, image: str, bos: str = "", assi
 
 
 CHATML = dict(open_turn="<|im_start|>ROLE\\n", close_turn="<|im_end|>\\n")
+# The quirk of the template llava-hf ships with LLaVA-OneVision, in kit's own words: a turn opens
+# with the role and a space, its images come next, then each text part after a newline. A finished
+# assistant turn is therefore "<|im_start|>assistant \n" + text, while the generation prompt is
+# "<|im_start|>assistant\n": no rendered conversation extends the inference prompt.
+ONEVISION_HUB = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + ' ' -}}"
+    "{%- if m['content'] is string -%}{{- '\\n' + m['content'] -}}{%- else -%}"
+    "{%- for p in m['content'] -%}{%- if p['type'] == 'image' -%}{{- '<image>' -}}{%- endif -%}{%- endfor -%}"
+    "{%- for p in m['content'] -%}{%- if p['type'] == 'text' -%}{{- '\\n' + p['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 TEMPLATES = {
     # llava-hf's LLaVA-1.5 format: "USER: <image>\n... ASSISTANT: ...</s>"
     "llava": _parts_loop("ROLE: ", " ", "<image>\\n", assistant_open="ASSISTANT: ", gen_prompt="ASSISTANT:", upper=True,
                          system_open=""),
     "llava_next": _parts_loop(**CHATML, image="<image>\\n"),
-    "llava_onevision": _parts_loop(**CHATML, image="<image>\\n"),
+    "llava_onevision": ONEVISION_HUB,
     "qwen2_vl": _parts_loop(**CHATML, image="<|vision_start|><|image_pad|><|vision_end|>"),
     "qwen2_5_vl": _parts_loop(**CHATML, image="<|vision_start|><|image_pad|><|vision_end|>"),
     "gemma3": _parts_loop("<start_of_turn>ROLE\\n", "<end_of_turn>\\n", "<start_of_image>", bos="<bos>",

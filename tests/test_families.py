@@ -284,3 +284,50 @@ def test_truncation_that_would_cut_an_image_is_found_before_training(smol_tokeni
 
     with pytest.raises(KitError, match="image tokens would be truncated"):
         build_dataset(root / "train.json", proc, "chat", image_end - 2, "crop", family=family_of(base))
+
+
+def test_onevision_hub_template_is_not_prefix_consistent_and_kit_trains_what_inference_sees(smol_tokenizer_dir, tmp_path, capsys):
+    """The fixture's template has the quirk of the one llava-hf ships (proved here in plain
+    transformers): a finished assistant turn does not extend the generation prompt. kit builds such
+    samples from the generation-prompt renders: every answer follows exactly the prompt inference
+    uses, its labels are the answer and the end marker, and `kit data check` says so once."""
+    from transformers import AutoProcessor
+
+    from kit.data.dataset import IGNORE, build_dataset
+
+    base = families.save("llava_onevision", smol_tokenizer_dir, tmp_path / "ov")
+    proc = AutoProcessor.from_pretrained(base)
+    convo = families.messages(1, "What colour is it?", "red")
+    prompt = proc.apply_chat_template(convo[:1], tokenize=False, add_generation_prompt=True)
+    full = proc.apply_chat_template(convo, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>assistant \nred<|im_end|>" in full
+    assert not full.startswith(prompt)
+
+    rows = [{"id": "two-rounds", "image": "images/0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": "A square."}]}]
+    data = _data(tmp_path / "data", False)
+    data.write_text(json.dumps(json.loads(data.read_text()) + rows))
+    ds, report = build_dataset(data, proc, "chat", 1024, "crop", family=None)
+    assert not report.problems and report.from_prompts == len(ds.items) == 8
+    tok = proc.tokenizer
+    item = next(it for it in ds.items if it.id == "two-rounds")
+    ids, labels = item.input_ids.tolist(), item.labels.tolist()
+    spans, start = [], None
+    for i, label in enumerate(labels + [IGNORE]):
+        if label != IGNORE and start is None:
+            start = i
+        elif label == IGNORE and start is not None:
+            spans.append((start, i))
+            start = None
+    assert [tok.decode(ids[a:b]) for a, b in spans] == ["red<|im_end|>", "A square.<|im_end|>"]
+    for a, _ in spans:  # what precedes each answer ends exactly as the inference prompt does
+        assert tok.decode(ids[:a]).endswith("<|im_start|>assistant\n")
+    second_prompt = proc.apply_chat_template(
+        [*convo, {"role": "user", "content": [{"type": "text", "text": "And its shape?"}]}], tokenize=False, add_generation_prompt=True)
+    assert second_prompt.endswith("<|im_end|>\n<|im_start|>user \nAnd its shape?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids[:spans[1][0]]).endswith("<|im_start|>user \nAnd its shape?<|im_end|>\n<|im_start|>assistant\n")
+
+    code, out, err = run_cli(capsys, "data", "check", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data), *LORA)
+    assert code == 0 and "problems: none" in out + err, out + err
+    assert (out + err).count("built from the generation-prompt renders") == 1

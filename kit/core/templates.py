@@ -9,6 +9,7 @@ reference code's "tokenization mismatch" failure, which zeroes a sample's labels
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # The image placeholder in LLaVA data and kit's templates; processors expand it to image tokens.
@@ -90,6 +91,8 @@ class Rendered:
     [start, end) character spans and their text all follow from them."""
 
     pieces: tuple[tuple[str, bool], ...]
+    # Built from the template's generation-prompt renders (its finished turns differ from them).
+    from_prompts: bool = False
 
     @property
     def text(self) -> str:
@@ -123,7 +126,7 @@ class Rendered:
             pieces.append((out, sup))
         if todo:
             raise TemplateError(f"the template wrote {len(expansions) - len(todo)} image placeholders for {len(expansions)} images")
-        return Rendered(tuple(pieces))
+        return Rendered(tuple(pieces), self.from_prompts)
 
 
 def render_plain(turns: list[tuple[str, str]], image_token: str) -> Rendered:
@@ -228,11 +231,27 @@ def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = No
     )
 
 
+class _NotPrefixes(TemplateError):
+    """A finished turn does not extend the generation prompt (tried again from the prompts)."""
+
+
 def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
+    try:
+        return _render_chat_turns(turns, tokenizer, system, template, image_token, parts)
+    except _NotPrefixes:
+        return _render_chat_prompts(turns, tokenizer, system, template, image_token, parts)
+
+
+def _messages(system, image_token, parts: bool):
     def content(role: str, text: str):
         return _parts(role, text, image_token) if parts else text
 
-    messages = [{"role": "system", "content": content("system", system)}] if system else []
+    return content, ([{"role": "system", "content": content("system", system)}] if system else [])
+
+
+def _render_chat_turns(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
+    """Each answer is what the full render adds after the generation prompt."""
+    content, messages = _messages(system, image_token, parts)
     pieces: list[tuple[str, bool]] = []
     done = ""
     for role, text in turns:
@@ -241,7 +260,7 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
             messages.append({"role": role, "content": content(role, text)})
             full = _apply(tokenizer, template, messages, False)
             if not prompt.startswith(done) or not full.startswith(prompt):
-                raise TemplateError("the chat template does not render turns as prefixes of each other")
+                raise _NotPrefixes("the chat template does not render turns as prefixes of each other")
             turn = full[len(prompt):]
             body = turn.rstrip()
             pieces += [(prompt[len(done):], False), (body + _end_if_open(body, tokenizer), True), (turn[len(body):], False)]
@@ -252,6 +271,42 @@ def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return Rendered(tuple(pieces))
+
+
+def _render_chat_prompts(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
+    """For templates whose finished assistant turn is not the generation prompt plus the answer
+    (llava-hf's LLaVA-OneVision writes `<|im_start|>assistant \n` + answer for a finished turn but
+    `<|im_start|>assistant\n` as the prompt): each answer follows the generation prompt's header,
+    as inference will show it, and ends with the end marker the finished turn writes after it.
+    Everything else (system, user turns) is the template's own text."""
+    content, messages = _messages(system, image_token, parts)
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # the template's render of the messages so far (no generation prompt)
+    for role, text in turns:
+        if role == "assistant":
+            prompt = _apply(tokenizer, template, messages, True)
+            messages.append({"role": role, "content": content(role, text)})
+            full = _apply(tokenizer, template, messages, False)
+            answer = text.strip()
+            turn = full[len(done):]
+            # Search after what the finished turn shares with the prompt's header: a short answer
+            # ("A") can also occur inside the role name or the end marker.
+            start = len(os.path.commonprefix([turn, prompt[len(done):]]))
+            if not prompt.startswith(done) or not full.startswith(done) or answer not in turn[start:]:
+                raise TemplateError("the chat template does not render turns as prefixes of each other, nor each answer "
+                                    "verbatim after its generation prompt; use template vicuna_v1 or fix the template")
+            after = turn[turn.index(answer, start) + len(answer):]
+            end = after.rstrip()
+            body = answer + end
+            pieces += [(prompt[len(done):], False), (body + _end_if_open(body, tokenizer), True), (after[len(end):], False)]
+        else:
+            messages.append({"role": role, "content": content(role, text)})
+            full = _apply(tokenizer, template, messages, False)
+            if not full.startswith(done):
+                raise TemplateError("the chat template does not render turns as prefixes of each other")
+            pieces.append((full[len(done):], False))
+        done = full
+    return Rendered(tuple(pieces), from_prompts=True)
 
 
 def _end_if_open(body: str, tokenizer) -> str:

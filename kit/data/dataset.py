@@ -31,6 +31,7 @@ class Encoded:
     text: str = ""  # the rendered text before the processor expands its images (chat templates)
     suffix: str | None = None  # the prefix layout: the answer, which the processor takes apart from the text
     truncated: bool = False
+    from_prompts: bool = False  # built from the chat template's generation-prompt renders
 
     @property
     def image(self) -> Path | None:
@@ -45,6 +46,7 @@ class Report:
     lengths: list[int] = field(default_factory=list)
     image_tokens: int = 0  # the most tokens one image takes
     image_total: int = 0  # image tokens over all usable samples
+    from_prompts: int = 0  # samples built from generation-prompt renders (kit.core.templates)
 
     def summary(self) -> str:
         ok = self.total - len(self.problems)
@@ -128,7 +130,8 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         if (labels != IGNORE).sum() == 0:
             return None, f"nothing left to supervise after truncation to max_length {max_length}"
     text, suffix = prefix_parts(rendered) if template == PREFIX else (rendered.text, None)
-    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], text, suffix, truncated), None
+    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], text, suffix, truncated,
+                   rendered.from_prompts), None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -251,6 +254,7 @@ def build_dataset(
                     checked.add(key)
                     _agrees(processing, enc, sizes, s)
                 report.truncated_text += enc.truncated
+                report.from_prompts += enc.from_prompts
                 report.lengths.append(len(enc.input_ids))
                 items.append(enc)
         if s.problem is not None:

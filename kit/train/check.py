@@ -107,6 +107,10 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
     echo(f"base:     {plan.base} ({family_of(plan.base).label}; one image = up to {report.image_tokens} tokens, "
          f"{report.image_total} image tokens in all)")
     echo(f"template: {recipe.data.template}, max_length {recipe.data.max_length}")
+    if report.from_prompts:
+        echo(f"note: this model's chat template writes a finished assistant turn differently from its generation prompt; "
+             f"{report.from_prompts} samples are built from the generation-prompt renders (prompt, answer, end marker, "
+             "turn by turn), as inference shows them")
     lengths = report.lengths
     if lengths:
         arr = np.asarray(lengths)
