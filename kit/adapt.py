@@ -23,6 +23,7 @@ from kit.eval.vqa import before_after_table, changes, evaluate
 from kit.generate.replicas import backend_for
 from kit.generate.report import failures_error
 from kit.generate.runner import run_generation
+from kit.ground.policy import resolve_grounding
 from kit.ingest.pairs import write_caption_pairs
 from kit.ingest.samples.write import write_sample
 from kit.ingest.sources import from_manifest
@@ -113,9 +114,10 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
     summary = run_generation(
         train_records, work / "generated", types=g.types, domain=g.domain, backend=backend, concurrency=g.concurrency,
         max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,
+        grounding=resolve_grounding(g.grounding, g.vocab, g.domain),
     )
     samples = read_json(work / "generated" / "data.json", "generated data", expect=list)
-    made = generation_line(len(samples), summary.rejected, summary.failed)
+    made = generation_line(len(samples), summary.rejected, summary.failed, summary.claims)
     echo(made)
     failed = failures_error(summary)
     if failed is not None:  # training on what happened to finish would hide a broken backend
@@ -146,11 +148,15 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
     return train_file, eval_file, made
 
 
-def generation_line(kept: int, rejected: dict[str, int], failed: dict[str, int]) -> str:
-    """`conversations: 7 generated, 11 rejected (8 repeated question, 1 truncated, ...), 0 failed`."""
+def generation_line(kept: int, rejected: dict[str, int], failed: dict[str, int], claims: dict[str, int] | None = None) -> str:
+    """`conversations: 7 generated, 11 rejected (8 claims, 1 truncated, ...), 0 failed; claims not in the
+    source: 9 unsupported object, 2 contradicted object`."""
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
-    return (f"conversations: {kept} generated, {sum(rejected.values())} rejected{f' ({why})' if why else ''}, "
+    line = (f"conversations: {kept} generated, {sum(rejected.values())} rejected{f' ({why})' if why else ''}, "
             f"{sum(failed.values())} failed")
+    if claims:
+        line += "; claims not in the source: " + ", ".join(f"{n} {kind}" for kind, n in sorted(claims.items(), key=lambda kv: -kv[1]))
+    return line
 
 
 def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, max_steps: int | None, resume: bool, echo=print) -> Path:

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,32 +54,40 @@ def detect_type(messages: list[dict]) -> str:
 
 
 def canned_reply(rtype: str, key: str, vary: bool = True) -> str:
-    """A well-formed reply for `rtype`; `key` (the request's context) varies the wording so that
-    different records never produce duplicate samples."""
+    """A well-formed reply for `rtype` that claims only what its context supports: it names the
+    first object of the context's box lines (`label: [x1, y1, x2, y2]`) with that label's box count,
+    and otherwise only words no packaged vocabulary knows. `key` (the request's context) also
+    varies the wording so that different records never produce duplicate samples."""
     n = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) if vary else 0
-    obj, place, count, tag = _OBJECTS[n % 10], _PLACES[(n // 10) % 6], 2 + (n // 60) % 5, n % 1_000_003
+    labels = re.findall(r"^\s*([A-Za-z][\w ]*?): \[", key, re.M)
+    obj = labels[0] if labels else "object"
+    count = NUMBER_WORDS.get(labels.count(obj), str(labels.count(obj))) if labels else "one"
+    place, tag = _PLACES[(n // 10) % 6], n % 1_000_003
     if rtype == "conversation":
         return (
             f"Question: What is the main object in the picture?\n"
-            f"Answer: The main object is a {obj} in {place}, next to a small sign showing the number {tag}.\n"
-            f"Question: How many people are visible?\n"
-            f"Answer: There are {count} people in the scene.\n"
-            f"Question: What might the people be doing?\n"
-            f"Answer: They seem to be gathered around the {obj}, probably talking about it while they wait, "
-            f"since nobody appears to be in a hurry."
+            f"Answer: The main object is the {obj}, next to a small sign showing the number {tag}.\n"
+            f"Question: Where does this seem to be?\n"
+            f"Answer: It looks like {place}.\n"
+            f"Question: What might happen next?\n"
+            f"Answer: Someone will probably come by to look at the {obj} more closely, "
+            f"since the sign invites a closer look."
         )
     if rtype == "complex":
         return (
-            f"Question: Why might the {count} people have stopped near the {obj}?\n"
-            f"Answer: The {obj} stands out in {place}, and a sign beside it shows the number {tag}. People often "
-            f"pause near something unusual to look at it more closely, so the group is probably curious about "
+            f"Question: Why might someone stop near the {obj}?\n"
+            f"Answer: The {obj} stands out in {place}, and a sign beside it shows the number {tag}. Passers-by often "
+            f"pause near something unusual to look at it more closely, so they are probably curious about "
             f"the {obj} or waiting for someone to explain what the sign means."
         )
     return (
-        f"The image shows {place} on a bright day. A {obj} stands in the middle of the scene, and {count} people "
-        f"are gathered around it, some pointing at a small sign that shows the number {tag}. In the background "
-        f"there are trees and a few buildings, and the light suggests it is late in the afternoon."
+        f"The image shows {place} on a bright day. The scene holds {count} {obj} items of note, and a small sign nearby "
+        f"shows the number {tag}. The light suggests it is late in the afternoon, and the place looks calm and orderly, "
+        f"with nothing hurried about it."
     )
+
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 class _Server(ThreadingHTTPServer):
@@ -110,6 +119,7 @@ class MockOpenAI:
         host: str = "127.0.0.1",
         port: int = 0,
         fault_for: Callable[[int, dict], str | None] | None = None,
+        reply_for: Callable[[str, str], str] | None = None,
     ):
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError("the mock binds loopback only")
@@ -124,6 +134,7 @@ class MockOpenAI:
         self.hang = hang
         self.vary = vary
         self.fault_for = fault_for
+        self.reply_for = reply_for  # (response type, context) -> reply text, instead of canned_reply
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -257,7 +268,7 @@ class MockOpenAI:
                     self._send(200, b"<html>upstream proxy error</html> {not json")
                     return
                 context = messages[-1].get("content", "") if messages else ""
-                text = REFUSAL if fault == "refusal" else canned_reply(rtype, str(context), mock.vary)
+                text = REFUSAL if fault == "refusal" else (mock.reply_for or (lambda t, c: canned_reply(t, c, mock.vary)))(rtype, str(context))
                 prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4
                 reply = {
                     "id": f"chatcmpl-mock-{entry['index']}",

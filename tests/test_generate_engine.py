@@ -23,6 +23,7 @@ from mock_openai import MockOpenAI
 from kit.core.errors import KitError
 from kit.generate.backends import HFBackend, OpenAIBackend, is_loopback_host, make_backend, parse_retry_after
 from kit.ingest.records import Box, Record
+from kit.ground.policy import Grounding
 from kit.generate.runner import Ledger, price_for, run_generation
 
 FAST = dict(backoff_base=0.02, backoff_cap=2.0, progress=False)
@@ -498,7 +499,7 @@ def test_hf_backend_batches_the_packaged_model(tmp_path, monkeypatch):
 
     backend.complete_batch = spy
     s = run_generation(make_records(2, tmp_path), tmp_path / "out", types="detail", domain="hftest", backend=backend,
-                       max_tokens=12, temperature=0.7, echo=quiet([]), **FAST)
+                       max_tokens=12, temperature=0.7, echo=quiet([]), grounding=Grounding("off", None), **FAST)
     assert [n for n, _ in seen] == [2] and backend.batches_run == 1 and backend.largest_batch == 2
     completions = seen[0][1]
     assert all(isinstance(c.text, str) and c.text.strip() for c in completions)

@@ -50,6 +50,8 @@ def generate(
     public: PublicOpt = False,
     burned_in_checked: BurnedInOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out an earlier kit generate wrote, instead of resuming it.")] = False,
+    grounding: Annotated[str, typer.Option(help="reject | flag | off: what to do with conversations that claim what the image's own facts do not support.")] = "reject",
+    vocab: Annotated[Optional[str], typer.Option(help="Claim vocabulary: general, medical, industrial, documents, or a YAML file (default: the one named like --domain).")] = None,
 ) -> None:
     """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.
 
@@ -60,7 +62,7 @@ def generate(
 
     generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
                      limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public,
-                     burned_in_checked=burned_in_checked, force=force)
+                     burned_in_checked=burned_in_checked, force=force, grounding=grounding, vocab=vocab)
 
 
 @data_app.command("sample")

@@ -69,6 +69,11 @@ class GenerateArgs(_Strict):
     max_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.7, ge=0, le=2)
     concurrency: int = Field(8, gt=0)
+    grounding: Literal["reject", "flag", "off"] = Field(
+        "reject", description="What to do with a conversation that claims what its image's source does not support "
+                              "(kit.ground): reject it, keep it and list it in flagged.jsonl, or check nothing.")
+    vocab: str | None = Field(None, description="Claim vocabulary: a packaged name (general, medical, industrial, "
+                                                "documents) or a YAML file; default: the one named like `domain`.")
 
 
 class EvalArgs(_Strict):

@@ -17,6 +17,7 @@ from kit.generate.ledger import LEDGER
 from kit.generate.prompts import load_domain
 from kit.generate.report import Summary, failures_error
 from kit.generate.runner import run_generation, validate_types
+from kit.ground.policy import resolve_grounding
 from kit.ingest.sources import SOURCES, load_records
 
 
@@ -45,10 +46,13 @@ def generate_command(
     public: bool = False,
     burned_in_checked: bool = False,
     force: bool = False,
+    grounding: str = "reject",
+    vocab: str | None = None,
 ) -> Summary:
     """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,
     ledger.jsonl and kit.json into `out`; rerunning the same command resumes. `force` replaces
-    what an earlier kit generate wrote into `out` instead of resuming it.
+    what an earlier kit generate wrote into `out` instead of resuming it. `grounding` and `vocab`
+    set the claim check (kit.ground.policy.resolve_grounding).
 
     Raises KitError, before `out` is created, for an unknown source, type, domain or backend, a
     flag that does not fit the source, an `out` that holds files but is not a kit generate folder,
@@ -60,6 +64,7 @@ def generate_command(
         raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
     type_list = validate_types(types)
     load_domain(domain)
+    checks = resolve_grounding(grounding, vocab, domain)
     if concurrency < 1:
         raise KitError(f"--concurrency must be at least 1 (got {concurrency})")
     if limit is not None and limit < 1:
@@ -93,7 +98,7 @@ def generate_command(
         summary = run_generation(
             records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,
             limit=limit, seed=seed, temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote,
-            dry_run=dry_run, echo=echo, progress=progress,
+            dry_run=dry_run, echo=echo, progress=progress, grounding=checks,
         )
     finally:
         if scratch is not None:

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from kit.core.cards import Card
 from kit.core.errors import KitError
+from kit.ground.claims import Claim
+from kit.ground.policy import Grounding
 from kit.core.files import write_json_atomic, write_jsonl_atomic
 from kit.generate import prompts
 from kit.generate.backends import Backend
@@ -46,6 +48,9 @@ class Summary:
     requests: int = 0  # requests sent in this run, retries included
     seconds: float = 0.0
     dry_run: bool = False
+    grounding: str = "off"  # reject | flag | off
+    claims: dict[str, int] = field(default_factory=dict)  # "<status> <kind>" -> claims in rejected or flagged conversations
+    flagged: int = 0  # kept conversations with unsupported or contradicted claims (grounding flag)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,11 +143,22 @@ def estimate_dry_run(tasks, pending, domain, backend, ppm, max_tokens, out_dir, 
     )
 
 
+def claims_reason(bad: list[Claim]) -> str:
+    """`claims: 2 unsupported, 1 contradicted (catheter, MRI)`: the category, then what was said."""
+    by = Counter(c.status for c in bad)
+    said = ", ".join(dict.fromkeys(c.text for c in bad))
+    return f"claims: {', '.join(f'{n} {status}' for status, n in sorted(by.items()))} ({said})"
+
+
 def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_root: Path, domain: str,
-              types: list[str], requests: int, seconds: float) -> Summary:
+              types: list[str], requests: int, seconds: float, grounding: Grounding) -> Summary:
+    """data.json, rejects.jsonl (and flagged.jsonl) and the card from the ledger. The claim check
+    runs here, on every finished conversation, so a changed vocabulary or mode applies on resume
+    without asking the model again."""
     rejected: Counter[str] = Counter()
     failed: Counter[str] = Counter()
-    samples, rejects = [], []
+    claim_counts: Counter[str] = Counter()
+    samples, rejects, flagged = [], [], []
     prompt = completion = generated = pending = 0
     for t in tasks:
         e = ledger.entries.get(t.id)
@@ -153,8 +169,18 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
         prompt += int(usage.get("prompt_tokens", 0))
         completion += int(usage.get("completion_tokens", 0))
         if e["status"] == "ok":
-            generated += 1
             sample = dict(e["sample"])
+            answers = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
+            bad = grounding.bad_claims(t.record, answers)
+            if bad:
+                claim_counts.update(f"{c.status} {c.kind}" for c in bad)
+                line = {"id": sample["id"], "task": t.id, "reason": claims_reason(bad), "claims": [c.to_json() for c in bad]}
+                if grounding.mode == "reject":
+                    rejected["claims"] += 1
+                    rejects.append({**line, "conversations": sample["conversations"]})
+                    continue
+                flagged.append(line)
+            generated += 1
             root = Path(os.path.abspath(t.record.root))
             if root != image_root and isinstance(sample.get("image"), str):
                 # The ledger keeps paths relative to each record's root; data.json has one image folder.
@@ -162,15 +188,18 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
             samples.append(sample)
         elif e["status"] == "rejected":
             rejected[category_of(e.get("reason", ""))] += 1
-            rejects.append({"task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
+            rejects.append({"id": f"{t.record.id}-{t.rtype}", "task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
         else:
             failed[category_of(e.get("reason", ""))] += 1
     write_json_atomic(out_dir / "data.json", samples)
     write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
+    if grounding.mode == "flag" or (out_dir / "flagged.jsonl").exists():
+        write_jsonl_atomic(out_dir / "flagged.jsonl", flagged)
     summary = Summary(
         out_dir=out_dir, tasks=len(tasks), generated=generated, rejected=dict(rejected), failed=dict(failed),
         pending=pending, prompt_tokens=prompt, completion_tokens=completion, cost=cost_of(ppm, prompt, completion),
-        requests=requests, seconds=round(seconds, 3),
+        requests=requests, seconds=round(seconds, 3), grounding=grounding.mode, claims=dict(claim_counts),
+        flagged=len(flagged),
     )
     card = Card.new(
         "data",
@@ -181,7 +210,9 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
         domain=domain,
         types=types,
         counts={"tasks": len(tasks), "generated": generated, "rejected": sum(rejected.values()),
+                "rejected_for_claims": rejected.get("claims", 0), "flagged": len(flagged),
                 "failed": sum(failed.values()), "pending": pending},
+        grounding={**grounding.describe(), "claims": dict(claim_counts)},
         usage={"prompt_tokens": prompt, "completion_tokens": completion},
         cost=summary.cost,
     )
@@ -207,6 +238,11 @@ def summary_table(s: Summary) -> str:
     for name, counts in (("rejected", s.rejected), ("failed", s.failed)):
         rows.append((name, f"{sum(counts.values()):,}"))
         rows += [(f"  {reason}", f"{n:,}") for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if s.flagged:
+        rows.append(("kept with claims flagged", f"{s.flagged:,}"))
+    if s.claims:
+        rows.append(("claims the source does not support", f"{sum(s.claims.values()):,}"))
+        rows += [(f"  {kind}", f"{n:,}") for kind, n in sorted(s.claims.items(), key=lambda kv: -kv[1])]
     if s.pending:
         rows.append(("not finished", f"{s.pending:,}"))
     rows += [

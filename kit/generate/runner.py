@@ -25,6 +25,7 @@ from kit.generate import parse, prompts
 from kit.generate.backends import Backend, BackendError, Completion
 from kit.generate.ledger import LEDGER, Ledger, request_key
 from kit.generate.report import Summary, estimate_dry_run, finalise, price_for, summary_table, write_summary
+from kit.ground.policy import Grounding, resolve_grounding
 from kit.ingest.records import TYPES, Record, image_folder_for
 
 
@@ -102,13 +103,16 @@ def run_generation(
     progress: bool = True,
     backoff_base: float = 1.0,
     backoff_cap: float = 60.0,
+    grounding: Grounding | None = None,
 ) -> Summary:
     """Generate one sample per (record, type), resuming from `out_dir/ledger.jsonl` if present.
 
     Raises KitError before any request when private records would go to a non-loopback backend
     without `allow_remote`, for bad arguments, duplicate record ids or an unreadable ledger, and
     mid-run for problems no retry fixes (bad API key, unknown model); finished tasks stay in the
-    ledger, so rerunning the same command resumes.
+    ledger, so rerunning the same command resumes. `grounding` (default: reject, with the
+    vocabulary of `domain`) decides what happens to conversations whose claims the record's
+    facts do not support (kit.ground).
     """
     records = list(records)
     if limit is not None:
@@ -120,6 +124,7 @@ def run_generation(
     if not records:
         raise KitError("no records to generate from; check the input file and image folder")
     types = validate_types(types)
+    grounding = grounding or resolve_grounding("reject", None, domain)
     if concurrency < 1:
         raise KitError(f"--concurrency must be at least 1 (got {concurrency})")
     if max_retries < 0:
@@ -161,7 +166,8 @@ def run_generation(
         asyncio.run(run.run(pending, total=len(tasks), progress=progress))
     finally:
         ledger.close()
-    summary = finalise(tasks, ledger, out_dir, backend, ppm, image_root, domain, types, run.requests, time.monotonic() - start)
+    summary = finalise(tasks, ledger, out_dir, backend, ppm, image_root, domain, types, run.requests, time.monotonic() - start,
+                       grounding)
     summary.resumed = len(tasks) - len(pending)
     write_summary(out_dir, summary, tasks, ledger)
     extra = sum(1 for k in ledger.entries if k not in {t.id for t in tasks})
