@@ -28,6 +28,10 @@ NEGATION_CUES = (
     ("nor",), ("never",), ("none",), ("lack", "of"), ("lacks",), ("lacking",), ("isn't",), ("aren't",), ("doesn't",),
     ("don't",), ("cannot", "see"), ("can't", "see"), ("rules", "out"), ("ruled", "out"), ("nothing",), ("nowhere",),
 )
+NEGATION_REACH = 4
+# Words that end a negation's reach before a later mention.
+SCOPE_ENDS = frozenset({"is", "are", "was", "were", "in", "at", "on", "shows", "show", "appears", "appear", "has", "have",
+                        "with", "from", "by", "into", "onto", "inside", "within", "beside", "behind"})
 # Phrases after a mention that deny it: "the fracture is not seen", "effusion is absent".
 ABSENCE_AFTER = (
     ("not", "seen"), ("not", "visible"), ("not", "present"), ("not", "identified"), ("not", "evident"), ("not", "shown"),
@@ -169,23 +173,30 @@ def find_mentions(text: str, vocab: Vocabulary) -> list[Mention]:
         else:
             i += 1
     concept_at = {a for a, _, _ in spans}
+    # Attribute mentions ("two brown horses") are adjectives to a count, and take none themselves.
+    attribute_at = {a for a, _, c in spans if vocab.group_of(c).kind == "attribute"}
     positions = _position_phrases(words, clause, concept_at)
     out = []
     for a, b, concept in spans:
         out.append(Mention(
             concept=concept, text=text[tokens[a][1]:tokens[b - 1][2]], start=tokens[a][1], end=tokens[b - 1][2],
-            negated=_negated(words, clause, a, b), count=_count(words, clause, a, concept_at),
+            negated=_negated(words, clause, a, b),
+            count=None if a in attribute_at else _count(words, clause, a, concept_at - attribute_at),
             positions=_positions_for(a, b, clause, positions, spans),
         ))
     return out
 
 
 def _negated(words: list[str], clause: list[int], a: int, b: int) -> bool:
+    """A cue at most NEGATION_REACH words before the mention, in its clause, with no verb or
+    preposition between ("no haemorrhages are visible in this photograph": the photograph is not
+    denied); or an absence phrase just after it."""
     start = a
-    while start > 0 and clause[start - 1] == clause[a]:
+    while start > 0 and clause[start - 1] == clause[a] and a - start < NEGATION_REACH + 2:
         start -= 1
     for i in range(start, a):
-        if any(_starts_at(words, i, cue) and i + len(cue) <= a for cue in NEGATION_CUES):
+        if any(_starts_at(words, i, cue) and i + len(cue) <= a and a - (i + len(cue)) <= NEGATION_REACH
+               and not SCOPE_ENDS.intersection(words[i + len(cue):a]) for cue in NEGATION_CUES):
             return True
     end = b
     while end < len(words) and clause[end] == clause[a] and end - b < 5:
