@@ -332,3 +332,28 @@ def test_precision_and_recall_on_the_hand_read_replies():
     precision, recall = hits / flagged, hits / invented
     print(f"claim check: precision {precision:.3f} ({hits}/{flagged}), recall {recall:.3f} ({hits}/{invented})")
     assert precision >= 0.9 and recall >= 0.6
+
+
+@pytest.mark.parametrize("domain", ["general", "medical", "industrial", "documents"])
+def test_every_few_shot_reply_passes_its_own_claim_check(domain):
+    """The prompts teach the generator by example: an example that names what its context does
+    not (a differential diagnosis, another modality, an absence nobody stated) teaches it to write
+    conversations that grounding then rejects."""
+    import re
+
+    import yaml
+
+    from kit.generate.parse import parse_reply
+
+    vocab = load_vocab(domain)
+    data = yaml.safe_load((Path(__file__).parents[1] / "kit" / "generate" / "prompts" / f"{domain}.yaml").read_text())
+    for rtype, examples in data["examples"].items():
+        for ex in examples:
+            context = ex["context"]
+            boxes = [Box(m.group(1).strip(), tuple(float(x) for x in m.group(2).split(",")))
+                     for m in re.finditer(r"^\s*([A-Za-z][\w ]*?): \[([^\]]*)\]", context, re.M)]
+            record = Record(id="x", image="x.png", root=Path("."), captions=[context], boxes=boxes)
+            answers = [t for role, t in parse_reply(rtype, ex["reply"]) if role == "gpt"]
+            bad = [(c.text, c.kind, c.status) for i, a in enumerate(answers)
+                   for c in check_text(a, facts_of(record, vocab), vocab, i) if c.bad]
+            assert bad == [], (rtype, bad)
