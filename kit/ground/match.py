@@ -30,7 +30,7 @@ NEGATION_CUES = (
 )
 NEGATION_REACH = 4
 # Words that end a negation's reach before a later mention.
-SCOPE_ENDS = frozenset({"is", "are", "was", "were", "in", "at", "on", "shows", "show", "appears", "appear", "has", "have",
+SCOPE_ENDS = frozenset({"is", "are", "was", "were", "in", "at", "on", "shows", "show", "appears", "appear",
                         "with", "from", "by", "into", "onto", "inside", "within", "beside", "behind"})
 # Phrases after a mention that deny it: "the fracture is not seen", "effusion is absent".
 ABSENCE_AFTER = (
