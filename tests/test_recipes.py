@@ -69,3 +69,15 @@ def test_embedded_overrides_apply_only_on_request_and_user_overrides_win():
     assert gpu.quantization == "nf4" and gpu.lora.r == 64
     assert cpu.quantization == "none" and cpu.lora.r == 16 and cpu.generate.types == ["conversation"]
     assert load_recipe("medical", ["lora.r=8"], embedded=True).lora.r == 8
+
+
+def test_a_base_url_with_credentials_is_written_without_them():
+    """recipe.yaml and the cards that embed the recipe never hold a URL's userinfo or query; the
+    recipe in memory keeps them, so the run itself can authenticate."""
+    import json
+
+    r = load_recipe("medical", ['generate.base_url=["http://bob:S3CRET@127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1?key=K3Y"]'])
+    assert r.generate.base_url[0] == "http://bob:S3CRET@127.0.0.1:8000/v1"
+    for written in (r.to_yaml(), json.dumps(r.model_dump(mode="json"))):
+        assert "S3CRET" not in written and "bob" not in written and "K3Y" not in written
+        assert "http://127.0.0.1:8000/v1" in written and "http://127.0.0.1:8001/v1" in written

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from kit.core.errors import KitError
 from kit.core.files import PACKAGE_ROOT
+from kit.core.network import redact_url
 
 REPO_ROOT = PACKAGE_ROOT.parent
 RECIPE_DIRS_ENV = "KIT_RECIPES_PATH"
@@ -74,6 +75,13 @@ class GenerateArgs(_Strict):
                               "(kit.ground): reject it, keep it and list it in flagged.jsonl, or check nothing.")
     vocab: str | None = Field(None, description="Claim vocabulary: a packaged name (general, medical, industrial, "
                                                 "documents) or a YAML file; default: the one named like `domain`.")
+
+    @field_serializer("base_url")
+    def _recorded_url(self, value: str | list[str] | None):
+        """Written out (recipe.yaml, cards) without userinfo or query: a URL can carry a password."""
+        if isinstance(value, list):
+            return [redact_url(v) for v in value]
+        return redact_url(value)
 
 
 class EvalArgs(_Strict):
