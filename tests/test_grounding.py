@@ -52,7 +52,7 @@ def test_general_matching(text, want):
 
 
 @pytest.mark.parametrize("text,want", [
-    ("Magnetic resonance tomography (MRI) shows the lymph nodes.", [("mri", False, None, ()), ("mri", False, None, ()), ("lymph node", False, None, ())]),
+    ("Magnetic resonance tomography (MRI) shows the lymph nodes.", [("MRI", False, None, ()), ("MRI", False, None, ()), ("lymph node", False, None, ())]),
     ("An X-ray of the chest.", [("x-ray", False, None, ()), ("chest", False, None, ())]),
     ("No visible malignancy.", [("tumour", True, None, ())]),
     ("No haemorrhages or exudates are evident.", [("haemorrhage", True, None, ()), ("exudate", True, None, ())]),
@@ -144,8 +144,8 @@ TABLE = [
      [("giraffe", "object", S), ("giraffe", "position", S), ("zebra", "object", U)]),
     # medical: modality
     (NODE, MEDICAL, "This ultrasound shows a lymph node.", [("ultrasound", "object", S), ("lymph node", "object", S)]),
-    (NODE, MEDICAL, "The procedure uses magnetic resonance tomography (MRI).", [("mri", "object", C), ("mri", "object", C)]),
-    (NODE, MEDICAL, "This CT scan shows a lymph node.", [("ct", "object", C), ("lymph node", "object", S)]),
+    (NODE, MEDICAL, "The procedure uses magnetic resonance tomography (MRI).", [("MRI", "object", C), ("MRI", "object", C)]),
+    (NODE, MEDICAL, "This CT scan shows a lymph node.", [("CT", "object", C), ("lymph node", "object", S)]),
     (NODE, MEDICAL, "Power Doppler shows blood flow in the node.", [("ultrasound", "object", S), ("blood flow", "object", S)]),
     (ECHO, MEDICAL, "This echocardiogram shows the heart.", [("echocardiography", "object", S), ("heart", "object", S)]),
     (ECHO, MEDICAL, "A sonographic image of the cardiac chambers.", [("ultrasound", "object", S), ("heart", "object", S)]),
@@ -166,16 +166,16 @@ TABLE = [
     # medical: counts and microscopy
     (CELLS, MEDICAL, "Two cells are visible in the micrograph.", [("cell", "object", S), ("cell", "count", S), ("microscopy", "object", S)]),
     (CELLS, MEDICAL, "Five cells are visible.", [("cell", "object", S), ("cell", "count", C)]),
-    (CELLS, MEDICAL, "This MRI shows two cells.", [("mri", "object", C), ("cell", "object", S), ("cell", "count", S)]),
+    (CELLS, MEDICAL, "This MRI shows two cells.", [("MRI", "object", C), ("cell", "object", S), ("cell", "count", S)]),
     (CELLS, MEDICAL, "The cell in the lower right part of the field is round.",
      [("cell", "object", S), ("cell", "position", S), ("cell", "position", S)]),
     # anatomy by implication
     (_record(captions=["Axial CT slice of the head."]), MEDICAL, "The brain appears mid-grey in this CT.",
-     [("brain", "object", U), ("ct", "object", S)]),
+     [("brain", "object", U), ("CT", "object", S)]),
     (_record(captions=["Axial CT of the brain."]), MEDICAL, "The head CT shows the brain.",
-     [("head", "object", S), ("ct", "object", S), ("brain", "object", S)]),
+     [("head", "object", S), ("CT", "object", S), ("brain", "object", S)]),
     (_record(captions=["Sagittal MR image of the head."], metadata={"plane": "sagittal"}), MEDICAL,
-     "This axial MRI shows the head.", [("axial", "object", C), ("mri", "object", S), ("head", "object", S)]),
+     "This axial MRI shows the head.", [("axial", "object", C), ("MRI", "object", S), ("head", "object", S)]),
 ]
 
 

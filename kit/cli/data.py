@@ -93,6 +93,22 @@ def data_ingest(
     typer.echo(f"{n} caption pairs -> {out}")
 
 
+@data_app.command("probes")
+def data_probes(
+    source: Annotated[Path, typer.Argument(help="A manifest folder, or a COCO captions file (with --instances and --images).")],
+    out: Annotated[Path, typer.Option(help="JSONL to write (kit eval items); put it in the image folder.")],
+    vocab: Annotated[str, typer.Option(help="Concepts to probe: general, medical, industrial, documents, or a YAML file.")] = "general",
+    seed: Annotated[int, typer.Option(help="Chooses the probed concepts and the random negatives.")] = 0,
+    per_image: Annotated[int, typer.Option(help="Yes questions per image and set (as many no questions).")] = 3,
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
+) -> None:
+    """Write POPE-style yes/no probes (random, popular, adversarial negatives) and describe items from your annotations."""
+    from kit.ground.probes import write_probes
+
+    write_probes(source, out, vocab=vocab, seed=seed, per_image=per_image, images=images, instances=instances, echo=echo_err)
+
+
 @data_app.command("import-vqa")
 def data_import_vqa(
     name: Annotated[str, typer.Argument(help="vqa-rad | slake | pathvqa")],

@@ -12,7 +12,7 @@ from kit.cli.app import app
 
 @app.command("eval")
 def eval_(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (only the path is needed).")],
-          data: Annotated[Path, typer.Option(help="VQA JSONL: image, question, answer, answer_type closed|open (optional for --judge: context, category).")],
+          data: Annotated[Path, typer.Option(help="VQA JSONL: image, question, answer, answer_type closed|open (optional for --judge: context, category); probes from kit data probes add POPE and CHAIR.")],
           limit: Annotated[Optional[int], typer.Option(help="Only the first N items.")] = None,
           out: Annotated[Optional[Path], typer.Option(help="Write predictions JSONL here.")] = None,
           baseline: Annotated[Optional[Path], typer.Option(help="Also evaluate this model (e.g. the base) and print both side by side.")] = None,

@@ -4,7 +4,9 @@
     {"id": "q2", "image": "images/a.png", "question": "Which organ is shown?", "answer": "left lung", "answer_type": "open"}
 
 `closed` questions have a fixed set of answers: yes/no, or options such as "left" / "right" or
-"CT" / "MRI" (SLAKE has them); `open` ones are free text.
+"CT" / "MRI" (SLAKE has them); `open` ones are free text. Hallucination probes (`kit data probes`)
+are closed yes/no items with a `probe` field ({"concept", "set"}); `describe` items ask for a
+description and carry the image's `facts` and the `vocab` that scores it (CHAIR), with an empty answer.
 
 `image` is relative to the file's folder (or the image folder a kit data card there names). Other
 fields (`context`, `category` for judged evaluation) are kept in `Item.extra`. Read by `kit eval`,
@@ -24,7 +26,7 @@ from kit.data.dataset import default_image_folder
 from kit.data.images import ImageProblem, check_image, resolve_image
 
 FIELDS = ("id", "image", "question", "answer", "answer_type")
-ANSWER_TYPES = ("closed", "open")
+ANSWER_TYPES = ("closed", "open", "describe")
 # What kit appends to a question when it asks for a short answer (the `strict` metric's prompts), in
 # evaluation and VQA training alike. LLaVA-Med asks its questions as written.
 SUFFIX = {"closed": "Answer yes or no.", "open": "Answer briefly."}
@@ -77,20 +79,29 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
     raw: list[tuple[str, dict]] = []
     for lineno, rec in read_jsonl(data, "evaluation file", allow_empty=True):
         where = f"{data}:{lineno}"
-        missing = [f for f in FIELDS if rec.get(f) in (None, "")]
+        describe = str(rec.get("answer_type", "")).strip().lower() == "describe"
+        missing = [f for f in FIELDS if rec.get(f) in (None, "") and not (describe and f == "answer")]
         if missing:
             raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
         atype = str(rec["answer_type"]).strip().lower()
         if atype not in ANSWER_TYPES:
-            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no or fixed options) or 'open'")
+            raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no or fixed options), 'open' "
+                           "or 'describe'")
         for f in ("image", "question"):
             if not isinstance(rec[f], str):
                 raise KitError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
         if isinstance(rec["answer"], (dict, list)):
             raise KitError(f"{where}: field 'answer' must be a string, got {type(rec['answer']).__name__}")
-        answer = str(rec["answer"]).strip()
-        if not words(answer):
+        answer = str(rec.get("answer") or "").strip()
+        if describe:
+            if not isinstance(rec.get("facts"), dict) or not isinstance(rec.get("vocab"), str):
+                raise KitError(f"{where}: a describe item needs 'facts' (an object) and 'vocab' (a vocabulary name or file); "
+                               "kit data probes writes them")
+        elif not words(answer):
             raise KitError(f"{where}: answer '{answer}' has no words to score; give the answer as text")
+        probe = rec.get("probe")
+        if probe is not None and (not isinstance(probe, dict) or not {"concept", "set"} <= set(probe) or answer not in ("yes", "no")):
+            raise KitError(f"{where}: field 'probe' must be {{\"concept\", \"set\"}} on a yes/no item")
         raw.append((where, {**rec, "answer": answer, "answer_type": atype}))
     if not raw:
         raise KitError(f"evaluation file {data} has no questions")

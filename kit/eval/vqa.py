@@ -18,6 +18,7 @@ from kit.core.files import write_jsonl_atomic
 from kit.core.precision import to_model
 from kit.data.images import ImageProblem, prepare_image
 from kit.data.vqa import Item, ask, load_items
+from kit.eval.hallucination import chair, description_claims, format_hallucination, pope_by_set, says_yes
 from kit.eval.metrics import PROMPT_STYLE, change_interval, check_metric, interval, score
 from kit.infer.generation import pad_id, stop_ids
 from kit.infer.load import load_for_inference
@@ -58,13 +59,16 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
 
 
 KEYS = ("closed_accuracy", "open_recall", "overall")
+DESCRIBE_TOKENS = 128  # a description needs room; short VQA answers keep their own budget
 
 
 def _scores(predictions: list[dict[str, Any]], key: str) -> list[float]:
+    """VQA scores only: hallucination probes and descriptions have their own (kit.eval.hallucination)."""
+    vqa = [p for p in predictions if not p.get("probe") and p["answer_type"] in ("closed", "open")]
     if key == "overall":
-        return [p["score"] for p in predictions]
+        return [p["score"] for p in vqa]
     kind = "closed" if key == "closed_accuracy" else "open"
-    return [p["score"] for p in predictions if p["answer_type"] == kind]
+    return [p["score"] for p in vqa if p["answer_type"] == kind]
 
 
 def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,20 +127,38 @@ def evaluate(
     notes = model_notes(info)
     for note in notes:
         echo(f"note: {note}")
-    predictions = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        for it, pred in zip(chunk, answer_batch(model, processor, info, chunk, max_new_tokens, style=PROMPT_STYLE[metric])):
-            predictions.append({
-                "id": it.id, "answer_type": it.answer_type, "question": it.question, "answer": it.answer,
-                "prediction": pred, "score": score(pred, it.answer, it.answer_type, metric),
-            })
+    # Descriptions are generated apart (they need a longer budget); predictions keep the file's order.
+    by_index: dict[int, dict[str, Any]] = {}
+    described = [i for i, it in enumerate(items) if it.answer_type == "describe"]
+    asked = [i for i, it in enumerate(items) if it.answer_type != "describe"]
+    for group, budget in ((asked, max_new_tokens), (described, max(max_new_tokens, DESCRIBE_TOKENS))):
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            preds = answer_batch(model, processor, info, [items[i] for i in chunk], budget, style=PROMPT_STYLE[metric])
+            for i, pred in zip(chunk, preds):
+                by_index[i] = _prediction(items[i], pred, metric)
+    predictions = [by_index[i] for i in range(len(items))]
     result = summarise(predictions)
+    if any(p.get("probe") for p in predictions):
+        result["pope"] = pope_by_set(predictions)
+    if described:
+        result["chair"] = chair(predictions)
     result.update({
         "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": info["kind"], "data": str(data),
         "notes": notes, "predictions": predictions,
     })
     return result
+
+
+def _prediction(it: Item, pred: str, metric: str) -> dict[str, Any]:
+    out = {"id": it.id, "answer_type": it.answer_type, "question": it.question, "answer": it.answer, "prediction": pred}
+    if it.answer_type == "describe":
+        claims = description_claims(pred, it.extra["facts"], it.extra["vocab"])
+        return {**out, "score": None, "claims": [c.to_json() for c in claims]}
+    out["score"] = score(pred, it.answer, it.answer_type, metric)
+    if it.extra.get("probe"):
+        out.update(probe=it.extra["probe"], said_yes=says_yes(pred))
+    return out
 
 
 def model_notes(info: dict[str, Any]) -> list[str]:
@@ -178,7 +200,9 @@ def format_result(result: dict[str, Any]) -> str:
     counts = _counts(result)
     for label, key in METRICS:
         rows.append(f"{label:16} | {_pct(result.get(key)):>7} | {_ci(result.get(f'{key}_ci')):>14} | {counts[key]}")
-    return "\n".join(rows + [_scored_by(result)])
+    rows.append(_scored_by(result))
+    extra = format_hallucination(result)
+    return "\n".join(rows + ([extra] if extra else []))
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ class _GroupSpec(BaseModel):
     name: str
     kind: str = Field("object", pattern="^(object|attribute)$")
     exclusive: bool = False
+    question: str | None = None  # how a yes/no probe asks about one concept: "{concept}" is replaced
     concepts: dict[str, list[str] | _ConceptSpec] = Field(min_length=1)
 
 
@@ -52,12 +53,16 @@ class Concept:
     implies: tuple[str, ...]
 
 
+DEFAULT_QUESTION = "Is there a {concept} in the image?"
+
+
 @dataclass(frozen=True)
 class Group:
     name: str
     kind: str  # object | attribute
     exclusive: bool
     concepts: tuple[str, ...]
+    question: str = DEFAULT_QUESTION
 
 
 @dataclass(frozen=True, eq=False)  # identity: loaded once per reference (load_vocab is cached)
@@ -140,7 +145,10 @@ def load_vocab(ref: str) -> Vocabulary:
         for g in spec.groups:
             names = tuple(g.concepts)
             old = groups.get(g.name)
-            groups[g.name] = Group(g.name, g.kind, g.exclusive, tuple(dict.fromkeys((old.concepts if old else ()) + names)))
+            if g.question is not None and "{concept}" not in g.question:
+                raise KitError(f"vocabulary {ref}: group '{g.name}': question must contain {{concept}}")
+            question = g.question or (old.question if old else DEFAULT_QUESTION)
+            groups[g.name] = Group(g.name, g.kind, g.exclusive, tuple(dict.fromkeys((old.concepts if old else ()) + names)), question)
             for name, c in g.concepts.items():
                 c = c if isinstance(c, _ConceptSpec) else _ConceptSpec(terms=c)
                 terms = tuple(dict.fromkeys(" ".join(t.lower().split()) for t in c.terms if t.strip()))
