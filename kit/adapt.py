@@ -20,11 +20,15 @@ from kit.core.templates import IMAGE_TOKEN
 from kit.data.vqa import ANSWER_TYPES, ask
 from kit.eval.metrics import PROMPT_STYLE
 from kit.eval.vqa import before_after_table, changes, evaluate
+from kit.eval.hallucination import hallucination_changes
 from kit.generate.replicas import backend_for
 from kit.generate.report import failures_error
 from kit.generate.runner import run_generation
-from kit.ground.policy import resolve_grounding
+from kit.ground.policy import resolve_grounding, resolve_vocab
+from kit.ground.probes import build_probes
+from kit.ground.vocab import load_vocab
 from kit.ingest.pairs import write_caption_pairs
+from kit.ingest.records import Record
 from kit.ingest.samples.write import write_sample
 from kit.ingest.sources import from_manifest
 from kit.ingest.split import held_out_groups, image_group, sample_folder
@@ -61,6 +65,23 @@ def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, da
     return len(kept)
 
 
+def _add_probes(eval_file: Path, held: list[Record], data_root: Path, recipe: Recipe) -> int:
+    """Append POPE probes and describe items about the held-out images that have boxes or findings
+    (kit.ground.probes) to the held-out file; how many were added."""
+    annotated = [r for r in held if r.boxes or r.findings]
+    if not annotated:
+        return 0
+    g = recipe.generate
+    vocab = load_vocab(resolve_vocab(g.vocab if g else None, g.domain if g else "general"))
+    items = build_probes(annotated, vocab, seed=recipe.train.seed)
+    root = data_root.resolve()
+    for item in items:
+        item["image"] = Path(item["image"]).resolve().relative_to(root).as_posix()
+    existing = [line for _, line in read_jsonl(eval_file, "evaluation file", allow_empty=True)]
+    write_jsonl_atomic(eval_file, existing + items)
+    return len(items)
+
+
 def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") -> list[dict]:
     """The eval file's items about `images` as training conversations, asked exactly as kit eval
     asks with the recipe's metric (`style`: kit.data.vqa.ask)."""
@@ -69,6 +90,8 @@ def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") ->
         if str(Path(str(item.get("image", "")))) not in images:
             continue
         kind = item.get("answer_type")
+        if kind == "describe":  # no answer to train on
+            continue
         if kind not in ANSWER_TYPES:
             raise KitError(f"{eval_file}:{lineno}: answer_type must be closed or open")
         answer = str(item["answer"]).strip()
@@ -143,9 +166,37 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
         held_images = {str(Path(r.image)): "\n".join(r.captions + r.findings) for r in records if image_group(r.id) in held}
         n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
         echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
+        if recipe.eval.probes:
+            probed = _add_probes(eval_file, [r for r in records if image_group(r.id) in held], path, recipe)
+            if probed:
+                echo(f"hallucination probes: {probed} yes/no questions and descriptions about the held-out images")
+                n += probed
         if n == 0:
             eval_file = None
     return train_file, eval_file, made
+
+
+def gate_verdict(gate, before: dict, after: dict) -> dict | None:
+    """Which of the recipe's eval.gate limits the adapted model broke (a change past the limit whose
+    95% interval excludes zero), or None without a gate."""
+    if gate is None:
+        return None
+    failed, checked = [], []
+    hall = hallucination_changes(before, after)
+    vqa = changes(before, after) or {}
+    tests = [("POPE F1", gate.pope_f1_drop, hall.get("pope_f1_all"), -1), ("CHAIR_i", gate.chair_i_rise, hall.get("chair_i"), +1),
+             ("closed accuracy", gate.closed_drop, vqa.get("closed_accuracy"), -1)]
+    for label, limit, change, worse in tests:
+        if limit is None or change is None or change.get("change") is None or change.get("ci") is None:
+            continue
+        checked.append(label)
+        points = 100 * change["change"] * worse
+        lo, hi = (100 * v for v in change["ci"])
+        beyond_noise = hi < 0 if worse < 0 else lo > 0
+        if points > limit and beyond_noise:
+            word = "dropped" if worse < 0 else "rose"
+            failed.append(f"{label} {word} {points:.1f} points (limit {limit:g}, 95% interval of the change [{lo:+.1f}, {hi:+.1f}])")
+    return {"checked": checked, "failed": failed, "passed": not failed}
 
 
 def generation_line(kept: int, rejected: dict[str, int], failed: dict[str, int], claims: dict[str, int] | None = None) -> str:
@@ -181,15 +232,21 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
         echo(before_after_table(before, after))
         card = Card.read(result) or Card.new("adapter", made_by="kit adapt")
+        gate = gate_verdict(recipe.eval.gate, before, after)
         card.evaluation = {
             "data": str(eval_file),
             "metric": after["metric"],
             "prompts": after["prompts"],
             "change": changes(before, after),
+            "hallucination_change": hallucination_changes(before, after),
             "base": {k: v for k, v in before.items() if k != "predictions"},
             "adapted": {k: v for k, v in after.items() if k != "predictions"},
+            **({"gate": gate} if gate is not None else {}),
         }
         card.write(result)
+        if gate is not None and gate["failed"]:
+            raise KitError(f"release gate failed: {'; '.join(gate['failed'])}; the adapter is kept at {result} and its card records "
+                           "the gate (raise the limit in eval.gate, or fix the data)", exit_code=1)
     if made:
         echo(made)
     peak = max(p for _, _, p in stages.done)

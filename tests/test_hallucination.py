@@ -111,3 +111,77 @@ def test_kit_eval_scores_probes_and_descriptions(tiny_base, tmp_path, capsys):
     assert f"{100 * f1:.1f}" in said
     code, _, err = run_cli(capsys, "data", "probes", str(root), "--out", str(root / "probes.jsonl"))
     assert code == 2 and "already exists" in err
+
+
+def _preds(truth_said: list[tuple[str, bool]], describe_bad: list[int]) -> dict:
+    """A fake evaluation result: probe predictions (answer, said_yes) and describe predictions with
+    `describe_bad[i]` unsupported objects out of 2 mentioned."""
+    preds = [{"id": f"p{i}", "answer_type": "closed", "answer": a, "said_yes": s, "probe": {"concept": "x", "set": "random"}, "score": 0.0}
+             for i, (a, s) in enumerate(truth_said)]
+    for i, bad in enumerate(describe_bad):
+        claims = [{"kind": "object", "concept": f"c{k}", "status": "unsupported" if k < bad else "supported"} for k in range(2)]
+        preds.append({"id": f"d{i}", "answer_type": "describe", "claims": claims, "score": None})
+    return {"predictions": preds}
+
+
+def test_the_gate_fails_only_past_its_limit_and_beyond_noise():
+    from kit.adapt import gate_verdict
+    from kit.core.recipes import GateArgs
+
+    good = _preds([("yes", True), ("no", False)] * 20, [0] * 20)
+    worse = _preds([("yes", True), ("no", True)] * 20, [1] * 20)  # says yes to every absent concept, invents one object each
+    v = gate_verdict(GateArgs(pope_f1_drop=2.0, chair_i_rise=2.0), good, worse)
+    assert not v["passed"] and len(v["failed"]) == 2 and v["checked"] == ["POPE F1", "CHAIR_i"]
+    assert v["failed"][0].startswith("POPE F1 dropped 33.3 points (limit 2") and v["failed"][1].startswith("CHAIR_i rose 50.0 points")
+    assert gate_verdict(GateArgs(pope_f1_drop=40.0, chair_i_rise=60.0), good, worse)["passed"]
+    assert gate_verdict(GateArgs(pope_f1_drop=2.0), good, good)["passed"]
+    assert gate_verdict(None, good, worse) is None
+    # A change past the limit whose interval includes zero is noise: one flipped probe of 40.
+    flip = _preds([("yes", True), ("no", False)] * 19 + [("yes", False), ("no", False)], [0] * 20)
+    assert gate_verdict(GateArgs(pope_f1_drop=1.0), good, flip)["passed"]
+
+
+def _annotated_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "domain"
+    (root / "images").mkdir(parents=True)
+    scenes = [("dog", "car"), ("person", "dog"), ("cup", "bowl"), ("car", "person"), ("bowl", "dining table"), ("dog", "person"),
+              ("cup", "dining table"), ("car", "bus")]
+    with open(root / "manifest.jsonl", "w") as m, open(root / "eval.jsonl", "w") as e:
+        for i, labels in enumerate(scenes):
+            Image.new("RGB", (32, 32), (30 * i, 120, 200)).save(root / "images" / f"img{i}.png")
+            boxes = [{"label": label, "bbox": [2 + 14 * k, 4, 14 + 14 * k, 28]} for k, label in enumerate(labels)]
+            m.write(json.dumps({"image": f"images/img{i}.png", "captions": [f"A {labels[0]} and a {labels[1]}."], "boxes": boxes}) + "\n")
+            e.write(json.dumps({"id": f"img{i}-q", "image": f"images/img{i}.png", "question": f"Is there a {labels[0]}?",
+                                "answer": "yes", "answer_type": "closed"}) + "\n")
+    return root
+
+
+def test_kit_adapt_adds_probes_reports_them_and_gates(capsys, tmp_path, tiny_base, monkeypatch):
+    from mock_openai import MockOpenAI
+    from test_adapt import TINY
+    from test_cli_errors import run_cli
+
+    data = _annotated_folder(tmp_path)
+    args = ["--recipe", "llava15-qlora", "--base", str(tiny_base), "--data", str(data), "--max-steps", "2", *TINY,
+            "--set", "generate.backend=openai", "--set", "generate.model=mock", "--set", "eval.held_out=0.3",
+            "--set", "generate.types=[detail]", "--set", "eval.gate.pope_f1_drop=100"]
+    with MockOpenAI() as server:
+        args += ["--set", f"generate.base_url={server.base_url}"]
+        code, out, err = run_cli(capsys, "adapt", *args, "--out", str(tmp_path / "a"))
+        assert code == 0, err
+        said = out + err
+        assert "hallucination probes:" in said and "POPE F1 random" in said and "CHAIR_i" in said
+        card = json.loads((tmp_path / "a" / "kit.json").read_text())
+        ev = card["evaluation"]
+        assert set(ev["base"]["pope"]) >= {"random", "popular", "adversarial", "all"} and ev["adapted"]["chair"]["n"] > 0
+        assert "pope_f1_all" in ev["hallucination_change"] and ev["gate"] == {"checked": ["POPE F1"], "failed": [], "passed": True}
+
+        # A gate that fails: one line, exit 1, the adapter kept with the failed gate on its card.
+        import kit.adapt
+
+        monkeypatch.setattr(kit.adapt, "gate_verdict", lambda *a: {"checked": ["POPE F1"], "passed": False,
+                                                                   "failed": ["POPE F1 dropped 9.0 points (limit 2, ...)"]})
+        code, out, err = run_cli(capsys, "adapt", *args, "--out", str(tmp_path / "b"))
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: release gate failed: POPE F1 dropped 9.0 points"), err
+    card = json.loads((tmp_path / "b" / "kit.json").read_text())
+    assert card["evaluation"]["gate"]["passed"] is False and (tmp_path / "b" / "adapter_model.safetensors").is_file()

@@ -84,6 +84,16 @@ class GenerateArgs(_Strict):
         return redact_url(value)
 
 
+class GateArgs(_Strict):
+    """Limits on how much worse than its base an adapted model may be (points, 0..100). A limit is
+    broken only when the change passes it and the change's 95% interval excludes zero; `kit adapt`
+    then ends with an error (the adapter is kept and its card records the failed gate)."""
+
+    pope_f1_drop: float | None = Field(None, ge=0, description="Largest allowed drop of POPE F1 over all probes.")
+    chair_i_rise: float | None = Field(None, ge=0, description="Largest allowed rise of CHAIR_i.")
+    closed_drop: float | None = Field(None, ge=0, description="Largest allowed drop of closed-question accuracy.")
+
+
 class EvalArgs(_Strict):
     """The held-out evaluation run before and after adaptation (LLaVA-Med style VQA)."""
 
@@ -93,6 +103,9 @@ class EvalArgs(_Strict):
     metric: Literal["llava-med", "strict"] = Field(
         "llava-med", description="llava-med: LLaVA-Med's published scoring, questions as written; strict: kit's, with short-answer prompts."
     )
+    probes: bool = Field(True, description="Add POPE probes and CHAIR describe items built from the held-out images' "
+                                           "boxes and findings (kit data probes) to the evaluation.")
+    gate: GateArgs | None = None
 
 
 class LoraArgs(_Strict):

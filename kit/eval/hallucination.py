@@ -138,3 +138,73 @@ def format_hallucination(result: dict[str, Any]) -> str:
         lines.append(f"CHAIR_i {_pct(c['chair_i'])} {_ci(c['chair_i_ci'])} ({c['objects']} objects mentioned), "
                      f"CHAIR_s {_pct(c['chair_s'])} {_ci(c['chair_s_ci'])} ({c['n']} descriptions)")
     return "\n".join(lines)
+
+
+def _paired(values, n: int, samples: int, seed: int) -> tuple[float, float]:
+    """95% interval of values(idx) over bootstrap index draws shared by both runs."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    diffs = values(idx)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def hallucination_changes(before: dict[str, Any], after: dict[str, Any], samples: int = BOOTSTRAP_SAMPLES,
+                          seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Adapted minus base: POPE F1 per set and CHAIR_i / CHAIR_s, each with a paired 95% bootstrap
+    interval (the same probes / descriptions drawn for both runs). Empty when the runs had none or
+    answered different items."""
+    out: dict[str, Any] = {}
+    b_preds, a_preds = before["predictions"], after["predictions"]
+    if [p["id"] for p in b_preds] != [p["id"] for p in a_preds]:
+        return out
+    for name in (*SETS, "all"):
+        rows = [i for i, p in enumerate(b_preds) if p.get("probe") and (name == "all" or p["probe"]["set"] == name)]
+        if not rows:
+            continue
+        truth = np.asarray([b_preds[i]["answer"] == "yes" for i in rows])
+        said_b = np.asarray([b_preds[i]["said_yes"] for i in rows])
+        said_a = np.asarray([a_preds[i]["said_yes"] for i in rows])
+        def f1(said, idx, truth=truth):
+            return _pope_values(truth[idx], said[idx])[:, 3]
+
+        whole = np.arange(len(rows))[None]
+        out[f"pope_f1_{name}"] = {"change": float(f1(said_a, whole)[0] - f1(said_b, whole)[0]),
+                                  "ci": _paired(lambda idx: f1(said_a, idx) - f1(said_b, idx), len(rows), samples, seed)}
+    rows = [i for i, p in enumerate(b_preds) if p["answer_type"] == "describe"]
+    if rows:
+        def counts(preds):
+            m, b = [], []
+            for i in rows:
+                objects = {}
+                for c in preds[i]["claims"]:
+                    if c["kind"] == "object":
+                        objects[c["concept"]] = objects.get(c["concept"], False) or c["status"] != "supported"
+                m.append(len(objects))
+                b.append(sum(objects.values()))
+            return np.asarray(m, dtype=np.float64), np.asarray(b, dtype=np.float64)
+
+        (mb, bb), (ma, ba) = counts(b_preds), counts(a_preds)
+
+        def chair_i(m, b, idx):
+            ms, bs = m[idx].sum(-1), b[idx].sum(-1)
+            return np.where(ms > 0, bs / np.maximum(ms, 1), 0.0)
+
+        whole = np.arange(len(rows))[None]
+        out["chair_i"] = {"change": float(chair_i(ma, ba, whole)[0] - chair_i(mb, bb, whole)[0]),
+                          "ci": _paired(lambda idx: chair_i(ma, ba, idx) - chair_i(mb, bb, idx), len(rows), samples, seed)}
+        out["chair_s"] = {"change": float((ba > 0).mean() - (bb > 0).mean()),
+                          "ci": _paired(lambda idx: (ba[idx] > 0).mean(-1) - (bb[idx] > 0).mean(-1), len(rows), samples, seed)}
+    return out
+
+
+def hallucination_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, float, float, dict[str, Any]]]:
+    """(label, base, adapted, change) per POPE set's F1 and CHAIR_i / CHAIR_s, for the before/after table."""
+    diff = hallucination_changes(before, after)
+    rows = []
+    for name in (*SETS, "all"):
+        key = f"pope_f1_{name}"
+        if key in diff:
+            rows.append((f"POPE F1 {name}", before["pope"][name]["f1"], after["pope"][name]["f1"], diff[key]))
+    for key in ("chair_i", "chair_s"):
+        if key in diff:
+            rows.append((key.replace("chair", "CHAIR"), before["chair"][key], after["chair"][key], diff[key]))
+    return rows

@@ -18,7 +18,8 @@ from kit.core.files import write_jsonl_atomic
 from kit.core.precision import to_model
 from kit.data.images import ImageProblem, prepare_image
 from kit.data.vqa import Item, ask, load_items
-from kit.eval.hallucination import chair, description_claims, format_hallucination, pope_by_set, says_yes
+from kit.eval.hallucination import (chair, description_claims, format_hallucination, hallucination_rows, pope_by_set,
+                                    says_yes)
 from kit.eval.metrics import PROMPT_STYLE, change_interval, check_metric, interval, score
 from kit.infer.generation import pad_id, stop_ids
 from kit.infer.load import load_for_inference
@@ -216,12 +217,21 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         change = "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
         ci = _ci(diff[key]["ci"], signed=True) if diff else "-"
         rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {change:>7} | {ci:>16} | {counts[key]}")
+    for label, b, a, change in hallucination_rows(before, after):
+        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {100 * change['change']:>+7.1f} | "
+                    f"{_ci(change['ci'], signed=True):>16} | {_hallucination_n(after, label)}")
     rows.append(_scored_by(after))
     if diff is None:
         rows.append("the two runs answered different questions: no paired interval")
     else:
         rows.append(noise_verdict(diff, counts["overall"]))
     return "\n".join(rows)
+
+
+def _hallucination_n(result: dict[str, Any], label: str) -> int:
+    if label.startswith("POPE"):
+        return result["pope"][label.split()[-1]]["n"]
+    return result["chair"]["n"]
 
 
 def noise_verdict(diff: dict[str, Any], n: int) -> str:

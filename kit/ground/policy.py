@@ -39,8 +39,13 @@ def resolve_grounding(mode: str, vocab: str | None, domain: str) -> Grounding:
         raise KitError(f"grounding '{mode}': choose one of {', '.join(MODES)}")
     if mode == "off":
         return Grounding(mode, None)
+    return Grounding(mode, load_vocab(resolve_vocab(vocab, domain)))
+
+
+def resolve_vocab(vocab: str | None, domain: str) -> str:
+    """`vocab`, else the packaged vocabulary named like the prompt domain. KitError when neither."""
     ref = vocab or (domain if domain in PACKAGED else None)
     if ref is None:
         raise KitError(f"prompt domain '{domain}' has no vocabulary of the same name ({', '.join(PACKAGED)}): give one with "
                        "--vocab FILE (generate.vocab), or turn the claim check off with --grounding off")
-    return Grounding(mode, load_vocab(str(ref)))
+    return str(ref)
