@@ -67,13 +67,18 @@ def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, da
 
 def _add_probes(eval_file: Path, held: list[Record], data_root: Path, recipe: Recipe) -> int:
     """Append POPE probes and describe items about the held-out images that have boxes or findings
-    (kit.ground.probes) to the held-out file; how many were added."""
-    annotated = [r for r in held if r.boxes or r.findings]
+    (kit.ground.probes) to the held-out file; how many were added. Augmented copies of an image
+    share its facts, so one copy per image is probed."""
+    groups: dict[str, Record] = {}
+    for r in held:
+        if r.boxes or r.findings:
+            groups.setdefault(image_group(r.id), r)
+    annotated = list(groups.values())
     if not annotated:
         return 0
     g = recipe.generate
     vocab = load_vocab(resolve_vocab(g.vocab if g else None, g.domain if g else "general"))
-    items = build_probes(annotated, vocab, seed=recipe.train.seed)
+    items = build_probes(annotated, vocab, seed=recipe.train.seed, per_image=recipe.eval.probes_per_image)
     root = data_root.resolve()
     for item in items:
         item["image"] = Path(item["image"]).resolve().relative_to(root).as_posix()

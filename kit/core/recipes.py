@@ -105,6 +105,7 @@ class EvalArgs(_Strict):
     )
     probes: bool = Field(True, description="Add POPE probes and CHAIR describe items built from the held-out images' "
                                            "boxes and findings (kit data probes) to the evaluation.")
+    probes_per_image: int = Field(2, gt=0, description="Yes questions per held-out image and probe set (as many no questions).")
     gate: GateArgs | None = None
 
 

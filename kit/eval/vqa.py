@@ -209,16 +209,16 @@ def format_result(result: dict[str, Any]) -> str:
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """A metric | base | adapted | change | 95% interval of the change | n table (percent, change in
     points, paired bootstrap over the same questions), then a line saying what the change means."""
-    rows = [f"{'metric':16} | {'base':>7} | {'adapted':>7} | {'change':>7} | {'95% interval':>16} | n"]
+    rows = [f"{'metric':19} | {'base':>7} | {'adapted':>7} | {'change':>7} | {'95% interval':>16} | n"]
     diff = changes(before, after)
     counts = _counts(after)
     for label, key in METRICS:
         b, a = before.get(key), after.get(key)
         change = "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
         ci = _ci(diff[key]["ci"], signed=True) if diff else "-"
-        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {change:>7} | {ci:>16} | {counts[key]}")
+        rows.append(f"{label:19} | {_pct(b):>7} | {_pct(a):>7} | {change:>7} | {ci:>16} | {counts[key]}")
     for label, b, a, change in hallucination_rows(before, after):
-        rows.append(f"{label:16} | {_pct(b):>7} | {_pct(a):>7} | {100 * change['change']:>+7.1f} | "
+        rows.append(f"{label:19} | {_pct(b):>7} | {_pct(a):>7} | {100 * change['change']:>+7.1f} | "
                     f"{_ci(change['ci'], signed=True):>16} | {_hallucination_n(after, label)}")
     rows.append(_scored_by(after))
     if diff is None:
