@@ -49,7 +49,7 @@ def coco_style(root: Path) -> tuple[Path, Path, Path]:
         instances += [{"id": 100 * i + k, "image_id": i, "category_id": CATEGORIES.index(c) + 1, "bbox": b, "area": b[2] * b[3],
                        "iscrowd": 0} for k, (c, b) in enumerate(boxes)]
     cats = [{"id": k + 1, "name": c, "supercategory": c} for k, c in enumerate(CATEGORIES)]
-    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": captions, "categories": cats}))
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
     (root / "instances.json").write_text(json.dumps({"images": images, "annotations": instances, "categories": cats}))
     return root / "captions.json", root / "instances.json", images_dir
 

@@ -123,8 +123,13 @@ def evaluate(
     check_metric(metric)
     items = load_items(Path(data), image_folder, limit)
     model, processor, info = loaded or load_for_inference(Path(model_path))
-    n_c = sum(it.answer_type == "closed" for it in items)
-    echo(f"evaluating {model_path} ({info['kind']}) on {len(items)} questions ({n_c} closed, {len(items) - n_c} open) from {data}")
+    n_c = sum(it.answer_type == "closed" and not it.extra.get("probe") for it in items)
+    n_o = sum(it.answer_type == "open" for it in items)
+    n_p = sum(bool(it.extra.get("probe")) for it in items)
+    n_d = len(items) - n_c - n_o - n_p
+    extra = "".join(f", {n} {what}" for n, what in ((n_p, "probes"), (n_d, "descriptions")) if n)
+    what = "questions" if not extra else "items"
+    echo(f"evaluating {model_path} ({info['kind']}) on {len(items)} {what} ({n_c} closed, {n_o} open{extra}) from {data}")
     notes = model_notes(info)
     for note in notes:
         echo(f"note: {note}")
@@ -199,7 +204,7 @@ def format_result(result: dict[str, Any]) -> str:
     """A metric | value | 95% interval | n table (percent) for one evaluation."""
     rows = [f"{'metric':16} | {'value':>7} | {'95% interval':>14} | n"]
     counts = _counts(result)
-    for label, key in METRICS:
+    for label, key in METRICS if counts["overall"] or not _has_hallucination(result) else ():
         rows.append(f"{label:16} | {_pct(result.get(key)):>7} | {_ci(result.get(f'{key}_ci')):>14} | {counts[key]}")
     rows.append(_scored_by(result))
     extra = format_hallucination(result)
@@ -212,7 +217,8 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     rows = [f"{'metric':19} | {'base':>7} | {'adapted':>7} | {'change':>7} | {'95% interval':>16} | n"]
     diff = changes(before, after)
     counts = _counts(after)
-    for label, key in METRICS:
+    vqa = bool(counts["overall"]) or not _has_hallucination(after)
+    for label, key in METRICS if vqa else ():
         b, a = before.get(key), after.get(key)
         change = "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
         ci = _ci(diff[key]["ci"], signed=True) if diff else "-"
@@ -223,9 +229,13 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     rows.append(_scored_by(after))
     if diff is None:
         rows.append("the two runs answered different questions: no paired interval")
-    else:
+    elif vqa:
         rows.append(noise_verdict(diff, counts["overall"]))
     return "\n".join(rows)
+
+
+def _has_hallucination(result: dict[str, Any]) -> bool:
+    return bool(result.get("pope") or (result.get("chair") or {}).get("n"))
 
 
 def _hallucination_n(result: dict[str, Any], label: str) -> int:
