@@ -88,20 +88,26 @@ def description_claims(prediction: str, facts: dict[str, Any], vocab_ref: str) -
     return check_text(prediction, facts_from_json(facts, vocab), vocab)
 
 
-def chair(predictions: list[dict[str, Any]], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
-    """CHAIR_i and CHAIR_s (0..1) over describe predictions (each with its `claims`)."""
-    rows = [p for p in predictions if p.get("answer_type") == "describe"]
-    if not rows:
-        return {"n": 0}
+def object_counts(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per description: the objects it mentions and those of them its image's facts do not
+    support, each concept counted once ([n] floats, [n] floats)."""
     mentioned, bad = [], []
     for p in rows:
-        objects = {}
+        objects: dict[str, bool] = {}
         for c in p["claims"]:
             if c["kind"] == "object":
                 objects[c["concept"]] = objects.get(c["concept"], False) or c["status"] != "supported"
         mentioned.append(len(objects))
         bad.append(sum(objects.values()))
-    m, b = np.asarray(mentioned, dtype=np.float64), np.asarray(bad, dtype=np.float64)
+    return np.asarray(mentioned, dtype=np.float64), np.asarray(bad, dtype=np.float64)
+
+
+def chair(predictions: list[dict[str, Any]], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """CHAIR_i and CHAIR_s (0..1) over describe predictions (each with its `claims`)."""
+    rows = [p for p in predictions if p.get("answer_type") == "describe"]
+    if not rows:
+        return {"n": 0}
+    m, b = object_counts(rows)
     idx = np.random.default_rng(seed).integers(0, len(m), size=(samples, len(m)))
     with np.errstate(divide="ignore", invalid="ignore"):
         boot_i = np.where(m[idx].sum(1) > 0, b[idx].sum(1) / np.maximum(m[idx].sum(1), 1), 0.0)
@@ -171,18 +177,7 @@ def hallucination_changes(before: dict[str, Any], after: dict[str, Any], samples
                                   "ci": _paired(lambda idx: f1(said_a, idx) - f1(said_b, idx), len(rows), samples, seed)}
     rows = [i for i, p in enumerate(b_preds) if p["answer_type"] == "describe"]
     if rows:
-        def counts(preds):
-            m, b = [], []
-            for i in rows:
-                objects = {}
-                for c in preds[i]["claims"]:
-                    if c["kind"] == "object":
-                        objects[c["concept"]] = objects.get(c["concept"], False) or c["status"] != "supported"
-                m.append(len(objects))
-                b.append(sum(objects.values()))
-            return np.asarray(m, dtype=np.float64), np.asarray(b, dtype=np.float64)
-
-        (mb, bb), (ma, ba) = counts(b_preds), counts(a_preds)
+        (mb, bb), (ma, ba) = object_counts([b_preds[i] for i in rows]), object_counts([a_preds[i] for i in rows])
 
         def chair_i(m, b, idx):
             ms, bs = m[idx].sum(-1), b[idx].sum(-1)
