@@ -110,11 +110,6 @@ class EncodedImage:
         return _decoded(self._stream(), self.label)
 
 
-def decode_bytes(data: bytes, label: str = "the image") -> Image.Image:
-    """An RGB image from encoded bytes (a request's data: URI), under the same rules as files."""
-    return _decoded(io.BytesIO(data), label)
-
-
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA-1.5's `pad`: centre the image on a square of the processor's mean colour."""
     w, h = img.size

@@ -208,7 +208,8 @@ def _negated(words: list[str], clause: list[int], a: int, b: int) -> bool:
 
 def _count(words: list[str], clause: list[int], a: int, concept_at: set[int]) -> int | None:
     """A number said right before the mention (up to two adjectives between): 'two dogs', '3 small
-    nodules'. 'one of the ...' and numbers in another clause or before another mention do not count."""
+    nodules'. 'one of the ...' (the article stops the search) and numbers in another clause or before
+    another mention do not count."""
     for back in (1, 2, 3):
         j = a - back
         if j < 0 or clause[j] != clause[a] or (j in concept_at):
@@ -216,8 +217,6 @@ def _count(words: list[str], clause: list[int], a: int, concept_at: set[int]) ->
         w = words[j]
         value = NUMBERS.get(w) if not w.isdigit() else int(w)
         if value is not None and 0 < value <= 1000:
-            if w == "one" and a < len(words) and words[a] == "of":
-                return None
             if w in ("pair", "couple", "dozen") and not (j + 1 < len(words) and words[j + 1] == "of"):
                 return None
             return value

@@ -11,6 +11,7 @@ concepts; the packaged vocabularies are found by name.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -92,8 +93,6 @@ class Vocabulary:
 
     def fingerprint(self) -> str:
         """Changes whenever a term, implication or group rule changes (results derived from it are stale)."""
-        import hashlib
-
         rows = sorted((c.name, c.group, c.terms, c.implies) for c in self.concepts.values())
         rows += sorted((g.name, g.kind, g.exclusive) for g in self.groups.values())
         return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
