@@ -78,10 +78,7 @@ def _add_probes(eval_file: Path, held: list[Record], data_root: Path, recipe: Re
         return 0
     g = recipe.generate
     vocab = load_vocab(resolve_vocab(g.vocab if g else None, g.domain if g else "general"))
-    items = build_probes(annotated, vocab, seed=recipe.train.seed, per_image=recipe.eval.probes_per_image)
-    root = data_root.resolve()
-    for item in items:
-        item["image"] = Path(item["image"]).resolve().relative_to(root).as_posix()
+    items = build_probes(annotated, vocab, data_root, seed=recipe.train.seed, per_image=recipe.eval.probes_per_image)
     existing = [line for _, line in read_jsonl(eval_file, "evaluation file", allow_empty=True)]
     write_jsonl_atomic(eval_file, existing + items)
     return len(items)

@@ -29,9 +29,9 @@ def _records(root: Path) -> list[Record]:
 
 def test_probes_are_balanced_true_and_deterministic(tmp_path):
     records = _records(tmp_path)
-    items = build_probes(records, GENERAL, seed=1)
-    again = build_probes(records, GENERAL, seed=1)
-    other = build_probes(records, GENERAL, seed=2)
+    items = build_probes(records, GENERAL, tmp_path, seed=1)
+    again = build_probes(records, GENERAL, tmp_path, seed=1)
+    other = build_probes(records, GENERAL, tmp_path, seed=2)
     assert items == again and items != other
     facts = {r.id: facts_of(r, GENERAL) for r in records}
     probes = [it for it in items if "probe" in it]
@@ -185,3 +185,17 @@ def test_kit_adapt_adds_probes_reports_them_and_gates(capsys, tmp_path, tiny_bas
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: release gate failed: POPE F1 dropped 9.0 points"), err
     card = json.loads((tmp_path / "b" / "kit.json").read_text())
     assert card["evaluation"]["gate"]["passed"] is False and (tmp_path / "b" / "adapter_model.safetensors").is_file()
+
+
+def test_probes_outside_the_image_folder_are_one_line_errors(tmp_path, capsys):
+    from test_cli_errors import run_cli
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(root / "images" / "0.png")
+    (root / "manifest.jsonl").write_text(json.dumps({"image": "images/0.png", "captions": ["A dog and a car."]}) + "\n")
+    elsewhere = tmp_path / "other" / "probes.jsonl"
+    elsewhere.parent.mkdir()
+    code, out, err = run_cli(capsys, "data", "probes", str(root), "--out", str(elsewhere))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "is not below" in err and "--out" in err, err
+    assert not elsewhere.exists()

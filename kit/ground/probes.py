@@ -46,11 +46,13 @@ def _question(vocab: Vocabulary, concept: str) -> str:
     return text.replace(f" a {concept}", f" an {concept}") if concept[:1].lower() in "aeiou" else text
 
 
-def build_probes(records: list[Record], vocab: Vocabulary, seed: int = 0, per_image: int = 3,
+def build_probes(records: list[Record], vocab: Vocabulary, image_folder: Path, seed: int = 0, per_image: int = 3,
                  describe: bool = True) -> list[dict]:
     """`kit eval` items: per image and set, up to `per_image` yes and as many no questions, plus one
     describe item per image (when `describe`). Images whose facts hold no object concept get none.
-    `image` is the image's full path (the writer makes it relative to the file it writes)."""
+    `image` is relative to `image_folder` (where the items' file is read from); KitError when an
+    image is not below it."""
+    folder = Path(image_folder).resolve()
     objects = sorted(c for c, concept in vocab.concepts.items() if vocab.groups[concept.group].kind == "object")
     images = []
     for r in records:
@@ -78,7 +80,11 @@ def build_probes(records: list[Record], vocab: Vocabulary, seed: int = 0, per_im
             "popular": popular[:k],
             "adversarial": sorted(candidates, key=lambda c: (-score[c], -popularity[c], c))[:k],
         }
-        image = str(Path(img.record.root) / img.record.image)
+        path = (Path(img.record.root) / img.record.image).resolve()
+        if not path.is_relative_to(folder):
+            raise KitError(f"image {img.record.image} is not below {folder}; write the probes into the image folder "
+                           "(kit eval reads image paths relative to the file)")
+        image = path.relative_to(folder).as_posix()
         for name in SETS:
             pairs = [(c, "yes") for c in chosen] + [(c, "no") for c in negatives[name]]
             rng.shuffle(pairs)
@@ -114,17 +120,13 @@ def write_probes(source: Path, out: Path, *, vocab: str = "general", seed: int =
     else:
         raise KitError(f"{source}: give a manifest folder, or a COCO captions file with --instances and --images")
     words = load_vocab(vocab)
-    items = build_probes(records, words, seed=seed, per_image=per_image)
+    try:
+        items = build_probes(records, words, out.resolve().parent, seed=seed, per_image=per_image)
+    except KitError as e:
+        raise KitError(f"--out {out}: {e}") from None
     if not items:
         raise KitError(f"{source}: no image's captions, boxes or findings name a concept of the '{words.name}' vocabulary; "
                        "give another --vocab")
-    folder = out.resolve().parent
-    for item in items:
-        path = Path(item["image"]).resolve()
-        if not path.is_relative_to(folder):
-            raise KitError(f"--out {out}: the images (e.g. {path.name}) are not below {folder}; write the probes into "
-                           "the image folder (kit eval reads image paths relative to the file)")
-        item["image"] = path.relative_to(folder).as_posix()
     write_jsonl_atomic(out, items)
     n = {s: sum(1 for it in items if it.get("probe", {}).get("set") == s) for s in SETS}
     echo(f"{out}: {sum(n.values())} yes/no probes ({', '.join(f'{v} {k}' for k, v in n.items())}; half answer yes), "
