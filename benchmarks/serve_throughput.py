@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 from kit.base.mini import mini_base  # noqa: E402
 from kit.serve.app import create_app  # noqa: E402
 from kit.serve.pool import load_pool  # noqa: E402
-from kit.serve.run import running  # noqa: E402
+from kit.core.http import running  # noqa: E402
 
 QUESTIONS = ["Describe this image in detail.", "What does this scan show? Explain every finding.",
              "Write a long caption for this picture.", "List everything you can see, one by one."]

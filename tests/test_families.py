@@ -180,7 +180,7 @@ def test_every_command_on_every_family(family_base, tmp_path, capsys):
 
     from kit.serve.app import create_app
     from kit.serve.pool import load_pool
-    from kit.serve.run import running
+    from kit.core.http import running
 
     pool = load_pool(adapter, echo=lambda m: None)
     with running(create_app(pool)) as url:

@@ -102,7 +102,7 @@ def pool(tiny_base, adapters):
 @pytest.fixture(scope="module")
 def url(pool, image_root):
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     app = create_app(pool, api_key=KEY, image_root=image_root, max_request_bytes=100_000, max_tokens_limit=64, max_images=2)
     with running(app) as base_url:
@@ -288,7 +288,7 @@ def test_api_key_guards_every_v1_route(url, client):
 
 def test_web_page_hook(pool, tmp_path, url):
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert "no web page is installed" in r.read().decode() or r.headers["content-type"].startswith("text/html")
@@ -509,7 +509,7 @@ def test_requests_past_the_queue_limit_get_429_and_the_server_recovers(pool):
     import openai
 
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     app = create_app(pool, max_tokens_limit=8, max_queue=2)
     ask = {"model": "alpha", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}
@@ -618,7 +618,7 @@ def test_a_full_queue_answers_429_before_parsing_then_recovers(pool, monkeypatch
     import threading
 
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     gate = threading.Event()
     real = pool.prepare
@@ -703,7 +703,7 @@ def test_waiting_requests_hold_no_decoded_images(pool, monkeypatch):
     from PIL import Image
 
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     png = _rgb_png(8192, 4882)
     assert len(png) < 200_000
@@ -735,7 +735,7 @@ def test_a_body_that_never_arrives_frees_its_place(pool):
     import socket
 
     from kit.serve.app import create_app
-    from kit.serve.run import running
+    from kit.core.http import running
 
     app = create_app(pool, max_queue=2, body_timeout_s=1.5)
     with running(app) as base_url:

@@ -10,7 +10,7 @@ import sys
 import typer
 
 # Each module registers its commands on the app when imported.
-from kit.cli import adapters, base, data, deploy, eval, recipes, train  # noqa: F401
+from kit.cli import adapters, base, data, deploy, eval, recipes, review, train  # noqa: F401
 from kit.cli.app import app
 
 

@@ -24,7 +24,7 @@ ASSETS = PACKAGE_ROOT / "assets"
 STAGING_MARK = ".kit-staging-"  # in the name of every staged folder: `.{name}.kit-staging-{pid}-{random}`
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -55,7 +55,7 @@ def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> Non
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, data: Any, indent: int = 2) -> None:

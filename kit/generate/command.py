@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kit.core.errors import KitError
+from kit.data.reviewed import SOURCES_FILE
 from kit.generate.replicas import backend_for
 from kit.generate.ledger import LEDGER
 from kit.generate.prompts import load_domain
@@ -110,7 +111,7 @@ def generate_command(
 
 
 # What kit generate writes into --out; --force removes these and nothing else.
-WRITTEN = ("data.json", "kit.json", "summary.json", "rejects.jsonl", LEDGER, "dicom")
+WRITTEN = ("data.json", "kit.json", "summary.json", "rejects.jsonl", "flagged.jsonl", SOURCES_FILE, LEDGER, "dicom")
 
 
 def prepare_out(out: Path, force: bool) -> None:

@@ -18,6 +18,7 @@ from kit.core.errors import KitError
 from kit.ground.claims import Claim
 from kit.ground.policy import Grounding
 from kit.core.files import write_json_atomic, write_jsonl_atomic
+from kit.data.reviewed import SOURCES_FILE
 from kit.generate import prompts
 from kit.generate.backends import Backend
 from kit.generate.ledger import LEDGER, Ledger
@@ -150,6 +151,15 @@ def claims_reason(bad: list[Claim]) -> str:
     return f"claims: {', '.join(f'{n} {status}' for status, n in sorted(by.items()))} ({said})"
 
 
+def source_line(record, image: str | None, sample_ids: list[str]) -> dict:
+    """What a conversation's claims were checked against, kept beside data.json for the reviewer
+    (kit review): the record's texts and boxes, with the ids of the conversations made from it."""
+    d = record.to_json()
+    for key in ("root", "private", "source"):
+        d.pop(key, None)
+    return {**d, "image": image, "samples": sample_ids}
+
+
 def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_root: Path, domain: str,
               types: list[str], requests: int, seconds: float, grounding: Grounding) -> Summary:
     """data.json, rejects.jsonl (and flagged.jsonl) and the card from the ledger. The claim check
@@ -159,6 +169,7 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
     failed: Counter[str] = Counter()
     claim_counts: Counter[str] = Counter()
     samples, rejects, flagged = [], [], []
+    sources: dict[str, tuple] = {}  # record id -> (record, its image as data.json names it, its conversations' ids)
     prompt = completion = generated = pending = 0
     for t in tasks:
         e = ledger.entries.get(t.id)
@@ -170,6 +181,11 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
         completion += int(usage.get("completion_tokens", 0))
         if e["status"] == "ok":
             sample = dict(e["sample"])
+            root = Path(os.path.abspath(t.record.root))
+            if root != image_root and isinstance(sample.get("image"), str):
+                # The ledger keeps paths relative to each record's root; data.json has one image folder.
+                sample["image"] = Path(os.path.relpath(root / sample["image"], image_root)).as_posix()
+            sources.setdefault(t.record.id, (t.record, sample.get("image"), []))[2].append(sample["id"])
             answers = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
             bad = grounding.bad_claims(t.record, answers)
             if bad:
@@ -177,14 +193,12 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
                 line = {"id": sample["id"], "task": t.id, "reason": claims_reason(bad), "claims": [c.to_json() for c in bad]}
                 if grounding.mode == "reject":
                     rejected["claims"] += 1
-                    rejects.append({**line, "conversations": sample["conversations"]})
+                    # Whole, so a reviewer can rescue a false alarm (kit review) and it trains as written.
+                    rejects.append({**line, "image": sample.get("image"), "type": sample.get("type"),
+                                    "conversations": sample["conversations"]})
                     continue
                 flagged.append(line)
             generated += 1
-            root = Path(os.path.abspath(t.record.root))
-            if root != image_root and isinstance(sample.get("image"), str):
-                # The ledger keeps paths relative to each record's root; data.json has one image folder.
-                sample["image"] = Path(os.path.relpath(root / sample["image"], image_root)).as_posix()
             samples.append(sample)
         elif e["status"] == "rejected":
             rejected[category_of(e.get("reason", ""))] += 1
@@ -193,6 +207,7 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
             failed[category_of(e.get("reason", ""))] += 1
     write_json_atomic(out_dir / "data.json", samples)
     write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
+    write_jsonl_atomic(out_dir / SOURCES_FILE, [source_line(*v) for v in sources.values()])
     if grounding.mode == "flag" or (out_dir / "flagged.jsonl").exists():
         write_jsonl_atomic(out_dir / "flagged.jsonl", flagged)
     summary = Summary(

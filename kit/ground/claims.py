@@ -35,6 +35,8 @@ class Claim:
     status: str  # supported | unsupported | contradicted
     answer: int = 0  # which answer of the conversation (0-based) it is in
     why: str = ""
+    start: int = -1  # character offsets of `text` in that answer
+    end: int = -1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -76,24 +78,24 @@ def check_text(text: str, facts: Facts, vocab: Vocabulary, answer: int = 0) -> l
             continue
         if m.negated:
             status, why = _absence(m, facts)
-            claims.append(Claim(m.text, m.concept, "absence", status, answer, why))
+            claims.append(Claim(m.text, m.concept, "absence", status, answer, why, m.start, m.end))
             continue
         status, why = _object(m, facts, vocab)
-        claims.append(Claim(m.text, m.concept, "object", status, answer, why))
+        claims.append(Claim(m.text, m.concept, "object", status, answer, why, m.start, m.end))
         if status != SUPPORTED:
             continue
         known = facts.counts.get(m.concept)
         if m.count is not None and known is not None:
             ok = m.count == known
             claims.append(Claim(m.text, m.concept, "count", SUPPORTED if ok else CONTRADICTED, answer,
-                                "" if ok else f"the source has {known}, the answer says {m.count}"))
+                                "" if ok else f"the source has {known}, the answer says {m.count}", m.start, m.end))
         centres = facts.centres.get(m.concept)
         for region in m.positions:
             if not centres:
                 continue
             ok = any(in_region(region, c) for c in centres)
             claims.append(Claim(m.text, m.concept, "position", SUPPORTED if ok else CONTRADICTED, answer,
-                                "" if ok else f"no {m.concept} box has its centre in the {region} of the image"))
+                                "" if ok else f"no {m.concept} box has its centre in the {region} of the image", m.start, m.end))
     return claims
 
 

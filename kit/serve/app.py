@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kit.core.errors import KitError
 from kit.core.files import ASSETS
+from kit.core.http import LOOPBACK_NAMES, HostCheck, HttpError, parse_json, read_body
 from kit.infer.generation import Sampling
 from kit.data.images import MAX_SIDE
 from kit.serve.openai_schema import (ApiError, Limits, chunk, completion, completion_id, decode_images, model_card, parse_request,
@@ -51,7 +52,6 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_DECODED_PIXELS = 2 * MAX_SIDE**2
 # A request whose body has not arrived by then is answered 408 and leaves the queue.
 DEFAULT_BODY_TIMEOUT_S = 30.0
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 GENERATION_FAILED = "generation failed on the server (its log says why); retry, or report it to whoever runs the server"
 
 
@@ -107,35 +107,6 @@ class PixelBudget:
 WEB_DIR = ASSETS / "web"
 
 
-def host_name(header: str) -> str:
-    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:].split("]", 1)[0]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-class HostCheck:
-    """Requests whose Host is not one this server answers to get 421 (a page on another site that
-    points its own name at 127.0.0.1 still sends that name). `*` in `allowed` allows any."""
-
-    def __init__(self, app, allowed: set[str]):
-        self.app = app
-        self.allowed = {host_name(h) for h in allowed}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and "*" not in self.allowed:
-            host = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
-            if host not in self.allowed:
-                body = json.dumps(ApiError(421, f"this server does not answer to the host name {host!r}; "
-                                                "use the address it listens on", "invalid_host").body()).encode()
-                await send({"type": "http.response.start", "status": 421,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR,
@@ -171,8 +142,8 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     async def in_thread(fn, *args):
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=threads)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
+    @app.exception_handler(HttpError)
+    async def api_error(request: Request, e: HttpError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -246,7 +217,7 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     async def _started(request: Request):
         try:
             with anyio.fail_after(body_timeout_s):
-                raw = await _read_body(request, max_request_bytes, ApiError)
+                raw = await read_body(request, max_request_bytes, " (set with kit serve --max-request-bytes)")
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {body_timeout_s:g} s; send it whole, at once",
                            "request_timeout") from None
@@ -294,45 +265,6 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     if web_dir and Path(web_dir).is_dir():
         app.mount("/web", StaticFiles(directory=str(web_dir)), name="web")
     return app
-
-
-def parse_json(raw: bytes) -> Any:
-    """The decoded body. Raises ApiError (400) for what is not JSON or what Python's reader will not
-    take: nesting deeper than its recursion limit, integers past its digit limit, NaN / Infinity."""
-
-    class NotANumber(ValueError):
-        pass
-
-    def constant(name: str):
-        raise NotANumber(f"{name} is not a JSON number")
-
-    try:
-        return json.loads(raw, parse_constant=constant)
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply to read", "invalid_json") from None
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "the request body is not valid JSON (it is not UTF-8 text)", "invalid_json") from None
-    except NotANumber as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
-    except ValueError:  # the only other: an integer of more digits than int() converts
-        raise ApiError(400, "the request body is not valid JSON (a number in it has too many digits)", "invalid_json") from None
-
-
-async def _read_body(request, limit: int, error) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    too_big = error(413, f"the request body is larger than this server's limit of {limit:,} bytes "
-                         "(set with kit serve --max-request-bytes)", "request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
 
 
 def _event(obj: Any) -> str:

@@ -17,22 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kit.core.http import HttpError
 from kit.data.images import EncodedImage, ImageProblem, resolve_image
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
-
-class ApiError(Exception):
+class ApiError(HttpError):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
 
 
 class ChatRequest(BaseModel):
