@@ -9,6 +9,7 @@ stages; each stage lives in its own package.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from kit.core.cards import Card
@@ -17,6 +18,7 @@ from kit.core.files import read_json, read_jsonl, write_json_atomic, write_jsonl
 from kit.core.recipes import Recipe
 from kit.core.stages import Stages
 from kit.core.templates import IMAGE_TOKEN
+from kit.data.reviewed import REVIEW_LOG, ReviewCounts, is_generated_folder, reviewed_samples
 from kit.data.vqa import ANSWER_TYPES, ask
 from kit.eval.metrics import PROMPT_STYLE
 from kit.eval.vqa import before_after_table, changes, evaluate
@@ -109,21 +111,34 @@ def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") ->
     return out
 
 
-def prepare_data(recipe: Recipe, data: str | None, echo=print, stages: Stages | None = None) -> tuple[Path, Path | None, str | None]:
-    """(training file, held-out eval file or None, what generation made of it or None). Generation
-    resumes from its ledger if rerun."""
+@dataclass
+class Prepared:
+    train: Path  # a LLaVA file, or a reviewed kit generate folder
+    eval: Path | None = None  # held-out questions and probes
+    made: str | None = None  # what generation made
+    review: ReviewCounts | None = None  # what a review of the generated conversations decided
+
+
+def prepare_data(recipe: Recipe, data: str | None, echo=print, stages: Stages | None = None) -> Prepared:
+    """The training data and held-out eval file. Generation resumes from its ledger if rerun, and
+    a review of its folder (kit review) decides what trains, as for a reviewed folder given as data."""
     stages = stages or Stages(echo=lambda m: None)
     with stages.stage("sample"):
         path = _resolve_data(recipe, data, echo)
     if path.is_file():
-        return path, None, None
+        return Prepared(path)
+    if is_generated_folder(path):
+        reviewed = reviewed_samples(path, recipe.data.undecided)
+        echo(reviewed.counts.line())
+        return Prepared(path, review=reviewed.counts)
     with stages.stage("generation"):
         return _prepare_folder(recipe, path, echo)
 
 
-def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None, str]:
+def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     if not (path / "manifest.jsonl").is_file():
-        raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), or pass a LLaVA .json file")
+        raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), a kit generate "
+                       "folder (data.json), or pass a LLaVA .json file")
     records = from_manifest(path)
     fraction = recipe.eval.held_out if recipe.eval else 0.0
     held = held_out_groups({image_group(r.id) for r in records}, fraction)
@@ -141,12 +156,18 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
         max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,
         grounding=resolve_grounding(g.grounding, g.vocab, g.domain),
     )
-    samples = read_json(work / "generated" / "data.json", "generated data", expect=list)
+    generated = work / "generated"
+    samples = read_json(generated / "data.json", "generated data", expect=list)
     made = generation_line(len(samples), summary.rejected, summary.failed, summary.claims)
     echo(made)
     failed = failures_error(summary)
     if failed is not None:  # training on what happened to finish would hide a broken backend
         raise failed
+    review = None
+    if (generated / REVIEW_LOG).is_file():
+        reviewed = reviewed_samples(generated, recipe.data.undecided)
+        samples, review = reviewed.samples, reviewed.counts
+        echo(review.line())
     if recipe.data.caption_pairs:
         write_caption_pairs(train_records, work / "captions.json", seed=recipe.train.seed)
         samples += read_json(work / "captions.json", "caption pairs", expect=list)
@@ -175,7 +196,7 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> tuple[Path, Path | None
                 n += probed
         if n == 0:
             eval_file = None
-    return train_file, eval_file, made
+    return Prepared(train_file, eval_file, made, review)
 
 
 def gate_verdict(gate, before: dict, after: dict) -> dict | None:
@@ -220,7 +241,8 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
         base_path = resolve_base(recipe, base)
     # Output problems surface before minutes of generation, not after.
     out_path = plan_output(recipe, out, resume)
-    train_file, eval_file, made = prepare_data(recipe, data, echo, stages)
+    prepared = prepare_data(recipe, data, echo, stages)
+    train_file, eval_file, made = prepared.train, prepared.eval, prepared.made
     before = None
     if eval_file is not None:
         echo("evaluating the base on the held-out images ...")
@@ -228,6 +250,11 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
     plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder(recipe), out_path, resume)
     result = run(plan, max_steps, echo=echo, stages=stages)
+    if prepared.review is not None and prepared.train.is_file():
+        # Trained from the merged train.json: the card says what the review of its conversations decided.
+        card = Card.read(result)
+        card.review = prepared.review.to_json()
+        card.write(result)
     if eval_file is not None:
         echo("evaluating the adapted model ...")
         with stages.stage("evaluation after"):

@@ -50,6 +50,9 @@ class DataArgs(_Strict):
     on_bad_sample: Literal["error", "skip"] = Field(
         "error", description="Missing/corrupt image, truncated image tokens, nothing to supervise: stop, or skip and count."
     )
+    undecided: Literal["exclude", "include"] = Field(
+        "exclude", description="A reviewed folder as data (kit review): train on the conversations nobody decided on, or not."
+    )
     group_by_modality_length: bool = Field(True, description="Batch image and text-only samples apart, similar lengths together.")
     system_prompt: str | None = Field(None, description="Overrides the template's system message.")
     sample: str | None = Field(None, description="Sample set used when no --data is given (`kit data sample NAME`).")

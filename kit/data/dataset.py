@@ -15,7 +15,8 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, PREFIX, TemplateError, prefix_parts, render, template_for
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
-from kit.data.formats import Sample, load_samples, placement_for
+from kit.data.formats import Sample, load_samples, parse_samples, placement_for
+from kit.data.reviewed import DATA_FILE, ReviewCounts, reviewed_samples
 from kit.data.images import ImageProblem, check_image, image_size, open_rgb, resolve_image
 from kit.data.processing import Processing
 
@@ -47,6 +48,7 @@ class Report:
     image_tokens: int = 0  # the most tokens one image takes
     image_total: int = 0  # image tokens over all usable samples
     from_prompts: int = 0  # samples built from generation-prompt renders (kit.core.templates)
+    review: ReviewCounts | None = None  # a reviewed folder as data: what its review decided
 
     def summary(self) -> str:
         ok = self.total - len(self.problems)
@@ -185,7 +187,11 @@ def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict
 
 
 def default_image_folder(data_path: Path) -> Path:
-    """The data file's folder, unless a `kit.json` data card there (kit generate / ingest) names another."""
+    """The data file's folder (or the data folder itself), unless a `kit.json` data card there
+    (kit generate / ingest / review) names another."""
+    data_path = Path(data_path)
+    if data_path.is_dir():
+        data_path = data_path / DATA_FILE
     card = Card.read(data_path.parent)
     if card is not None and card.kind == "data" and card.image_folder:
         folder = Path(card.image_folder)
@@ -207,9 +213,11 @@ def build_dataset(
     system: str | None = None,
     image_placement: str = "auto",
     family: Family | None = None,
+    undecided: str = "exclude",
 ) -> tuple[LlavaDataset, Report]:
-    """Load, check and tokenise a LLaVA data file for `processor`'s checkpoint (of `family`:
-    whether it takes several images per sample).
+    """Load, check and tokenise a LLaVA data file, or a reviewed `kit generate` folder (what its
+    review says trains, kit.data.reviewed; `undecided`: its rule for conversations nobody decided
+    on), for `processor`'s checkpoint (of `family`: whether it takes several images per sample).
 
     Raises KitError on structural errors, and on any unusable sample when `on_bad_sample` is
     "error" (listing them); with "skip" they are left out and counted in the report.
@@ -217,7 +225,12 @@ def build_dataset(
     data_path = Path(data_path)
     if family is not None:
         template = template_for(template, family.prompt)
-    samples = load_samples(data_path, placement_for(template, image_placement))
+    placement = placement_for(template, image_placement)
+    reviewed = reviewed_samples(data_path, undecided) if data_path.is_dir() else None
+    if reviewed is not None and not reviewed.items:
+        raise KitError(f"{data_path}: its review leaves nothing to train on ({reviewed.counts.line()}); accept conversations "
+                       "with kit review, or set data.undecided=include")
+    samples = parse_samples(reviewed.items, placement) if reviewed else load_samples(data_path, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
@@ -228,7 +241,7 @@ def build_dataset(
     paths = _check_images(samples, folder)
     processing = Processing(processor, template, image_aspect)
     chat_template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    report = Report(total=len(samples))
+    report = Report(total=len(samples), review=reviewed.counts if reviewed else None)
     items: list[Encoded] = []
     checked: set[tuple] = set()
     for s in samples:

@@ -142,6 +142,12 @@ def load_samples(path: Path, placement: str = "reference") -> list[Sample]:
     records = _read_records(path)
     if not records:
         raise KitError(f"data file {path} holds no samples")
+    return parse_samples(records, placement)
+
+
+def parse_samples(records: list[tuple[str, Any]], placement: str) -> list[Sample]:
+    """(where, raw sample) pairs -> checked Samples. KitError naming `where` for a structural error
+    or a duplicate id."""
     samples = [_parse(where, rec, i, placement) for i, (where, rec) in enumerate(records)]
     seen: dict[str, str] = {}
     for s in samples:

@@ -197,6 +197,15 @@ def is_generated_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / DATA_FILE).is_file()
 
 
+def review_inputs(path: Path) -> list[Path]:
+    """The files whose content decides what a data path trains: the file itself, or a reviewed
+    folder's data.json, rejects and decisions (for the card's hash)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return [p for p in (path / DATA_FILE, path / REJECTS_FILE, path / REVIEW_LOG) if p.is_file()]
+
+
 def generated_samples(folder: Path) -> list[dict]:
     data = read_json(Path(folder) / DATA_FILE, "generated data", expect=list)
     for i, s in enumerate(data):

@@ -104,6 +104,8 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
     n_images = sum(len(it.images) for it in dataset.items)
     several = f", {n_images} images in all" if n_images != n_img else ""
     echo(f"data:     {plan.data} ({report.total} samples; {n_img} with images{several}, {len(dataset) - n_img} text-only)")
+    if report.review is not None:
+        echo(f"          {report.review.line()}")
     echo(f"base:     {plan.base} ({family_of(plan.base).label}; one image = up to {report.image_tokens} tokens, "
          f"{report.image_total} image tokens in all)")
     echo(f"template: {recipe.data.template}, max_length {recipe.data.max_length}")

@@ -12,6 +12,7 @@ from kit.base.mini import mini_base
 from kit.core.cards import CARD_NAME
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
+from kit.data.reviewed import is_generated_folder
 
 DEFAULT_OUT_ROOT = {"pretrain": "outputs", "finetune": "outputs", "adapt": "adapters"}
 
@@ -60,11 +61,17 @@ def plan_output(recipe: Recipe, out: str | None, resume: bool) -> Path:
 
 
 def data_file(recipe: Recipe, data: str | None) -> Path:
-    """--data, else the recipe's data.path; KitError unless it is an existing file."""
+    """--data, else the recipe's data.path; KitError unless it is an existing file or a `kit
+    generate` folder (trained under its review's rule, kit.data.reviewed)."""
     data_path = data or recipe.data.path
     if not data_path:
         raise KitError(f"recipe {recipe.name} names no data; pass --data FILE (LLaVA .json/.jsonl)")
     data_path = Path(data_path)
+    if data_path.is_dir():
+        if not is_generated_folder(data_path):
+            raise KitError(f"--data {data_path} is a folder without data.json; give a LLaVA .json / .jsonl file or a kit "
+                           "generate folder (reviewed with kit review)")
+        return data_path
     if not data_path.is_file():
         raise KitError(f"data file {data_path} does not exist; pass --data with a LLaVA .json or .jsonl file")
     return data_path

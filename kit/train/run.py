@@ -63,6 +63,7 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
         system=recipe.data.system_prompt,
         image_placement=recipe.data.image_placement,
         family=family_of(plan.base),
+        undecided=recipe.data.undecided,
     )
     return processor, dataset, report
 
@@ -70,6 +71,8 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
 def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
     processor, dataset, report = plan_data(plan)
     echo(f"data: {report.summary()}")
+    if report.review is not None:
+        echo(report.review.line())
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
     return processor, dataset, report
@@ -135,7 +138,8 @@ def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
     plot_loss(out / "log.csv", out / "loss.png", title=f"{plan.recipe.name} ({plan.recipe.stage})")
     data_report = {"summary": report.summary(), "problems": len(report.problems)}
-    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report).write(staging)
+    review = {"review": report.review.to_json()} if report.review is not None else {}
+    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report, **review).write(staging)
     commit_into(staging, out)
 
 

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from kit.base.family import family_of_model
 from kit.core.cards import Card, describe_source, hash_files
+from kit.data.reviewed import review_inputs
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 from kit.data.sampler import ModalityLengthSampler
@@ -119,6 +120,6 @@ def run_card(plan: RunPlan, kind: str, **extra: Any) -> Card:
         made_by=f"kit {plan.recipe.stage}",
         recipe=plan.recipe,
         base=describe_source(plan.base),
-        data={"path": str(plan.data.resolve()), "sha256": hash_files([plan.data])},
+        data={"path": str(plan.data.resolve()), "sha256": hash_files(review_inputs(plan.data))},
         **extra,
     )
