@@ -415,6 +415,11 @@ def test_finetune_and_adapt_train_what_the_review_says(folder, tiny_base, tmp_pa
     assert "grey afternoon" in supervised and "bicycle" not in supervised
     assert report.review.edited == 1 and report.review.rejected == 1 and report.review.undecided == 1
 
+    code, out_text, err = run_cli(capsys, "data", "check", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(folder),
+                                  *TINY)
+    assert code == 0, err
+    assert "review: 0 accepted, 1 edited, 1 rejected, 1 undecided (excluded); 1 rescued" in out_text + err
+
     out = tmp_path / "ft"
     code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(folder),
                            "--out", str(out), "--max-steps", "1", *TINY, "--set", "data.undecided=include")
@@ -436,3 +441,35 @@ def test_finetune_and_adapt_train_what_the_review_says(folder, tiny_base, tmp_pa
     code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(folder),
                            "--out", str(tmp_path / "none"), "--max-steps", "1", *TINY)
     assert code != 0 and err.count("\n") == 1 and "its review leaves nothing to train on" in err
+
+
+def test_adapt_on_a_manifest_applies_the_review_of_its_generated_folder(tmp_path, tiny_base, capsys):
+    import shutil
+
+    src = draw_manifest(tmp_path / "src")
+    with open(src / "manifest.jsonl", "a") as fh:  # more kitchens: one image is always held out
+        for n in (2, 3):
+            shutil.copy(src / "images" / "kitchen.png", src / "images" / f"kitchen{n}.png")
+            fh.write(json.dumps({"image": f"images/kitchen{n}.png", "captions": [f"A bowl of fruit on kitchen table {n}."],
+                                 "boxes": [{"label": "bowl", "bbox": [80, 80, 240, 160]}]}) + "\n")
+    args = ["adapt", "--recipe", "medical", "--base", str(tiny_base), "--data", str(src), "--max-steps", "1",
+            "--set", "quantization=none", "--set", "eval.held_out=0.25", "--set", "data.caption_pairs=false",
+            "--set", "data.vqa_train=false", *TINY]
+    with MockOpenAI(reply_for=_reply) as server:
+        mock = ["--set", "generate.backend=openai", "--set", f"generate.base_url={server.base_url}", "--set", "generate.model=mock"]
+        code, _, err = run_cli(capsys, *args, *mock, "--out", str(tmp_path / "a"))
+        assert code == 0, err
+        generated = src / ".kit" / "medical" / "generated"
+        kept = json.loads((generated / "data.json").read_text())
+        assert len(kept) >= 2 and "review:" not in err
+        log = ReviewLog(generated)
+        log.append(Decision(kept[0]["id"], "accept"))
+        log.append(Decision(kept[1]["id"], "reject", reason="wrong"))
+        code, _, err = run_cli(capsys, *args, *mock, "--out", str(tmp_path / "b"))
+        assert code == 0, err
+    undecided = len(kept) - 2
+    assert f"review: 1 accepted, 0 edited, 1 rejected, {undecided} undecided (excluded)" in err
+    train = json.loads((src / ".kit" / "medical" / "train.json").read_text())
+    assert [s["id"] for s in train] == [kept[0]["id"]]
+    card = json.loads((tmp_path / "b" / "kit.json").read_text())
+    assert (card["review"]["accepted"], card["review"]["rejected"], card["review"]["undecided"]) == (1, 1, undecided)

@@ -435,6 +435,8 @@ def test_a_base_alone_is_served_with_its_own_prompt_format(tiny_base):
 
 
 def test_non_loopback_host_needs_a_key_and_warns_before_loading(tiny_base, monkeypatch, tmp_path):
+    import socket
+
     import kit.serve.pool
     import kit.serve.run
     from kit.core.network import resolves_only_to_loopback
@@ -442,7 +444,7 @@ def test_non_loopback_host_needs_a_key_and_warns_before_loading(tiny_base, monke
 
     lines = []
     # Tests only ever listen on loopback: the socket the warning is about is not really bound.
-    monkeypatch.setattr(kit.serve.run, "bind", lambda host, port: kit.serve.run.socket.create_server(("127.0.0.1", 0)))
+    monkeypatch.setattr(kit.serve.run, "bind", lambda host, port: socket.create_server(("127.0.0.1", 0)))
     assert resolves_only_to_loopback("localhost") and resolves_only_to_loopback("::1") and not resolves_only_to_loopback("0.0.0.0")
 
     def stop(*a, **k):

@@ -19,7 +19,7 @@ app.add_typer(adapters_app, name="adapters")
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (kit recipes list) or path to a .yaml file.")]
 BaseOpt = Annotated[Optional[str], typer.Option(help="Base model folder, or 'mini' (the embedded default).")]
-DataOpt = Annotated[Optional[str], typer.Option(help="LLaVA .json/.jsonl data file; image paths are relative to its folder unless data.image_folder is set.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="LLaVA .json/.jsonl data file (image paths relative to its folder unless data.image_folder is set), or a kit generate folder: what its review (kit review) kept.")]
 OutOpt = Annotated[Optional[str], typer.Option(help="Output folder (default: outputs/<recipe>-<time> or adapters/<recipe>-<time>).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]

@@ -32,7 +32,7 @@ PublicOpt = Annotated[bool, typer.Option("--public", help="COCO / figures: the i
 def generate(
     source: SourceOpt,
     input: InputOpt,
-    out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, summary.json, ledger.jsonl, kit.json.")],
+    out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, sources.jsonl, summary.json, ledger.jsonl, kit.json.")],
     images: ImagesOpt = None,
     instances: InstancesOpt = None,
     types: Annotated[str, typer.Option(help="Comma-separated: conversation, detail, complex.")] = "conversation,detail,complex",

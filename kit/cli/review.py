@@ -21,6 +21,10 @@ def review(folder: Annotated[Path, typer.Argument(help="A kit generate output fo
            undecided: Annotated[str, typer.Option(help="With --export: 'exclude' (default) or 'include' the conversations nobody decided on.")] = "exclude",
            force: Annotated[bool, typer.Option("--force", help="With --export: replace an existing file.")] = False) -> None:
     """Accept, edit or reject generated conversations beside their source facts, on a local page; or --export the result."""
+    if export is None and (undecided != "exclude" or force):
+        from kit.core.errors import KitError
+
+        raise KitError("--undecided and --force apply to --export; add --export OUT.json, or leave them out to open the page")
     if export is not None:
         from kit.review.run import export_reviewed
 

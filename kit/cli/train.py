@@ -38,7 +38,7 @@ def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out:
 
 @app.command()
 def adapt(recipe: RecipeOpt, base: BaseOpt = None,
-          data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md) or LLaVA .json file; default: the recipe's sample set.")] = None,
+          data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md), LLaVA .json file, or a reviewed kit generate folder; default: the recipe's sample set.")] = None,
           out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
     """Adapt a LLaVA to your domain: sample/ingest -> generate -> check -> QLoRA -> before/after evaluation."""
     from kit.core.errors import KitError

@@ -10,6 +10,7 @@ import numpy as np
 from kit.base.family import family_of
 from kit.base.memory import estimate, parse_gpu
 from kit.core.errors import KitError
+from kit.data.reviewed import is_generated_folder
 from kit.core.recipes import Recipe
 from kit.data.vqa import load_items
 from kit.ingest.sources import from_manifest
@@ -43,9 +44,12 @@ def _manifest_folder(recipe: Recipe, data: str | None):
     """The manifest folder `kit adapt` would read (--data FOLDER, or an adapt recipe's sample set), else None."""
     if data is not None:
         path = Path(data)
+        if path.is_dir() and is_generated_folder(path):
+            return None  # a kit generate folder: checked as the data its review says trains
         if path.is_dir():
             if not (path / "manifest.jsonl").is_file():
-                raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), or pass a LLaVA .json file")
+                raise KitError(f"--data {path}: a data folder needs a manifest.jsonl (see private_data/README.md), a kit generate "
+                               "folder (data.json), or pass a LLaVA .json file")
             return path
         return None
     if recipe.stage == "adapt" and recipe.data.sample and not recipe.data.path:

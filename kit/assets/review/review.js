@@ -110,7 +110,7 @@ function marked(text, claims, numbers) {
     const worst = s.claims.reduce((w, c) => (SEVERITY[c.status] > SEVERITY[w.status] ? c : w));
     const m = el("mark", "claim " + worst.status, text.slice(s.start, s.end));
     m.title = s.claims.map((c) => `${c.kind}: ${c.status}${c.why ? " (" + c.why + ")" : ""}`).join("\n");
-    const bad = s.claims.filter((c) => c.status !== "supported").map((c) => numbers.get(c));
+    const bad = s.claims.filter((c) => numbers.has(c)).map((c) => numbers.get(c));
     if (bad.length) m.append(el("sup", null, bad.join(",")));
     frag.append(m);
     at = s.end;
@@ -119,10 +119,11 @@ function marked(text, claims, numbers) {
   return frag;
 }
 
-function renderTurns(list, turns, claims, editable) {
+// `numbered`: marks carry the number of their entry in the claims list (the text that list is about).
+function renderTurns(list, turns, claims, editable, numbered = true) {
   list.replaceChildren();
   const bad = claims.filter((c) => c.status !== "supported");
-  const numbers = new Map(bad.map((c, i) => [c, i + 1]));
+  const numbers = new Map(numbered ? bad.map((c, i) => [c, i + 1]) : []);
   const answers = answerTurns(turns);
   turns.forEach((t, i) => {
     const li = el("li", "turn " + (t.from === "gpt" ? "gpt" : "human"));
@@ -191,6 +192,7 @@ async function renderImage() {
   const img = $("image"), note = $("image-note");
   if (imageUrl) { URL.revokeObjectURL(imageUrl); imageUrl = null; }
   img.removeAttribute("src");
+  delete img.dataset.shows;
   $("image-name").textContent = item.image_name || "";
   if (!item.image) { note.hidden = false; note.textContent = item.image_problem || "no image"; return; }
   note.hidden = true;
@@ -198,7 +200,7 @@ async function renderImage() {
   const blob = await (await api(`/api/items/${item.index}/image`)).blob();
   if (!item || item.index !== want) return;
   imageUrl = URL.createObjectURL(blob);
-  img.onload = fit;
+  img.onload = () => { fit(); img.dataset.shows = item.id; };
   img.src = imageUrl;
 }
 
@@ -221,7 +223,7 @@ function render() {
   const edited = d && d.decision === "edit";
   const bad = renderTurns($("conversation"), edited ? d.conversations : it.conversations, edited ? d.claims : it.claims, false);
   $("original").hidden = !edited;
-  if (edited) renderTurns($("original-turns"), it.conversations, it.claims, false);
+  if (edited) renderTurns($("original-turns"), it.conversations, it.claims, false, false);
   renderClaims(bad);
   renderSource(it.source, it.facts);
   renderBoxes(it.source);
