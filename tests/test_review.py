@@ -145,6 +145,8 @@ def test_export_is_exactly_what_the_decisions_say(folder, tmp_path, capsys):
     conv, detail = data
     rescued = rejects[f"{STREET}-detail"]
     fixed = _edit_of(rescued, "Two people walk a dog along a street, past a parked car.")
+    unreviewed = reviewed_samples(folder)  # nobody has looked yet: data.json as generated
+    assert unreviewed.samples == data and not unreviewed.counts.reviewed and "none yet" in unreviewed.counts.line()
     log = ReviewLog(folder)
     log.append(Decision(conv["id"], "accept", of=fingerprint(conv["conversations"])))
     log.append(Decision(detail["id"], "reject", reason="too vague"))

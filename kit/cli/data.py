@@ -28,6 +28,27 @@ PublicOpt = Annotated[bool, typer.Option("--public", help="COCO / figures: the i
                                            "Without it every source is private: it never goes to a remote backend without --allow-remote.")]
 
 
+@data_app.command("pairs")
+def data_pairs(
+    source: Annotated[Path, typer.Argument(help="A kit generate folder (reviewed or not), a manifest folder, or a COCO captions file (with --instances, --images).")],
+    out: Annotated[Path, typer.Option(help="The pairs file to write (.json); a data card naming the image folder goes beside it.")],
+    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary the edits and checks use (default: the folder's own, else general).")] = None,
+    per_answer: Annotated[int, typer.Option(help="Pairs per grounded answer at most (edit kinds balanced over the set).")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for the choice among equally good edits.")] = 0,
+    images: ImagesOpt = None,
+    instances: InstancesOpt = None,
+    undecided: Annotated[str, typer.Option(help="A reviewed folder: 'exclude' (default) or 'include' conversations nobody decided on.")] = "exclude",
+    prompts: Annotated[Optional[Path], typer.Option(help="Questions for answers composed from manifest / COCO records (a copy of kit/prefer/prompts.yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Preference pairs from your own annotations: a grounded answer vs the same answer with one fact made false."""
+    from kit.prefer.pairs import write_pairs
+
+    write_pairs(source, out, vocab=vocab, seed=seed, per_answer=per_answer, images=images, instances=instances,
+                undecided=undecided, prompts=prompts, force=force, echo=echo_err)
+    typer.echo(str(out))
+
+
 @app.command()
 def generate(
     source: SourceOpt,

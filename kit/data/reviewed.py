@@ -11,7 +11,7 @@ line flushed and fsynced before the page is told it is saved; the newest line of
 - conversations the claim check rejected (rejects.jsonl) train only when the reviewer accepted or
   edited them (a rescued false alarm);
 - undecided conversations of data.json train with `undecided="include"`, not with the default
-  `exclude`.
+  `exclude`; a folder nobody has reviewed yet (no review.jsonl) trains data.json as generated.
 """
 
 from __future__ import annotations
@@ -166,11 +166,14 @@ class ReviewCounts:
     unknown: int = 0  # decisions about ids that are not in the folder (ignored)
     stale: int = 0  # decisions about a conversation since generated anew (counted as undecided)
     undecided_rule: str = "exclude"
+    reviewed: bool = True  # False: no review.jsonl yet, data.json trains as generated
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def line(self) -> str:
+        if not self.reviewed:
+            return f"review: none yet (no {REVIEW_LOG}): the {self.undecided} generated conversations train as generated"
         s = (f"review: {self.accepted} accepted, {self.edited} edited, {self.rejected} rejected, {self.undecided} undecided "
              f"({self.undecided_rule}d)")
         if self.rescued:
@@ -238,8 +241,11 @@ def reviewed_samples(folder: Path, undecided: str = "exclude") -> Reviewed:
         raise KitError(f"undecided '{undecided}': choose one of {', '.join(UNDECIDED)}")
     folder = Path(folder)
     generated = generated_samples(folder)
-    decisions = ReviewLog(folder).read()
-    counts = ReviewCounts(undecided_rule=undecided)
+    log = ReviewLog(folder)
+    decisions = log.read()
+    if not log.path.exists():
+        undecided = "include"
+    counts = ReviewCounts(undecided_rule=undecided, reviewed=log.path.exists())
     out = Reviewed(counts=counts)
     known = set()
     sources = [(s, f"{folder / DATA_FILE}[{i}]", False) for i, s in enumerate(generated)]

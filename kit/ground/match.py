@@ -88,6 +88,22 @@ def _plurals(word: str) -> set[str]:
     return out
 
 
+def plural(term: str) -> str:
+    """How a term is written for more than one ('dog' -> 'dogs', 'lymph node' -> 'lymph nodes')."""
+    head, _, last = term.rpartition(" ")
+    if last in IRREGULAR:
+        word = IRREGULAR[last][0]
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        word = last + "es"
+    elif last.endswith("y") and len(last) > 1 and last[-2] not in "aeiou":
+        word = last[:-1] + "ies"
+    elif last.endswith("fe"):
+        word = last[:-2] + "ves"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
 @dataclass(frozen=True)
 class _Index:
     """Term token-sequences (with plural forms) -> concept, and the longest term's length."""

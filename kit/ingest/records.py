@@ -42,6 +42,17 @@ class Record:
         d["boxes"] = [{"label": b.label, "bbox": list(b.bbox)} for b in self.boxes]
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any], root: Path) -> Record:
+        """A record as `to_json` (or kit generate's sources.jsonl) wrote it, its image under `root`.
+        Raises KeyError, TypeError or ValueError for what is not one."""
+        boxes = [Box(str(b["label"]), tuple(float(v) for v in b["bbox"])) for b in d.get("boxes") or []]
+        return cls(id=str(d["id"]), image=str(d.get("image") or ""), root=Path(root),
+                   captions=[str(c) for c in d.get("captions") or []], boxes=boxes,
+                   findings=[str(f) for f in d.get("findings") or []],
+                   metadata={str(k): str(v) for k, v in (d.get("metadata") or {}).items()},
+                   private=bool(d.get("private", False)), source=str(d.get("source") or ""))
+
 
 def image_folder_for(records: list[Record], out_dir: Path) -> Path:
     """The folder a data file's image paths are written relative to.

@@ -23,7 +23,7 @@ from kit.ground.claims import Claim, check_answers
 from kit.ground.facts import Facts, facts_of
 from kit.ground.policy import resolve_vocab
 from kit.ground.vocab import PACKAGED, Vocabulary, load_vocab
-from kit.ingest.records import Box, Record
+from kit.ingest.records import Record
 
 # Where an item came from: kept in data.json (with or without bad claims), or rejected by the check.
 KEPT, FLAGGED, REJECTED = "kept", "flagged", "rejected"
@@ -51,13 +51,30 @@ def answers_of(turns: list[dict]) -> list[str]:
 
 def record_of(line: dict, root: Path, where: str) -> Record:
     try:
-        boxes = [Box(str(b["label"]), tuple(float(v) for v in b["bbox"])) for b in line.get("boxes") or []]
-        return Record(id=str(line["id"]), image=str(line.get("image") or ""), root=root,
-                      captions=[str(c) for c in line.get("captions") or []], boxes=boxes,
-                      findings=[str(f) for f in line.get("findings") or []],
-                      metadata={str(k): str(v) for k, v in (line.get("metadata") or {}).items()})
+        return Record.from_json(line, root)
     except (KeyError, TypeError, ValueError) as e:
         raise KitError(f"{where}: not a source record ({type(e).__name__}: {e}); regenerate the folder with kit generate") from None
+
+
+def read_sources(folder: Path, image_folder: Path) -> tuple[dict[str, Record], dict[str, str]]:
+    """A generated folder's records by id, and the record id of each conversation id (empty when
+    the folder has no sources.jsonl). KitError naming the line of a bad record."""
+    path = Path(folder) / SOURCES_FILE
+    records: dict[str, Record] = {}
+    by_sample: dict[str, str] = {}
+    if not path.is_file():
+        return records, by_sample
+    for n, line in read_jsonl(path, "sources file", allow_empty=True):
+        r = record_of(line, image_folder, f"{path}:{n}")
+        records[r.id] = r
+        for sid in line.get("samples") or []:
+            by_sample[str(sid)] = r.id
+    return records, by_sample
+
+
+def image_folder_of(folder: Path, card: Card | None) -> Path:
+    """Where a generated folder's image paths point: its card's image folder, else the folder."""
+    return Path(card.image_folder) if card and card.image_folder else Path(folder)
 
 
 def vocabulary_for(card: Card | None, vocab: str | None) -> Vocabulary | None:
@@ -87,10 +104,10 @@ class ReviewFolder:
                            "inside a kit adapt data folder)")
         self.folder = folder
         self.card = Card.read(folder)
-        self.image_folder = Path(self.card.image_folder) if self.card and self.card.image_folder else folder
+        self.image_folder = image_folder_of(folder, self.card)
         self.vocab = vocabulary_for(self.card, vocab)
         self.log = ReviewLog(folder)
-        self.records, self.by_sample = self._sources()
+        self.records, self.by_sample = read_sources(folder, self.image_folder)
         self.items: list[Item] = []
         self._facts: dict[str, Facts] = {}
         flagged_ids = self._flagged_ids()
@@ -103,18 +120,6 @@ class ReviewFolder:
             k: d for k, (d, _) in self.log.read().items()
             if k in self.by_id and (not d.of or d.of == fingerprint(self.by_id[k].sample["conversations"]))}
 
-    def _sources(self) -> tuple[dict[str, Record], dict[str, str]]:
-        path = self.folder / SOURCES_FILE
-        records: dict[str, Record] = {}
-        by_sample: dict[str, str] = {}
-        if not path.is_file():
-            return records, by_sample
-        for n, line in read_jsonl(path, "sources file", allow_empty=True):
-            r = record_of(line, self.image_folder, f"{path}:{n}")
-            records[r.id] = r
-            for sid in line.get("samples") or []:
-                by_sample[str(sid)] = r.id
-        return records, by_sample
 
     def _flagged_ids(self) -> set[str]:
         path = self.folder / "flagged.jsonl"
