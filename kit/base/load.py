@@ -10,9 +10,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kit.base.family import Family, family_of
-from kit.core.cards import Card
+from kit.core.cards import CARD_NAME, Card, describe_source
 from kit.core.errors import KitError
+from kit.core.files import read_json
 from kit.core.precision import default_device
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def quantization_config(compute: torch.dtype, family: Family):
@@ -70,3 +73,32 @@ def load_base(path: Path, dtype: torch.dtype, form: str = "full", device: torch.
         if form == "dequantized":
             model.dequantize()
     return model.eval()
+
+
+def adapter_base(path: Path) -> tuple[Path, str | None, Card | None]:
+    """(base folder, fingerprint the adapter was trained on or None, card or None) — checked to exist and match."""
+    path = Path(path)
+    card = Card.read(path)
+    base_str = card.base.path if card and card.base else None
+    where = f"{path / CARD_NAME} ('base.path')"
+    if not base_str:
+        base_str = read_json(path / ADAPTER_CONFIG, "adapter config", fix="restore the file").get("base_model_name_or_path")
+        where = f"{path / ADAPTER_CONFIG} ('base_model_name_or_path')"
+    if not base_str:
+        raise KitError(f"adapter {path} does not say which base it was trained on; add \"base\": {{\"path\": ...}} to {path / CARD_NAME}")
+    base = Path(base_str)
+    if not base.is_dir():
+        raise KitError(
+            f"adapter {path} was trained on base {base}, which does not exist (moved or deleted); "
+            f"restore the base folder there, or edit {where} to point at its new location"
+        )
+    want = card.base.fingerprint if card and card.base else None
+    if want:
+        got = describe_source(base)["fingerprint"]
+        if got != want:
+            raise KitError(
+                f"adapter {path} was trained on a different base than the folder now at {base} "
+                f"(fingerprint {got}, expected {want}: its config.json or weight files changed); "
+                f"restore the original base there, or edit {where} to point at it"
+            )
+    return base, want, card

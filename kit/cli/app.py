@@ -23,6 +23,7 @@ DataOpt = Annotated[Optional[str], typer.Option(help="LLaVA .json/.jsonl data fi
 OutOpt = Annotated[Optional[str], typer.Option(help="Output folder (default: outputs/<recipe>-<time> or adapters/<recipe>-<time>).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
+FromOpt = Annotated[Optional[str], typer.Option("--from", help="Start from this LoRA adapter kit trained (its base is the base); e.g. preference tuning after kit adapt.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=2e-5 (repeatable).")]
 SourceOpt = Annotated[str, typer.Option(help="coco | manifest | dicom | figures")]
 InputOpt = Annotated[Path, typer.Option("--input", help="COCO captions file, manifest folder, DICOM folder or figures JSONL.")]

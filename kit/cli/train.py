@@ -6,14 +6,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from kit.cli.app import BaseOpt, DataOpt, OutOpt, RecipeOpt, ResumeOpt, SetOpt, StepsOpt, app, echo_err
+from kit.cli.app import BaseOpt, DataOpt, FromOpt, OutOpt, RecipeOpt, ResumeOpt, SetOpt, StepsOpt, app, echo_err
+
+
+def _overrides(overrides: list[str] | None, start: str | None) -> list[str]:
+    return [*(overrides or []), *([f"model.adapter={start}"] if start else [])]
 
 
 def _train(stage: str, recipe: str, base, data, out, max_steps, resume, overrides) -> None:
     from kit.core.errors import KitError
     from kit.core.recipes import load_recipe
 
-    r = load_recipe(recipe, overrides or [])
+    r = load_recipe(recipe, overrides)
     if r.stage != stage:
         raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
     from kit.train.run import train
@@ -26,32 +30,34 @@ def _train(stage: str, recipe: str, base, data, out, max_steps, resume, override
 def pretrain(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
              max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
     """Stage 1: align the projector on image-caption pairs (vision tower and LLM frozen)."""
-    _train("pretrain", recipe, base, data, out, max_steps, resume, set_)
+    _train("pretrain", recipe, base, data, out, max_steps, resume, set_ or [])
 
 
 @app.command()
 def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
-             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
-    """Stage 2: visual instruction tuning of projector + LLM (full or LoRA)."""
-    _train("finetune", recipe, base, data, out, max_steps, resume, set_)
+             max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None, start: FromOpt = None) -> None:
+    """Stage 2: visual instruction tuning of projector + LLM (full or LoRA), or preference tuning (train.objective: dpo)."""
+    _train("finetune", recipe, base, data, out, max_steps, resume, _overrides(set_, start))
 
 
 @app.command()
 def adapt(recipe: RecipeOpt, base: BaseOpt = None,
           data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md), LLaVA .json file, or a reviewed kit generate folder; default: the recipe's sample set.")] = None,
-          out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+          out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None,
+          start: FromOpt = None) -> None:
     """Adapt a LLaVA to your domain: sample/ingest -> generate -> check -> QLoRA -> before/after evaluation."""
     from kit.core.errors import KitError
     from kit.core.recipes import load_recipe
 
-    r = load_recipe(recipe, set_ or [])
+    set_ = _overrides(set_, start)
+    r = load_recipe(recipe, set_)
     if r.stage != "adapt":
         raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
     if (base or r.model.base or "mini") in ("mini", "mini-raw"):
         import torch
 
         if not torch.cuda.is_available():
-            r = load_recipe(recipe, set_ or [], embedded=True)
+            r = load_recipe(recipe, set_, embedded=True)
             echo_err("embedded mini base on CPU: applying the recipe's `embedded` settings")
     from kit.adapt import adapt as run_adapt
 

@@ -30,6 +30,8 @@ class _Strict(BaseModel):
 
 class ModelArgs(_Strict):
     base: str | None = Field(None, description="Base model folder, or 'mini' for the embedded default.")
+    adapter: str | None = Field(None, description="Start from this LoRA adapter (a folder kit trained; --from): its LoRA "
+                                                  "and projector train on, and its base is the base.")
 
 
 class DataArgs(_Strict):
@@ -112,6 +114,17 @@ class EvalArgs(_Strict):
     gate: GateArgs | None = None
 
 
+class PreferenceArgs(_Strict):
+    """Preference tuning (`train.objective: dpo`): TRL's DPO trainer on pairs (kit data pairs); the
+    reference is the starting weights with the new training switched off (no second model)."""
+
+    beta: float = Field(0.1, gt=0, description="How far from the reference the model may move for a preference (DPO's beta).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = Field(
+        "sigmoid", description="The preference loss (TRL's names): sigmoid is DPO, ipo IPO, robust cDPO with label noise ...")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of a supervised loss on the chosen answers beside the "
+                                                     "preference loss (RPO): keeps the model writing what it wrote.")
+
+
 class LoraArgs(_Strict):
     r: int = Field(64, gt=0)
     alpha: float = Field(16, gt=0)
@@ -122,6 +135,8 @@ class LoraArgs(_Strict):
 
 
 class TrainArgs(_Strict):
+    objective: Literal["sft", "dpo"] = Field("sft", description="sft: next-token loss on the answers (LLaVA); dpo: "
+                                                                "preference pairs (see the preference section).")
     trainable: list[Part] = Field(..., min_length=1, description="Parts that train; the rest stay frozen.")
     lr: float = Field(..., gt=0)
     projector_lr: float | None = Field(None, gt=0, description="Learning rate of the projector; default: lr.")
@@ -178,6 +193,7 @@ class Recipe(_Strict):
     data: DataArgs = DataArgs()
     train: TrainArgs
     lora: LoraArgs | None = Field(None, description="Train LoRA adapters on the LLM instead of its full weights.")
+    preference: PreferenceArgs | None = Field(None, description="train.objective dpo: beta, loss, SFT weight (defaults when absent).")
     quantization: Literal["none", "nf4"] = Field("none", description="nf4: QLoRA (4-bit NF4 + double quantization of the LLM).")
     generate: GenerateArgs | None = None
     eval: EvalArgs | None = None
@@ -192,6 +208,12 @@ class Recipe(_Strict):
             raise ValueError("quantization needs lora: 4-bit weights cannot be trained directly; add a lora section")
         if self.lora is not None and "llm" not in self.train.trainable:
             raise ValueError("lora is set but train.trainable lacks 'llm'; add 'llm' or remove lora")
+        if self.train.objective == "dpo":
+            if self.lora is None and self.model.adapter is None:
+                raise ValueError("train.objective dpo needs lora (or model.adapter): the reference is the same weights "
+                                 "with the adapter switched off, so no second copy of the model is held")
+            if self.preference is None:
+                self.preference = PreferenceArgs()
         return self
 
     def to_yaml(self) -> str:

@@ -13,6 +13,7 @@ from PIL import Image
 from kit.base.family import Family
 from kit.core.cards import Card
 from kit.core.errors import KitError
+from kit.core.files import read_json
 from kit.core.templates import IMAGE_TOKEN, PREFIX, TemplateError, prefix_parts, render, template_for
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, parse_samples, placement_for
@@ -186,6 +187,17 @@ def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict
     return paths
 
 
+def looks_like_pairs(path: Path) -> bool:
+    """A JSON list whose first item has `chosen` and `rejected`: preference pairs, not conversations."""
+    if Path(path).suffix != ".json" or not Path(path).is_file():
+        return False
+    try:
+        data = read_json(Path(path), "data file", expect=None)
+    except KitError:
+        return False
+    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and {"chosen", "rejected"} <= set(data[0])
+
+
 def default_image_folder(data_path: Path) -> Path:
     """The data file's folder (or the data folder itself), unless a `kit.json` data card there
     (kit generate / ingest / review) names another."""
@@ -230,8 +242,28 @@ def build_dataset(
     if reviewed is not None and not reviewed.items:
         raise KitError(f"{data_path}: its review leaves nothing to train on ({reviewed.counts.line()}); accept conversations "
                        "with kit review, or set data.undecided=include")
+    if reviewed is None and looks_like_pairs(data_path):
+        raise KitError(f"{data_path} is a preference pairs file (chosen / rejected); train it with a preference recipe "
+                       "(--set train.objective=dpo), or give a LLaVA conversations file")
     samples = parse_samples(reviewed.items, placement) if reviewed else load_samples(data_path, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
+    encoded, processing, report = encode_samples(samples, folder, processor, template, max_length, image_aspect, system, family)
+    report.review = reviewed.counts if reviewed else None
+    items = [e for e in encoded if e is not None]
+    if report.problems and on_bad_sample == "error":
+        first = report.problem_lines(1)[0]
+        more = f" (+{len(report.problems) - 1} more; `kit data check` lists them)" if len(report.problems) > 1 else ""
+        raise KitError(f"{first}{more}; fix the data or set data.on_bad_sample=skip")
+    if not items:
+        raise KitError(f"{data_path}: no usable samples ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
+    return LlavaDataset(items, processing), report
+
+
+def encode_samples(samples: list[Sample], folder: Path, processor, template: str, max_length: int, image_aspect: str,
+                   system: str | None = None, family: Family | None = None) -> tuple[list[Encoded | None], Processing, Report]:
+    """Each sample tokenised with exact labels (None where it is unusable: its problem is set and
+    reported), the Processing that turns them into model inputs, and the report. `template` is
+    already resolved for the family."""
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
     if family is not None and family.images == "one":
@@ -241,10 +273,11 @@ def build_dataset(
     paths = _check_images(samples, folder)
     processing = Processing(processor, template, image_aspect)
     chat_template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    report = Report(total=len(samples), review=reviewed.counts if reviewed else None)
-    items: list[Encoded] = []
+    report = Report(total=len(samples))
+    out: list[Encoded | None] = []
     checked: set[tuple] = set()
     for s in samples:
+        enc = None
         if s.problem is None:
             found = paths.get(s.id, [])
             sizes = [size for _, size in found]
@@ -269,16 +302,10 @@ def build_dataset(
                 report.truncated_text += enc.truncated
                 report.from_prompts += enc.from_prompts
                 report.lengths.append(len(enc.input_ids))
-                items.append(enc)
         if s.problem is not None:
             report.problems.append((s.id, s.where, s.problem))
-    if report.problems and on_bad_sample == "error":
-        first = report.problem_lines(1)[0]
-        more = f" (+{len(report.problems) - 1} more; `kit data check` lists them)" if len(report.problems) > 1 else ""
-        raise KitError(f"{first}{more}; fix the data or set data.on_bad_sample=skip")
-    if not items:
-        raise KitError(f"{data_path}: no usable samples ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
-    return LlavaDataset(items, processing), report
+        out.append(enc)
+    return out, processing, report
 
 
 def _agrees(processing: Processing, enc: Encoded, sizes: list[tuple[int, int]], s: Sample) -> None:

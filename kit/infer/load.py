@@ -27,13 +27,12 @@ import torch
 from peft import PeftModel
 
 from kit.base.family import family_of
-from kit.base.load import image_aspect_of, load_base, load_processor
-from kit.core.cards import CARD_NAME, Card, describe_source
+from kit.base.load import ADAPTER_CONFIG, adapter_base, image_aspect_of, load_base, load_processor
+from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import read_json
 from kit.core.precision import compute_dtype, default_device
 
-ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
@@ -55,35 +54,6 @@ def folder_kind(path: Path) -> str:
     if (path / "trainable.safetensors").is_file():
         hint = " (it is a partial training checkpoint: resume the run with --resume, or use the run's final folder)"
     raise KitError(f"{path} is neither a model folder (config.json) nor an adapter folder ({ADAPTER_CONFIG}){hint}")
-
-
-def adapter_base(path: Path) -> tuple[Path, str | None, Card | None]:
-    """(base folder, fingerprint the adapter was trained on or None, card or None) — checked to exist and match."""
-    path = Path(path)
-    card = Card.read(path)
-    base_str = card.base.path if card and card.base else None
-    where = f"{path / CARD_NAME} ('base.path')"
-    if not base_str:
-        base_str = read_json(path / ADAPTER_CONFIG, "adapter config", fix="restore the file").get("base_model_name_or_path")
-        where = f"{path / ADAPTER_CONFIG} ('base_model_name_or_path')"
-    if not base_str:
-        raise KitError(f"adapter {path} does not say which base it was trained on; add \"base\": {{\"path\": ...}} to {path / CARD_NAME}")
-    base = Path(base_str)
-    if not base.is_dir():
-        raise KitError(
-            f"adapter {path} was trained on base {base}, which does not exist (moved or deleted); "
-            f"restore the base folder there, or edit {where} to point at its new location"
-        )
-    want = card.base.fingerprint if card and card.base else None
-    if want:
-        got = describe_source(base)["fingerprint"]
-        if got != want:
-            raise KitError(
-                f"adapter {path} was trained on a different base than the folder now at {base} "
-                f"(fingerprint {got}, expected {want}: its config.json or weight files changed); "
-                f"restore the original base there, or edit {where} to point at it"
-            )
-    return base, want, card
 
 
 def processor_for(path: Path, base: Path | None):

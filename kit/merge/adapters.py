@@ -10,7 +10,8 @@ from kit.core.errors import KitError
 from kit.core.cards import CARD_NAME
 from kit.core.files import read_json
 from kit.core.precision import compute_dtype
-from kit.infer.load import ADAPTER_CONFIG, adapter_base, folder_kind
+from kit.base.load import ADAPTER_CONFIG, adapter_base
+from kit.infer.load import folder_kind
 
 PRECISIONS = ("dequantized", "full")
 

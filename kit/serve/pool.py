@@ -21,7 +21,8 @@ from kit.base.load import load_base
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype, default_device
-from kit.infer.load import adapter_base, base_form, folder_kind, processor_for, prompting
+from kit.base.load import adapter_base
+from kit.infer.load import base_form, folder_kind, processor_for, prompting
 from kit.infer.prompts import prepare
 from kit.serve.batching import BatchedAnswer, Batcher
 

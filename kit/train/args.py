@@ -16,6 +16,11 @@ from kit.core.recipes import Recipe
 
 
 def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(recipe, out, max_steps))
+
+
+def training_kwargs(recipe: Recipe, out: Path, max_steps: int | None) -> dict:
+    """The Trainer arguments a recipe sets (TrainingArguments' names; TRL's configs take them too)."""
     t = recipe.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = 1
@@ -25,7 +30,7 @@ def training_args(recipe: Recipe, out: Path, max_steps: int | None) -> TrainingA
             raise KitError(f"train.global_batch_size {t.global_batch_size} is not a multiple of batch_size x devices = {per_step}")
         accum = t.global_batch_size // per_step
     dtype = compute_dtype(t.precision)
-    return TrainingArguments(
+    return dict(
         output_dir=str(out),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=accum,

@@ -13,8 +13,9 @@ FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 class CsvLogger(TrainerCallback):
     """Appends one row per logging step; a resumed run continues the same file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra: tuple[str, ...] = ()):
         self.path = Path(path)
+        self.extra = extra  # more logged values, as columns (preference runs: reward margins)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -23,8 +24,9 @@ class CsvLogger(TrainerCallback):
         with open(self.path, "a", newline="") as fh:
             w = csv.writer(fh)
             if new:
-                w.writerow(FIELDS)
-            w.writerow([state.global_step, logs.get("epoch", ""), logs["loss"], logs.get("learning_rate", ""), logs.get("grad_norm", "")])
+                w.writerow(FIELDS + self.extra)
+            w.writerow([state.global_step, logs.get("epoch", ""), logs["loss"], logs.get("learning_rate", ""), logs.get("grad_norm", ""),
+                        *(logs.get(k, "") for k in self.extra)])
 
 
 def read_losses(path: Path) -> list[tuple[int, float]]:

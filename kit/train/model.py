@@ -67,7 +67,10 @@ def prepare_model(recipe: Recipe, base: Path):
     for name, p in model.named_parameters():
         part = family.part_of(name)
         p.requires_grad_(part in trainable and not (recipe.lora and part == "llm"))
-    if recipe.lora is not None:
+    if recipe.model.adapter:
+        # An adapter kit trained goes on training: its LoRA and its projector copy, as it was saved.
+        model = PeftModel.from_pretrained(model, recipe.model.adapter, is_trainable=True)
+    elif recipe.lora is not None:
         # Under LoRA only modules travel (modules_to_save); a bare parameter of the projector stays as it is.
         projector = family.projector_modules(model) if "projector" in trainable else []
         for name, p in model.named_parameters():

@@ -22,10 +22,12 @@ from kit.core.recipes import Recipe
 from kit.core.stages import Stages
 from kit.data.collator import Collator, supervised_loss
 from kit.data.dataset import Report, build_dataset
+from kit.data.preference import build_preference_dataset
 from kit.train.args import close_tracker, resolve_checkpointing, training_args
 from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
 from kit.train.plan import RunPlan, last_checkpoint, plan_run
+from kit.train.preference import LOGGED, drop_reference, preference_record, preference_trainer
 from kit.train.trainer import CheckpointCardCallback, KitTrainer, run_card
 
 
@@ -52,6 +54,12 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
     """(processor, dataset, report) of a run's data, tokenized for its base as the recipe says."""
     recipe = plan.recipe
     processor = load_processor(plan.base)
+    if recipe.train.objective == "dpo":
+        dataset, report = build_preference_dataset(
+            plan.data, processor, recipe.data.template, recipe.data.max_length, recipe.data.image_aspect or image_aspect_of(plan.base),
+            image_folder=plan.image_folder, on_bad_sample=on_bad_sample or recipe.data.on_bad_sample, system=recipe.data.system_prompt,
+            image_placement=recipe.data.image_placement, family=family_of(plan.base))
+        return processor, dataset, report
     dataset, report = build_dataset(
         plan.data,
         processor,
@@ -71,7 +79,7 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
 def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
     processor, dataset, report = plan_data(plan)
     echo(f"data: {report.summary()}")
-    if report.review is not None:
+    if isinstance(report, Report) and report.review is not None:
         echo(report.review.line())
     for line in report.problem_lines(5):
         echo(f"  skipped {line}")
@@ -81,11 +89,13 @@ def _checked_data(plan: RunPlan, echo) -> tuple[Any, Any, Report]:
 def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | None,
            callbacks: list[TrainerCallback] | None, echo) -> Path:
     recipe = plan.recipe
+    lengths = report.lengths if isinstance(report, Report) else report.lengths["chosen"] + report.lengths["rejected"]
     if recipe.train.gradient_checkpointing == "auto":
-        recipe = resolve_checkpointing(recipe, plan.base, max(report.lengths, default=recipe.data.max_length), echo)
+        recipe = resolve_checkpointing(recipe, plan.base, max(lengths, default=recipe.data.max_length), echo)
         plan = replace(plan, recipe=recipe)
-    if torch.cuda.is_available() and report.lengths:
-        est = estimate(recipe, plan.base, int(sorted(report.lengths)[int(0.95 * (len(report.lengths) - 1))]))
+    lengths = report.lengths if isinstance(report, Report) else report.lengths["chosen"] + report.lengths["rejected"]
+    if torch.cuda.is_available() and lengths:
+        est = estimate(recipe, plan.base, int(sorted(lengths)[int(0.95 * (len(lengths) - 1))]))
         card = torch.cuda.get_device_properties(0).total_memory
         fits = "" if est.total <= card else " - more than this GPU has: lower train.batch_size or use quantization=nf4"
         echo(f"memory: estimated peak {est.total / GIB:.1f} GiB of {card / GIB:.0f} GiB{fits}")
@@ -94,10 +104,24 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     n_all = sum(p.numel() for p in model.parameters())
     echo(f"model: {plan.base} — training {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters ({', '.join(recipe.train.trainable)}{' via LoRA' if recipe.lora else ''})")
 
-    args = training_args(recipe, plan.out, max_steps)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "recipe.yaml").write_text(recipe.to_yaml())
-    trainer = KitTrainer(
+    if recipe.train.objective == "dpo":
+        trainer = preference_trainer(model, recipe, plan.out, max_steps, dataset, processor,
+                                     [CsvLogger(plan.out / "log.csv", extra=LOGGED), CheckpointCardCallback(plan), *(callbacks or [])])
+    else:
+        trainer = _sft_trainer(model, recipe, plan, dataset, processor, max_steps, callbacks)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if plan.resume else None)
+    finally:
+        close_tracker(recipe)
+    save_final(trainer, plan, report, result.metrics)
+    return plan.out
+
+
+def _sft_trainer(model, recipe, plan: RunPlan, dataset, processor, max_steps: int | None, callbacks) -> KitTrainer:
+    args = training_args(recipe, plan.out, max_steps)
+    return KitTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -108,12 +132,6 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
         kit_recipe=recipe,
         kit_lengths=dataset.modality_lengths(),
     )
-    try:
-        result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if plan.resume else None)
-    finally:
-        close_tracker(recipe)
-    save_final(trainer, plan, report, result.metrics)
-    return plan.out
 
 
 # Written last when a final save is moved into place: until it is there the folder does not load
@@ -131,6 +149,7 @@ def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.final_save = True
+    drop_reference(trainer.accelerator.unwrap_model(trainer.model))
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
@@ -138,8 +157,10 @@ def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
     plot_loss(out / "log.csv", out / "loss.png", title=f"{plan.recipe.name} ({plan.recipe.stage})")
     data_report = {"summary": report.summary(), "problems": len(report.problems)}
-    review = {"review": report.review.to_json()} if report.review is not None else {}
-    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report, **review).write(staging)
+    extra = {"review": report.review.to_json()} if isinstance(report, Report) and report.review is not None else {}
+    if plan.recipe.train.objective == "dpo":
+        extra["preference"] = preference_record(plan.recipe, report, trainer.state.log_history)
+    run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report, **extra).write(staging)
     commit_into(staging, out)
 
 

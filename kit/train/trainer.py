@@ -22,14 +22,10 @@ from kit.train.plan import RunPlan
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-class KitTrainer(Trainer):
-    """HF Trainer plus the three things LLaVA training needs: a projector learning rate, modality
-    grouping, and checkpoints that hold only what trains (a stage-1 checkpoint is a few MB)."""
+class ProjectorLr:
+    """For a Trainer (HF's or TRL's) with `kit_recipe`: the projector learns at train.projector_lr."""
 
-    def __init__(self, *args, kit_recipe: Recipe, kit_lengths: list[int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kit_recipe = kit_recipe
-        self.kit_lengths = kit_lengths
+    kit_recipe: Recipe
 
     def create_optimizer(self, model=None):
         model = self.model if model is None else model
@@ -49,6 +45,16 @@ class KitTrainer(Trainer):
             kwargs.pop("lr", None)
             self.optimizer = cls(param_groups, **kwargs)
         return self.optimizer
+
+
+class KitTrainer(ProjectorLr, Trainer):
+    """HF Trainer plus the three things LLaVA training needs: a projector learning rate, modality
+    grouping, and checkpoints that hold only what trains (a stage-1 checkpoint is a few MB)."""
+
+    def __init__(self, *args, kit_recipe: Recipe, kit_lengths: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kit_recipe = kit_recipe
+        self.kit_lengths = kit_lengths
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.kit_recipe.data.group_by_modality_length:

@@ -1,0 +1,151 @@
+"""Preference tuning (train.objective: dpo) through TRL's DPO trainer on kit's data path: tiny
+models of three families learn to prefer the true answer (the reward margin rises), only the LoRA
+and the projector move, the adapter loads in plain PEFT and merges with `kit merge`; a run from an
+adapter kit trained keeps that adapter as its reference; the pairs file's malformed inputs are
+one-line errors and `kit data check` reports pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import families
+from test_cli_errors import run_cli
+from test_families import LORA
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+DPO = [*LORA, "--set", "train.objective=dpo", "--set", "preference.beta=0.5", "--set", "train.lr=2e-2"]
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
+
+
+def pairs_file(root: Path, n: int = 8) -> Path:
+    """Colour questions: the chosen answer names the image's colour, the rejected one the other."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name, other = list(COLOURS)[i % 2], list(COLOURS)[(i + 1) % 2]
+        Image.new("RGB", (48 + 8 * (i % 3), 40), COLOURS[name]).save(root / "images" / f"{i}.png")
+        rows.append({"id": f"p{i}", "image": f"images/{i}.png", "prompt": [{"from": "human", "value": "<image>\nWhat colour is it?"}],
+                     "chosen": f"It is {name}.", "rejected": f"It is {other}.", "edit": {"kind": "swap", "from": name, "to": other}})
+    f = root / "pairs.json"
+    f.write_text(json.dumps(rows))
+    return f
+
+
+def _margins(log: Path) -> list[float]:
+    import csv
+
+    with open(log) as fh:
+        return [float(r["rewards/margins"]) for r in csv.DictReader(fh)]
+
+
+def _state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_learns_the_preference_and_moves_only_the_adapter(family, smol_tokenizer_dir, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from kit.base.family import family_of
+
+    base = families.save(family, smol_tokenizer_dir, tmp_path / "base")
+    fam = family_of(base)
+    data = pairs_file(tmp_path / "data")
+    out = tmp_path / "dpo"
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(base), "--data", str(data),
+                           "--out", str(out), "--max-steps", "8", *DPO)
+    assert code == 0, err
+    assert "data: 8/8 pairs usable" in err
+    margins = _margins(out / "log.csv")
+    assert len(margins) == 8 and sum(margins[-3:]) / 3 > sum(margins[:3]) / 3 + 0.5, margins
+    card = json.loads((out / "kit.json").read_text())
+    pref = card["preference"]
+    assert pref["beta"] == 0.5 and pref["pairs"] == {"used": 8, "by_edit": {"swap": 8}} and pref["reward_margin"]["last"] > 0.5
+
+    weights = _state(out)
+    assert not (out / "ref").exists() and not any(".ref." in k for k in weights), "TRL's reference copy must not be saved"
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and all(fam.in_llm_body(k.replace(".lora_A.weight", "").replace(".lora_B.weight", "")) for k in lora)
+    saved = [k for k in weights if "lora_" not in k]
+    assert saved and all(fam.part_of(k) == "projector" for k in saved), saved
+
+    # Plain PEFT: the merged model differs from the base in the LLM and projector only; the tower is untouched.
+    plain = AutoModelForImageTextToText.from_pretrained(base)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    merged = PeftModel.from_pretrained(plain, out).merge_and_unload().state_dict()
+    moved = {fam.part_of(k) for k in before if k in merged and not torch.equal(before[k], merged[k])}
+    assert moved == {"llm", "projector"}, moved
+
+    code, stdout, err = run_cli(capsys, "merge", str(out), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_dpo_from_an_adapter_keeps_it_as_the_reference(smol_tokenizer_dir, tmp_path, capsys):
+    base = families.save("llava", smol_tokenizer_dir, tmp_path / "base")
+    data = pairs_file(tmp_path / "data")
+    sft = tmp_path / "sft"
+    rows = [{"id": p["id"], "image": p["image"], "conversations": [*p["prompt"], {"from": "gpt", "value": p["chosen"]}]}
+            for p in json.loads(data.read_text())]
+    (tmp_path / "data" / "sft.json").write_text(json.dumps(rows))
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(base), "--data",
+                           str(tmp_path / "data" / "sft.json"), "--out", str(sft), "--max-steps", "4", *LORA)
+    assert code == 0, err
+    out = tmp_path / "dpo"
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--from", str(sft), "--data", str(data),
+                           "--out", str(out), "--max-steps", "3", *DPO)
+    assert code == 0, err
+    # The reference is the SFT adapter: the first step's policy equals it, so the first margin is 0.
+    margins = _margins(out / "log.csv")
+    assert margins[0] == pytest.approx(0.0, abs=1e-4) and margins[-1] > margins[0]
+    card = json.loads((out / "kit.json").read_text())
+    assert card["preference"]["from"] == str(sft) and card["base"]["path"] == str(base.resolve())
+    # What it started from is the SFT adapter, not a fresh LoRA: same keys, other values after training.
+    start, end = _state(sft), _state(out)
+    assert set(start) == set(end) and any(not torch.equal(start[k], end[k]) for k in start)
+
+    other = families.save("qwen2_vl", smol_tokenizer_dir, tmp_path / "other")
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--from", str(sft), "--base", str(other),
+                           "--data", str(data), "--out", str(tmp_path / "x"), *DPO)
+    assert code != 0 and err.count("\n") == 1 and "leave --base out" in err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("chosen"), "[0]: field 'chosen' must be the answer's text"),
+    (lambda p: p.update(rejected=p["chosen"]), "[0]: 'chosen' and 'rejected' are the same text"),
+    (lambda p: p.update(prompt=[{"from": "gpt", "value": "x"}]), "[0]: the prompt's last turn must be the question"),
+    (lambda p: p.update(prompt=7), "[0]: field 'prompt' must be the question"),
+    (lambda p: p.update(image=5), "[0]: field 'image' must be a relative path"),
+    (lambda p: p.update(chosen="<image> red"), "[0]: an answer holds <image>"),
+    (lambda p: p.update(image="images/missing.png"), "pair 'p0': chosen answer: image file"),
+])
+def test_malformed_pairs_are_one_line_errors(edit, message, tiny_base, tmp_path, capsys):
+    data = pairs_file(tmp_path / "data", n=2)
+    rows = json.loads(data.read_text())
+    edit(rows[0])
+    data.write_text(json.dumps(rows))
+    code, stdout, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(data),
+                                "--out", str(tmp_path / "o"), *DPO)
+    assert code != 0 and err.count("\n") == 1 and message in err, err
+    assert str(data) in err and not (tmp_path / "o").exists()
+
+
+def test_data_check_reports_pairs(tiny_base, tmp_path, capsys):
+    data = pairs_file(tmp_path / "data", n=4)
+    rows = json.loads(data.read_text())
+    rows[1]["chosen"] = "red " * 400  # longer than max_length with the prompt
+    data.write_text(json.dumps(rows))
+    code, out, err = run_cli(capsys, "data", "check", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(data),
+                             *DPO, "--set", "data.max_length=256")
+    said = out + err
+    assert code != 0, said
+    assert "pairs:    3/4 pairs usable" in said and "p1" in said and "longer than max_length 256" in said
+    assert "edits: 4 swap" in said and "prompt + chosen" in said and "prompt + rejected" in said
