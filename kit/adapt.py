@@ -34,6 +34,7 @@ from kit.ingest.records import Record
 from kit.ingest.samples.write import write_sample
 from kit.ingest.sources import from_manifest
 from kit.ingest.split import held_out_groups, image_group, sample_folder
+from kit.prefer.pairs import build_pairs, load_prompts, record_answers
 from kit.train.plan import RunPlan, data_file, image_folder, plan_output, resolve_base
 from kit.train.run import run
 
@@ -128,6 +129,9 @@ def prepare_data(recipe: Recipe, data: str | None, echo=print, stages: Stages | 
     if path.is_file():
         return Prepared(path)
     if is_generated_folder(path):
+        if recipe.train.objective == "dpo":
+            raise KitError(f"--data {path}: a preference recipe trains pairs; make them with `kit data pairs {path} --out "
+                           "PAIRS.json` and pass that file, or give the manifest folder")
         reviewed = reviewed_samples(path, recipe.data.undecided)
         echo(reviewed.counts.line())
         return Prepared(path, review=reviewed.counts)
@@ -147,6 +151,8 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
         raise KitError(f"{path}: every image fell into the held-out split; add images or lower eval.held_out")
     work = path / ".kit" / recipe.name
     work.mkdir(parents=True, exist_ok=True)
+    if recipe.train.objective == "dpo":
+        return _prepare_pairs(recipe, path, records, train_records, held, work, echo)
     g = recipe.generate
     if g is None:
         raise KitError(f"recipe '{recipe.name}' has no generate section; it cannot turn {path} into conversations")
@@ -182,21 +188,43 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     train_file = work / "train.json"
     write_json_atomic(train_file, samples, indent=1)
     Card.new("data", made_by="kit adapt", image_folder=str(path.resolve()), samples=len(samples)).write(work)
-    eval_file = None
-    if recipe.eval and held and (path / recipe.eval.file).is_file():
-        eval_file = work / "eval" / "heldout.jsonl"
-        eval_file.parent.mkdir(exist_ok=True)
-        held_images = {str(Path(r.image)): "\n".join(r.captions + r.findings) for r in records if image_group(r.id) in held}
-        n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
-        echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
-        if recipe.eval.probes:
-            probed = _add_probes(eval_file, [r for r in records if image_group(r.id) in held], path, recipe)
-            if probed:
-                echo(f"hallucination probes: {probed} yes/no questions and descriptions about the held-out images")
-                n += probed
-        if n == 0:
-            eval_file = None
-    return Prepared(train_file, eval_file, made, review)
+    return Prepared(train_file, _held_out_eval(recipe, path, records, held, work, echo), made, review)
+
+
+def _held_out_eval(recipe: Recipe, path: Path, records: list[Record], held: set[str], work: Path, echo) -> Path | None:
+    """The eval file's questions about the held-out images, plus hallucination probes; None when none."""
+    if not (recipe.eval and held and (path / recipe.eval.file).is_file()):
+        return None
+    eval_file = work / "eval" / "heldout.jsonl"
+    eval_file.parent.mkdir(exist_ok=True)
+    held_images = {str(Path(r.image)): "\n".join(r.captions + r.findings) for r in records if image_group(r.id) in held}
+    n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
+    echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
+    if recipe.eval.probes:
+        probed = _add_probes(eval_file, [r for r in records if image_group(r.id) in held], path, recipe)
+        if probed:
+            echo(f"hallucination probes: {probed} yes/no questions and descriptions about the held-out images")
+            n += probed
+    return eval_file if n else None
+
+
+def _prepare_pairs(recipe: Recipe, path: Path, records: list[Record], train_records: list[Record], held: set[str],
+                   work: Path, echo) -> Prepared:
+    """Preference pairs from the training images' own captions, findings and boxes (kit data pairs),
+    written to the work folder; the held-out images stay out of them and are evaluated."""
+    vocab = load_vocab(recipe.preference.vocab)
+    answers = record_answers(train_records, vocab, load_prompts())
+    result = build_pairs(answers, vocab, per_answer=recipe.preference.per_answer, seed=recipe.train.seed, records=train_records)
+    made = result.line()
+    echo(made)
+    if not result.pairs:
+        raise KitError(f"{path}: no preference pair could be made from the training images ({made}); their captions, findings "
+                       f"and boxes must name concepts of the '{vocab.name}' vocabulary (preference.vocab)")
+    pairs_file = work / "pairs.json"
+    write_json_atomic(pairs_file, result.pairs, indent=1)
+    Card.new("data", made_by="kit adapt", image_folder=str(path.resolve()), files=[pairs_file.name],
+             pairs={**result.summary(), "vocabulary": vocab.source}).write(work)
+    return Prepared(pairs_file, _held_out_eval(recipe, path, records, held, work, echo), made)
 
 
 def gate_verdict(gate, before: dict, after: dict) -> dict | None:
@@ -244,10 +272,13 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
     prepared = prepare_data(recipe, data, echo, stages)
     train_file, eval_file, made = prepared.train, prepared.eval, prepared.made
     before = None
+    # A run that goes on from an adapter is measured against that adapter, not the bare base.
+    start = Path(recipe.model.adapter) if recipe.model.adapter else base_path
+    labels = ("start", "after") if recipe.model.adapter else ("base", "adapted")
     if eval_file is not None:
-        echo("evaluating the base on the held-out images ...")
+        echo(f"evaluating the {'starting adapter' if recipe.model.adapter else 'base'} on the held-out images ...")
         with stages.stage("evaluation before"):
-            before = evaluate(base_path, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
+            before = evaluate(start, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
     plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder(recipe), out_path, resume)
     result = run(plan, max_steps, echo=echo, stages=stages)
     if prepared.review is not None and prepared.train.is_file():
@@ -259,7 +290,7 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
         echo("evaluating the adapted model ...")
         with stages.stage("evaluation after"):
             after = evaluate(result, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
-        echo(before_after_table(before, after))
+        echo(before_after_table(before, after, labels))
         card = Card.read(result) or Card.new("adapter", made_by="kit adapt")
         gate = gate_verdict(recipe.eval.gate, before, after)
         card.evaluation = {
@@ -268,6 +299,7 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             "prompts": after["prompts"],
             "change": changes(before, after),
             "hallucination_change": hallucination_changes(before, after),
+            "before": str(start),
             "base": {k: v for k, v in before.items() if k != "predictions"},
             "adapted": {k: v for k, v in after.items() if k != "predictions"},
             **({"gate": gate} if gate is not None else {}),

@@ -151,3 +151,45 @@ def test_data_check_reports_pairs(tiny_base, tmp_path, capsys):
     assert code != 0, said
     assert "pairs:    3/4 pairs usable" in said and "p1" in said and "longer than max_length 256" in said
     assert "edits:    4 swap" in said and "prompt + chosen" in said and "prompt + rejected" in said
+
+
+def test_adapt_with_the_preference_recipe_makes_pairs_trains_from_the_adapter_and_measures(tiny_base, tmp_path, capsys):
+    from test_pairs import _manifest
+
+    src = _manifest(tmp_path / "src")
+    with open(src / "eval.jsonl", "w") as fh:
+        for i, line in enumerate(map(json.loads, (src / "manifest.jsonl").read_text().splitlines())):
+            for j, (q, a) in enumerate((("Is this a CT image?", "yes" if "CT" in line["captions"][0] else "no"), ("Is there a dog?", "no"))):
+                fh.write(json.dumps({"id": f"q{i}-{j}", "image": line["image"], "question": q, "answer": a,
+                                     "answer_type": "closed"}) + "\n")
+    sft_data = tmp_path / "sft" / "train.json"
+    sft_data.parent.mkdir()
+    rows = [{"id": f"c{i}", "image": line["image"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": line["captions"][0]}]}
+        for i, line in enumerate(map(json.loads, (src / "manifest.jsonl").read_text().splitlines()))]
+    sft_data.write_text(json.dumps(rows))
+    sft = tmp_path / "sft-adapter"
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(tiny_base), "--data", str(sft_data),
+                           "--out", str(sft), "--max-steps", "2", *LORA, "--set", "data.template=chat",
+                           "--set", f"data.image_folder={src}")
+    assert code == 0, err
+
+    out = tmp_path / "dpo"
+    pairs_of = list(zip(DPO[::2], DPO[1::2]))  # the recipe sets its own objective and template
+    settings = [a for flag, value in pairs_of if value not in ("train.objective=dpo", "data.template=chat") for a in (flag, value)]
+    code, stdout, err = run_cli(capsys, "adapt", "--recipe", "medical-dpo", "--from", str(sft), "--data", str(src), "--out", str(out),
+                                "--max-steps", "3", *settings, "--set", "eval.held_out=0.25", "--set", "eval.max_new_tokens=4",
+                                "--set", "data.image_aspect=pad", "--set", "eval.gate.closed_drop=100")
+    assert code == 0, err
+    made = next(line for line in err.splitlines() if line.startswith("pairs: "))
+    assert "grounded answers" in made
+    assert "evaluating the starting adapter on the held-out images" in err
+    header = next(line for line in err.splitlines() if line.startswith("metric "))
+    assert "start" in header and "after" in header
+    pairs = json.loads((src / ".kit" / "medical-dpo" / "pairs.json").read_text())
+    held = json.loads((out / "kit.json").read_text())["evaluation"]
+    # The held-out images never give a pair.
+    assert pairs and not {p["image"] for p in pairs} & {json.loads(line)["image"] for line in open(held["data"])}
+    card = json.loads((out / "kit.json").read_text())
+    assert card["preference"]["from"] == str(sft) and sum(card["preference"]["pairs"]["by_edit"].values()) == len(pairs)
+    assert card["evaluation"]["before"] == str(sft) and card["evaluation"]["gate"]["passed"]

@@ -124,6 +124,12 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
     return Path(out)
 
 
+def is_mini(folder: Path) -> bool:
+    """Whether a model folder is the embedded mini base kit built in its cache (aligned or raw)."""
+    folder = Path(folder).resolve()
+    return folder.parent == cache_dir().resolve() and folder.name.startswith(MINI_VERSION)
+
+
 def mini_base(aligned: bool = True) -> Path:
     """The cached mini base, built on first use. `aligned` applies the shipped stage-1 projector."""
     name = MINI_VERSION + ("-aligned" if aligned else "-raw")

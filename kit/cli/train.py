@@ -40,6 +40,18 @@ def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out:
     _train("finetune", recipe, base, data, out, max_steps, resume, _overrides(set_, start))
 
 
+def _on_mini(base: str, adapter: str | None) -> bool:
+    """Whether the run trains on the embedded mini base (given by name, or as the base of --from)."""
+    if adapter is None:
+        return base in ("mini", "mini-raw")
+    from pathlib import Path
+
+    from kit.base.load import ADAPTER_CONFIG, adapter_base
+    from kit.base.mini import is_mini
+
+    return (Path(adapter) / ADAPTER_CONFIG).is_file() and is_mini(adapter_base(Path(adapter))[0])
+
+
 @app.command()
 def adapt(recipe: RecipeOpt, base: BaseOpt = None,
           data: Annotated[Optional[str], typer.Option(help="Manifest folder (private_data/README.md), LLaVA .json file, or a reviewed kit generate folder; default: the recipe's sample set.")] = None,
@@ -53,7 +65,7 @@ def adapt(recipe: RecipeOpt, base: BaseOpt = None,
     r = load_recipe(recipe, set_)
     if r.stage != "adapt":
         raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
-    if (base or r.model.base or "mini") in ("mini", "mini-raw"):
+    if _on_mini(base or r.model.base or "mini", r.model.adapter):
         import torch
 
         if not torch.cuda.is_available():

@@ -123,6 +123,8 @@ class PreferenceArgs(_Strict):
         "sigmoid", description="The preference loss (TRL's names): sigmoid is DPO, ipo IPO, robust cDPO with label noise ...")
     sft_weight: float = Field(0.0, ge=0, description="Weight of a supervised loss on the chosen answers beside the "
                                                      "preference loss (RPO): keeps the model writing what it wrote.")
+    vocab: str = Field("general", description="kit adapt: the vocabulary its pairs are made and checked with (kit data pairs).")
+    per_answer: int = Field(2, gt=0, description="kit adapt: pairs per grounded answer at most.")
 
 
 class LoraArgs(_Strict):

@@ -211,10 +211,11 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(rows + ([extra] if extra else []))
 
 
-def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+def before_after_table(before: dict[str, Any], after: dict[str, Any], labels: tuple[str, str] = ("base", "adapted")) -> str:
     """A metric | base | adapted | change | 95% interval of the change | n table (percent, change in
-    points, paired bootstrap over the same questions), then a line saying what the change means."""
-    rows = [f"{'metric':19} | {'base':>7} | {'adapted':>7} | {'change':>7} | {'95% interval':>16} | n"]
+    points, paired bootstrap over the same questions), then a line saying what the change means.
+    `labels` name the two columns."""
+    rows = [f"{'metric':19} | {labels[0]:>7} | {labels[1]:>7} | {'change':>7} | {'95% interval':>16} | n"]
     diff = changes(before, after)
     counts = _counts(after)
     vqa = bool(counts["overall"]) or not _has_hallucination(after)
