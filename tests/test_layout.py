@@ -20,7 +20,7 @@ from pathlib import Path
 KIT = Path(__file__).resolve().parents[1] / "kit"
 
 # Bottom-up. A module may import from its own layer and the layers before it.
-LAYERS = ("core", "base", "data", "ingest", "ground", "generate", "review", "prefer", "train", "infer", "eval", "merge", "export", "serve", "adapt", "cli")
+LAYERS = ("core", "base", "data", "ingest", "ground", "generate", "review", "train", "infer", "eval", "prefer", "merge", "export", "serve", "adapt", "cli")
 TOP_LEVEL = {"kit": "core", "kit.__main__": "cli"}
 
 

@@ -179,3 +179,40 @@ def test_pairs_bad_inputs_are_one_line_errors(tmp_path, capsys):
         code, stdout, err = run_cli(capsys, *args)
         assert code != 0 and err.count("\n") == 1 and message in err and not stdout, (args, err)
     assert not (tmp_path / "q.json").exists()
+
+
+def test_the_models_own_flagged_answers_become_rejected_ones(tmp_path, capsys, monkeypatch, tiny_base):
+    import kit.prefer.pairs
+
+    src = _manifest(tmp_path / "src")
+    # A real model on this machine: every grounded answer's prompt is asked, each answer judged.
+    out = tmp_path / "real.json"
+    code, _, err = run_cli(capsys, "data", "pairs", str(src), "--out", str(out), "--from-model", str(tiny_base))
+    assert code == 0, err
+    line = next(l for l in err.splitlines() if l.startswith("pairs: "))
+    grounded = int(line.split(" from ")[1].split()[0])
+    made = sum(1 for p in json.loads(out.read_text()) if p["edit"]["kind"] == "model")
+    judged_clean = int(line.split("model answer makes no claim")[0].rsplit(" ", 2)[-2]) if "model answer makes no claim" in line else 0
+    assert made + judged_clean == grounded, line
+
+    # A model that invents a cat everywhere: each of its answers is flagged and paired.
+    asked = []
+
+    def invents(model_path, answers, folder, echo=print, **kw):
+        asked.extend(a.prompt[-1]["value"] for a in answers)
+        return ["The image shows a cat." for _ in answers]
+
+    monkeypatch.setattr(kit.prefer.pairs, "model_answers", invents)
+    out = tmp_path / "cats.json"
+    code, _, err = run_cli(capsys, "data", "pairs", str(src), "--out", str(out), "--from-model", str(tiny_base))
+    assert code == 0, err
+    cats = [p for p in json.loads(out.read_text()) if p["edit"]["kind"] == "model"]
+    assert len(cats) == len(asked) and all(p["rejected"] == "The image shows a cat." for p in cats)
+    assert all(p["edit"]["to"] == "cat" and p["claims"][0]["status"] == "unsupported" for p in cats)
+    assert all(not [c for c in check_text(p["chosen"], facts_of(_record_of(src, p["image"]), GENERAL), GENERAL) if c.bad] for p in cats)
+
+
+def _record_of(src: Path, image: str) -> Record:
+    from kit.ingest.sources import from_manifest
+
+    return next(r for r in from_manifest(src) if r.image == image)

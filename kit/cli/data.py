@@ -40,12 +40,13 @@ def data_pairs(
     undecided: Annotated[str, typer.Option(help="A reviewed folder: 'exclude' (default) or 'include' conversations nobody decided on.")] = "exclude",
     prompts: Annotated[Optional[Path], typer.Option(help="Questions for answers composed from manifest / COCO records (a copy of kit/prefer/prompts.yaml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    from_model: Annotated[Optional[Path], typer.Option(help="Also ask this model or adapter the prompts (greedy, on this machine): its answers the claim check flags become rejected answers.")] = None,
 ) -> None:
     """Preference pairs from your own annotations: a grounded answer vs the same answer with one fact made false."""
     from kit.prefer.pairs import write_pairs
 
     write_pairs(source, out, vocab=vocab, seed=seed, per_answer=per_answer, images=images, instances=instances,
-                undecided=undecided, prompts=prompts, force=force, echo=echo_err)
+                undecided=undecided, prompts=prompts, force=force, from_model=from_model, echo=echo_err)
     typer.echo(str(out))
 
 

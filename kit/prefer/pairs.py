@@ -12,6 +12,8 @@ Grounded answers come from
 - a manifest folder or COCO captions + instances: answers composed from the record itself, its
   caption, its findings, or its boxes ("two people, a dog and a car on the right"), to the
   questions in prompts.yaml.
+With a model (`--from-model`), its own greedy answers to the same prompts are a second source of
+rejected answers: those the check flags are paired with the grounded answer (edit kind `model`).
 
 The pairs file is a JSON list of {id, image, prompt (LLaVA turns, the last a question), chosen,
 rejected, edit {kind, from, to}, claims (what the check found false in `rejected`)}, image paths
@@ -40,6 +42,7 @@ from kit.ground.match import find_mentions, plural
 from kit.ground.vocab import Vocabulary, load_vocab
 from kit.ingest.records import Record
 from kit.ingest.sources import from_coco, from_manifest
+from kit.prefer.model_answers import model_answers
 from kit.review.folder import image_folder_of, read_sources, vocabulary_for
 
 CHOSEN_UNGROUNDED = "chosen answer makes a claim the source does not support"
@@ -71,7 +74,7 @@ class Pairs:
         return {"pairs": len(self.pairs), "answers": self.answers, "by_edit": dict(self.made), "dropped": dict(self.dropped)}
 
     def line(self) -> str:
-        kinds = ", ".join(f"{self.made[k]} {k}" for k in EDIT_KINDS if self.made[k])
+        kinds = ", ".join(f"{self.made[k]} {k}" for k in (*EDIT_KINDS, "model") if self.made[k])
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common())
         return (f"pairs: {len(self.pairs)} from {self.answers} grounded answers ({kinds or 'none'})"
                 + (f"; dropped: {dropped}" if dropped else ""))
@@ -192,9 +195,32 @@ def build_pairs(answers: list[Answer], vocab: Vocabulary, per_answer: int = 2, s
     return out
 
 
+MODEL_FLAGGED = "model"  # the edit kind of a pair whose rejected side is the model's own flagged answer
+MODEL_GROUNDED = "model answer makes no claim the check flags"
+
+
+def add_model_pairs(result: Pairs, answers: list[Answer], said: list[str], vocab: Vocabulary) -> None:
+    """Pairs whose rejected side is the model's own answer, where the check flags it (and the
+    grounded answer is clean); counted per outcome."""
+    facts: dict[str, Facts] = {}
+    for a, text in zip(answers, said):
+        f = facts.setdefault(a.record.id, facts_of(a.record, vocab))
+        if any(c.bad for c in check_text(a.text, f, vocab)):
+            continue  # already counted as an ungrounded chosen answer
+        flagged = [c for c in check_text(text, f, vocab) if c.bad]
+        if not flagged or text.strip() == a.text.strip():
+            result.dropped[MODEL_GROUNDED] += 1
+            continue
+        result.made[MODEL_FLAGGED] += 1
+        said_wrong = ", ".join(dict.fromkeys(c.text for c in flagged))
+        result.pairs.append({"id": f"{a.id}-{MODEL_FLAGGED}", "image": a.image, "prompt": a.prompt, "chosen": a.text,
+                             "rejected": text, "edit": {"kind": MODEL_FLAGGED, "from": "", "to": said_wrong},
+                             "claims": [c.to_json() for c in flagged]})
+
+
 def write_pairs(source: Path, out: Path, *, vocab: str | None = None, seed: int = 0, per_answer: int = 2,
                 images: Path | None = None, instances: Path | None = None, undecided: str = "exclude",
-                prompts: Path | None = None, force: bool = False, echo=print) -> Pairs:
+                prompts: Path | None = None, force: bool = False, from_model: Path | None = None, echo=print) -> Pairs:
     """`kit data pairs`: pairs from `source` written to `out` (JSON) with a data card beside it.
     KitError for a bad source or options, an existing `out` without `force`, or no pair at all."""
     source, out = Path(source), Path(out)
@@ -225,6 +251,9 @@ def write_pairs(source: Path, out: Path, *, vocab: str | None = None, seed: int 
         raise KitError(f"{source}: give a kit generate folder (data.json), a manifest folder (manifest.jsonl), or a COCO "
                        "captions file with --instances and --images")
     result = build_pairs(answers, words, per_answer=per_answer, seed=seed, records=records)
+    if from_model is not None:
+        echo(f"asking {from_model} the {len(answers)} prompts (greedy) ...")
+        add_model_pairs(result, answers, model_answers(from_model, answers, folder, echo=echo), words)
     if orphans:
         result.dropped[NO_SOURCE] += orphans
     if not result.pairs:
