@@ -68,6 +68,16 @@ def _write_eval_subset(eval_file: Path, contexts: dict[str, str], dest: Path, da
     return len(kept)
 
 
+def probe_vocab(recipe: Recipe) -> str:
+    """The vocabulary a run's probes are built with: its generation's, else its preference stage's
+    (so `medical-dpo` probes as `medical` does), else general."""
+    if recipe.generate is not None:
+        return resolve_vocab(recipe.generate.vocab, recipe.generate.domain)
+    if recipe.preference is not None:
+        return recipe.preference.vocab
+    return "general"
+
+
 def _add_probes(eval_file: Path, held: list[Record], data_root: Path, recipe: Recipe) -> int:
     """Append POPE probes and describe items about the held-out images that have boxes or findings
     (kit.ground.probes) to the held-out file; how many were added. Augmented copies of an image
@@ -79,8 +89,7 @@ def _add_probes(eval_file: Path, held: list[Record], data_root: Path, recipe: Re
     annotated = list(groups.values())
     if not annotated:
         return 0
-    g = recipe.generate
-    vocab = load_vocab(resolve_vocab(g.vocab if g else None, g.domain if g else "general"))
+    vocab = load_vocab(probe_vocab(recipe))
     items = build_probes(annotated, vocab, data_root, seed=recipe.train.seed, per_image=recipe.eval.probes_per_image)
     existing = [line for _, line in read_jsonl(eval_file, "evaluation file", allow_empty=True)]
     write_jsonl_atomic(eval_file, existing + items)

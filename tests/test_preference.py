@@ -20,7 +20,9 @@ from test_families import LORA
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 # The chat template: each family's own (what kit adapt uses), so every family's image tokens are its processor's.
 DPO = [*LORA, "--set", "data.template=chat", "--set", "train.objective=dpo", "--set", "preference.beta=0.5", "--set", "train.lr=2e-2"]
-FAMILIES = families.FAMILIES  # all of them: each takes a few seconds
+# Three families in the default run; the other eight with `-m slow` (every family trains this way).
+DEFAULT_FAMILIES = ("llava", "qwen2_vl", "idefics3")
+FAMILIES = [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in families.FAMILIES]
 
 
 def pairs_file(root: Path, n: int = 8) -> Path:
