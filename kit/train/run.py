@@ -27,7 +27,7 @@ from kit.train.args import close_tracker, resolve_checkpointing, training_args
 from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
 from kit.train.plan import RunPlan, last_checkpoint, plan_run
-from kit.train.preference import LOGGED, drop_reference, preference_record, preference_trainer
+from kit.train.preference import LOGGED, drop_reference, preference_record
 from kit.train.trainer import CheckpointCardCallback, KitTrainer, run_card
 
 
@@ -107,6 +107,8 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "recipe.yaml").write_text(recipe.to_yaml())
     if recipe.train.objective == "dpo":
+        from kit.train.dpo import preference_trainer  # trl only for preference runs (GPU images may lack it)
+
         trainer = preference_trainer(model, recipe, plan.out, max_steps, dataset, processor,
                                      [CsvLogger(plan.out / "log.csv", extra=LOGGED), CheckpointCardCallback(plan), *(callbacks or [])])
     else:

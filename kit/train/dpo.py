@@ -1,0 +1,61 @@
+"""TRL's DPO trainer, fed by kit's data path (`train.objective: dpo`).
+
+kit tokenises the pairs itself (kit.data.preference: the family's processor and template, every
+processor tensor, the mask on exactly each final answer) and hands TRL ready batches; TRL computes
+the log-probabilities, the reference and the loss. The model is kit's (LoRA on the LLM, QLoRA
+where the recipe says, the projector inside the adapter); TRL keeps a frozen copy of the starting
+adapter as "ref" and computes the reference with it active: the base weights are held once.
+kit.train.run imports this module only for a preference run, so SFT runs work where trl is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+from trl import DPOConfig, DPOTrainer
+
+from kit.core.errors import KitError
+from kit.core.recipes import Recipe
+from kit.data.preference import PairCollator, PreferenceDataset
+from kit.train.args import training_kwargs
+from kit.train.model import is_peft
+from kit.train.trainer import ProjectorLr
+
+
+class KitDPOTrainer(ProjectorLr, DPOTrainer):
+    def __init__(self, *args, kit_recipe: Recipe, **kwargs):
+        self.kit_recipe = kit_recipe
+        super().__init__(*args, **kwargs)
+
+
+def dpo_config(recipe: Recipe, out: Path, max_steps: int | None) -> DPOConfig:
+    p = recipe.preference
+    kwargs = training_kwargs(recipe, out, max_steps)
+    losses, weights = [p.loss_type], [1.0]
+    if p.sft_weight:
+        losses.append("sft")
+        weights.append(p.sft_weight)
+    return DPOConfig(**kwargs, beta=p.beta, loss_type=losses, loss_weights=weights,
+                     # kit's pairs are tokenised and checked against max_length already
+                     max_length=None, precompute_ref_log_probs=False, disable_dropout=True)
+
+
+def preference_trainer(model, recipe: Recipe, out: Path, max_steps: int | None, dataset: PreferenceDataset, processor,
+                       callbacks: list) -> KitDPOTrainer:
+    """TRL's DPO trainer on kit's model and batches. KitError when the model is not a PEFT model."""
+    if not is_peft(model):
+        raise KitError("preference tuning trains a LoRA adapter; the recipe needs a lora section (or model.adapter)")
+    # TRL takes a `datasets` table; the rows only point into kit's dataset. An `images` column marks
+    # the data as vision data, so TRL leaves tokenising and batching to kit's collator.
+    rows = datasets.Dataset.from_dict({"index": list(range(len(dataset))),
+                                       "images": [[str(p) for p in c.images] for c, _ in dataset.pairs]})
+    return KitDPOTrainer(
+        model=model,
+        args=dpo_config(recipe, out, max_steps),
+        train_dataset=rows,
+        data_collator=PairCollator(dataset, dataset.processing.pad_id),
+        processing_class=processor,
+        callbacks=callbacks,
+        kit_recipe=recipe,
+    )
