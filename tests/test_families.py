@@ -185,7 +185,7 @@ def test_every_command_on_every_family(family_base, tmp_path, capsys):
     pool = load_pool(adapter, echo=lambda m: None)
     with running(create_app(pool)) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
-        name = client.models.list().data[-1].id
+        name = client.models.list().data[0].id  # the adapter: listed first
         content = [{"type": "image_url", "image_url": {"url": _data_url(Image.open(image))}},
                    {"type": "text", "text": "What colour is it?"}]
         reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0)

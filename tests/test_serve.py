@@ -140,10 +140,11 @@ def _raw(url: str, body: bytes | None, headers: dict | None = None, path: str = 
 # ------------------------------------------------------------------------------------- answers
 
 
-def test_models_lists_the_base_and_both_adapters(client, paths):
+def test_models_lists_both_adapters_then_the_base(client, paths):
     listed = {m.id: m for m in client.models.list().data}
-    assert list(listed) == list(paths)
-    assert [listed[n].model_extra["kind"] for n in paths] == ["base", "adapter", "adapter"]
+    base, alpha, beta = paths
+    assert list(listed) == [alpha, beta, base]  # adapters first, as a menu should offer them
+    assert [listed[n].model_extra["kind"] for n in listed] == ["adapter", "adapter", "base"]
     assert client.models.retrieve("beta").id == "beta"
 
 
@@ -394,6 +395,79 @@ def test_sampled_requests_in_one_batch_keep_their_own_temperature(pool):
     assert texts[1] != greedy or texts[3] != greedy  # at temperature 5 the tiny model's answer wanders
 
 
+def _slow_tokens(pool, monkeypatch, seconds: float = 0.02):
+    """Each picked token takes `seconds` longer: the tiny model otherwise answers before a test can act."""
+    picker = pool.batcher.picker
+
+    def slow(row, logits):
+        time.sleep(seconds)
+        return picker(row, logits)
+
+    monkeypatch.setattr(pool.batcher, "picker", slow)
+
+
+def _wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_a_cancelled_row_leaves_the_batch_at_the_next_step(pool, monkeypatch):
+    """Two rows decode together; one is cancelled mid-answer: it stops at once (finish 'stop', far
+    from its budget), the batch shrinks to one row at the next step, and the other answers exactly
+    as it would alone."""
+    from kit.infer.generation import Sampling
+
+    _slow_tokens(pool, monkeypatch)
+    name = "alpha"
+    other = pool.prepare(name, [{"role": "user", "content": "Hi"}], [])
+    alone = pool.start(name, other, Sampling(12)).result()
+    batcher = pool.batcher
+    with batcher.cond:
+        doomed = pool.start(name, pool.prepare(name, [{"role": "user", "content": PROMPT}], []), Sampling(60))
+        kept = pool.start(name, other, Sampling(12))
+    _wait_for(lambda: doomed.completion_tokens >= 3, "the rows did not start")
+    steps = len(batcher.sizes)
+    doomed.cancel()
+    assert kept.result() == alone
+    assert doomed._done.wait(10) and doomed.finish_reason == "stop" and doomed.completion_tokens < 20
+    after = list(batcher.sizes)[steps:]
+    assert after[:1] in ([2], [1]) and set(after[1:]) == {1}, after  # gone by the step after the cancel
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(url, pool, monkeypatch):
+    """A streamed request whose client closes the connection after two pieces stops generating
+    (its row leaves the batch long before its 64-token budget) while another request goes on."""
+    import http.client
+
+    from kit.infer.generation import Sampling
+
+    _slow_tokens(pool, monkeypatch)
+    name = "alpha"
+    neighbour = pool.start(name, pool.prepare(name, [{"role": "user", "content": "Hi"}], []), Sampling(40))
+    started = []
+    real_start = pool.start
+    monkeypatch.setattr(pool, "start", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1])
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": name, "stream": True, "max_tokens": 64, "temperature": 0,
+                       "messages": [{"role": "user", "content": PROMPT}]})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    reply = conn.getresponse()
+    assert reply.status == 200
+    seen = 0
+    while seen < 3:  # the role chunk, then two pieces of content
+        line = reply.fp.readline()
+        seen += line.startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    _wait_for(lambda: started and started[0]._done.is_set(), "the disconnected request kept generating", timeout=30)
+    assert started[0].completion_tokens < 40, started[0].completion_tokens
+    assert neighbour.live or neighbour.completion_tokens > started[0].completion_tokens
+    neighbour.result()
+
+
 # ---------------------------------------------------------------------------------- loading / CLI
 
 
@@ -486,12 +560,12 @@ def test_kit_serve_command_serves_until_interrupted(tiny_base, adapters):
             assert line, "kit serve exited early: " + "".join(lines)
             lines.append(line)
         served = next(l for l in lines if "serving" in l)
-        assert f"serving {tiny_base.resolve().name}, alpha at http://127.0.0.1:" in served
+        assert f"serving alpha, {tiny_base.resolve().name} at http://127.0.0.1:" in served  # the adapter first
         port = int(served.split("127.0.0.1:")[1].split("/")[0])
         from openai import OpenAI
 
         c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-        assert [m.id for m in c.models.list().data] == [tiny_base.resolve().name, "alpha"]
+        assert [m.id for m in c.models.list().data] == ["alpha", tiny_base.resolve().name]  # adapters first
         assert isinstance(_ask(c, "alpha", PROMPT, max_tokens=2).choices[0].message.content, str)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -36,7 +36,7 @@ def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an a
           max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 20 * 2**20,
           max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (400 above).")] = 1024,
           max_queue: Annotated[int, typer.Option(help="Requests running or waiting for the model at once (429 with Retry-After above).")] = 64,
-          max_batch: Annotated[int, typer.Option(help="Requests for one model generated together at most (1: one at a time).")] = 8) -> None:
+          max_batch: Annotated[int, typer.Option(help="Rows decoded together at most; requests join between steps (1: one at a time).")] = 8) -> None:
     """OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models) for a base and its adapters, offline."""
     from kit.serve.run import serve as run_serve
 

@@ -10,9 +10,9 @@ page the user visits cannot reach it by DNS rebinding. POST bodies must be JSON 
 cross-site form or `text/plain` request, which browsers send without asking, is refused.
 
 `create_app(pool, ...)` builds the FastAPI app from a loaded kit.serve.pool.ModelPool (tests and
-pages build on it); kit.serve.run loads the models and listens. Generation runs in worker threads,
-one at a time (one model in memory), so the event loop keeps answering while a long answer is
-generated.
+pages build on it); kit.serve.run loads the models and listens. Generation runs in the pool's
+batcher thread (requests join the running batch between decode steps, kit.serve.batching), so the
+event loop keeps answering while long answers are generated.
 
 (No `from __future__ import annotations` here: FastAPI reads the route functions' annotations.)
 """

@@ -106,7 +106,7 @@ class ModelPool:
 def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = 8) -> ModelPool:
     """Load the base (MODEL_OR_ADAPTER itself, or the base an adapter names) once and attach every adapter.
 
-    Names: the base's folder name, then each adapter's folder name (or NAME=PATH). Raises KitError for
+    Names, in the order they are listed: each adapter's folder name (or NAME=PATH), then the base's folder name. Raises KitError for
     folders kit cannot load, duplicate names, or an adapter trained on another base — before loading weights.
     """
     torch_dtype = compute_dtype(dtype, option="--dtype")
@@ -145,8 +145,7 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
         notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
     model = load_base(base, torch_dtype, form, device)
     base_card = Card.read(base) or Card(kind="model")
-    served = {base_name: Served(base_name, "base" if base_card.kind == "base" else "model", str(base),
-                                processor_for(base, None), prompting(base_card, base))}
+    served = {}
     for i, (name, path, card) in enumerate(plans):
         internal = f"adapter_{i}"  # folder names may hold characters PEFT's module names cannot
         if i == 0:
@@ -158,6 +157,10 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
             s.notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
         served[name] = s
         echo(f"loaded adapter {name} from {path}")
+    # The adapters come first (and a client's menu selects the first): serving an adapter means
+    # talking to it, with the base one choice further down.
+    served[base_name] = Served(base_name, "base" if base_card.kind == "base" else "model", str(base),
+                               processor_for(base, None), prompting(base_card, base))
     model.eval()
     for note in notes + [n for s in served.values() for n in s.notes]:
         echo(f"note: {note}")
