@@ -92,6 +92,41 @@ def test_dpo_learns_the_preference_and_moves_only_the_adapter(family, smol_token
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
+def test_dpo_with_qlora_trains_on_the_4bit_base(smol_tokenizer_dir, tmp_path, capsys):
+    """QLoRA as kit adapt runs it: the LLM's linear layers in nf4 (bitsandbytes, on the CPU here),
+    TRL's reference taken from the same 4-bit weights with the starting adapter; the margin rises,
+    the card says nf4, and `kit merge` merges into the dequantized base."""
+    from kit.train.trainer import CheckpointCardCallback
+
+    seen = {}
+    real = CheckpointCardCallback.on_train_begin
+
+    def spy(self, args, state, control, model=None, **kw):
+        import bitsandbytes as bnb
+
+        seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        return real(self, args, state, control, model=model, **kw)
+
+    base = families.save("llava", smol_tokenizer_dir, tmp_path / "base")
+    out = tmp_path / "dpo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CheckpointCardCallback, "on_train_begin", spy, raising=False)
+        code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(base), "--data",
+                               str(pairs_file(tmp_path / "data")), "--out", str(out), "--max-steps", "8", *DPO,
+                               "--set", "quantization=nf4")
+    assert code == 0, err
+    assert seen["4bit"] == 14, seen  # 2 layers x (q, k, v, o, gate, up, down)
+    margins = _margins(out / "log.csv")
+    assert sum(margins[-3:]) / 3 > sum(margins[:3]) / 3 + 0.5, margins
+    from kit.core.cards import Card
+
+    card = Card.read(out)
+    assert card.quantization == "nf4" and json.loads((out / "kit.json").read_text())["preference"]["pairs"]["used"] == 8
+    assert not any(".ref." in k for k in _state(out))
+    code, _, err = run_cli(capsys, "merge", str(out), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+
+
 def test_dpo_from_an_adapter_keeps_it_as_the_reference(smol_tokenizer_dir, tmp_path, capsys):
     base = families.save("llava", smol_tokenizer_dir, tmp_path / "base")
     data = pairs_file(tmp_path / "data")
