@@ -24,9 +24,16 @@ from kit.train.trainer import ProjectorLr
 
 
 class KitDPOTrainer(ProjectorLr, DPOTrainer):
-    def __init__(self, *args, kit_recipe: Recipe, **kwargs):
+    def __init__(self, *args, kit_recipe: Recipe, model, **kwargs):
         self.kit_recipe = kit_recipe
-        super().__init__(*args, **kwargs)
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(*args, model=model, **kwargs)
+        # On a 4-bit base TRL casts every trainable weight to bf16, the projector too, which then
+        # meets fp32 image features where no autocast runs (CPU). kit trains them in the precision
+        # its SFT path gives them, so QLoRA preference tuning is QLoRA as `kit adapt` runs it.
+        for n, p in self.model.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
 
 
 def dpo_config(recipe: Recipe, out: Path, max_steps: int | None) -> DPOConfig:
