@@ -309,8 +309,8 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             "change": changes(before, after),
             "hallucination_change": hallucination_changes(before, after),
             "before": str(start),
-            "base": {k: v for k, v in before.items() if k != "predictions"},
-            "adapted": {k: v for k, v in after.items() if k != "predictions"},
+            "base": {k: v for k, v in before.items() if k not in ("predictions", "answer_tokens")},
+            "adapted": {k: v for k, v in after.items() if k not in ("predictions", "answer_tokens")},
             **({"gate": gate} if gate is not None else {}),
         }
         card.write(result)

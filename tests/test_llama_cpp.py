@@ -337,3 +337,135 @@ def test_kit_generate_against_llama_cpp_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ kit eval EXPORT / kit export --eval
+
+EVAL_QUESTIONS = [("Is the shape red?", "closed"), ("What shape is shown?", "open"), ("Where is the shape?", "open")]
+TEXT_QUESTIONS = [("What colour is the sky?", "open", "blue"), ("Is a square round?", "closed", "no")]
+
+
+def _eval_rows(folder: Path, images: list[Path]) -> list[dict]:
+    """Questions about each image (scores need not be high: only equal across runtimes), then text questions."""
+    rows = [{"id": f"i{i}q{j}", "image": str(image.relative_to(folder)), "question": q, "answer_type": kind,
+             "answer": ("yes" if i % 2 else "no") if kind == "closed" else "circle"}
+            for i, image in enumerate(images) for j, (q, kind) in enumerate(EVAL_QUESTIONS)]
+    rows += [{"id": f"t{k}", "question": q, "answer_type": kind, "answer": a} for k, (q, kind, a) in enumerate(TEXT_QUESTIONS)]
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_kit_eval_on_an_export_scores_as_the_hf_model(siglip_base, tmp_path, quant):
+    """`kit eval EXPORT --baseline HF`: every answer, so every score, equal; agreement 1.0."""
+    from kit.eval.command import eval_command
+
+    data = _write_jsonl(tmp_path / "img" / "eval.jsonl", _eval_rows(tmp_path / "img", _images(tmp_path / "img")))
+    _export(siglip_base, tmp_path / "gguf", quant)
+    lines = []
+    result = eval_command(tmp_path / "gguf", data, echo=lines.append, baseline=siglip_base, batch_size=1, max_new_tokens=8)
+    before = result["baseline"]
+    assert len({p["prediction"] for p in before["predictions"]}) >= 3, "the answers must depend on the item"
+    assert [p["prediction"] for p in result["predictions"]] == [p["prediction"] for p in before["predictions"]]
+    assert [t["ids"] for t in result["answer_tokens"]] == [t["ids"] for t in before["answer_tokens"]]
+    for key in ("closed_accuracy", "open_recall", "overall"):
+        assert result[key] == before[key], key
+    assert result["agreement"] == {"identical": 1.0, "n": 14, "differences": []}
+    text = "\n".join(lines)
+    assert f"GGUF export, {quant}, llama.cpp" in text and "answers identical to the baseline's: 100.0% of 14" in text
+    assert "time per item: baseline" in text and "baseline |  export" in text
+
+
+def _self_referenced(siglip_base, folder: Path, images: list[Path]) -> Path:
+    """Open questions whose reference answers are the HF model's own greedy answers: it scores
+    100%, so an export that answers otherwise scores lower by as much as it differs."""
+    from kit.eval.vqa import evaluate
+
+    rows = [r for r in _eval_rows(folder, images) if r["answer_type"] == "open" and "image" in r]
+    probe = evaluate(siglip_base, _write_jsonl(folder / "probe.jsonl", rows), batch_size=1, max_new_tokens=8, echo=lambda m: None)
+    rows = [{**r, "answer": p["prediction"]} for r, p in zip(rows, probe["predictions"]) if p["prediction"].strip()]
+    assert len(rows) >= 6
+    return _write_jsonl(folder / "eval.jsonl", rows)
+
+
+def test_export_eval_records_both_and_max_drop_refuses_a_broken_mmproj(siglip_base, tmp_path, capsys, monkeypatch):
+    """`kit export --eval F --max-drop 2`: a faithful export writes both results and their change
+    into the card and README; an export whose mmproj carries wrong projector weights is refused
+    with nothing written."""
+    import kit.export.run as run
+    from test_cli_errors import run_cli
+
+    data = _self_referenced(siglip_base, tmp_path / "img", _images(tmp_path / "img"))
+    good = tmp_path / "good"
+    code, _, err = run_cli(capsys, "export", str(siglip_base), "--out", str(good), "--eval", str(data), "--max-drop", "2")
+    assert code == 0, err
+    card = json.loads((good / "kit.json").read_text())
+    ev = card["evaluation"]
+    assert ev["hf"]["overall"] == 1.0 and ev["gguf"]["overall"] == 1.0 and ev["agreement"]["identical"] == 1.0
+    assert ev["change"]["overall"]["change"] == 0.0 and ev["max_drop"] == 2.0
+    readme = (good / "README.md").read_text()
+    assert "## What quantization cost" in readme and "| overall | 100.0 | 100.0 | +0.0 |" in readme
+    code, shown, _ = run_cli(capsys, "adapters", "show", str(good))
+    assert code == 0 and '"agreement"' in shown
+
+    real = run.write_mmproj
+
+    def broken(model, *args, **kwargs):  # the projector's weights scrambled in the mmproj only
+        proj = model.model.multi_modal_projector
+        saved = {k: v.clone() for k, v in proj.state_dict().items()}
+        with torch.no_grad():
+            for p in proj.parameters():
+                p.copy_(p[torch.randperm(p.shape[0])])
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            proj.load_state_dict(saved)
+
+    monkeypatch.setattr(run, "write_mmproj", broken)
+    bad = tmp_path / "bad"
+    code, _, err = run_cli(capsys, "export", str(siglip_base), "--out", str(bad), "--eval", str(data), "--max-drop", "2")
+    assert code != 0
+    assert "below the HF model" in err and "more than --max-drop 2: nothing was written" in err
+    assert len(err.strip().splitlines()[-1]) > 0 and not bad.exists()
+
+
+def test_text_only_export_evaluates_the_text_questions(tiny_base, tmp_path, capsys):
+    from kit.eval.command import eval_command
+    from test_cli_errors import run_cli
+
+    images = _images(tmp_path / "img")
+    data = _write_jsonl(tmp_path / "img" / "eval.jsonl", _eval_rows(tmp_path / "img", images))
+    out = tmp_path / "t"
+    code, _, err = run_cli(capsys, "export", str(tiny_base), "--out", str(out), "--text-only", "--eval", str(data))
+    assert code == 0, err
+    ev = json.loads((out / "kit.json").read_text())["evaluation"]
+    assert ev["text_only"] and ev["agreement"]["n"] == len(TEXT_QUESTIONS)
+    # This LLM is untrained (near-ties everywhere): f16 rounding may part the answers late, as the
+    # text-only test above allows past its 12 tokens; the scores are the same.
+    assert all(d["position"] >= NEW_TOKENS for d in ev["agreement"]["differences"]), ev["agreement"]
+    assert ev["gguf"]["overall"] == ev["hf"]["overall"] and ev["gguf"]["n_open"] + ev["gguf"]["n_closed"] == 2
+    lines = []
+    result = eval_command(out, data, echo=lines.append)
+    assert [p["id"] for p in result["predictions"]] == ["t0", "t1"]
+    assert any("text-only export" in line for line in lines)
+
+
+def test_a_missing_llama_cpp_is_a_one_line_error(siglip_base, tmp_path, capsys, monkeypatch):
+    import importlib.util as iu
+
+    from test_cli_errors import run_cli
+
+    data = _write_jsonl(tmp_path / "img" / "eval.jsonl", _eval_rows(tmp_path / "img", _images(tmp_path / "img")))
+    _export(siglip_base, tmp_path / "gguf", "f16")
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    for args in (["eval", str(tmp_path / "gguf"), "--data", str(data)],
+                 ["export", str(siglip_base), "--out", str(tmp_path / "e2"), "--eval", str(data)]):
+        code, out, err = run_cli(capsys, *args)
+        assert code != 0 and len(err.strip().splitlines()) == 1, err
+        assert "llama-cpp-python" in err and "bash setup.sh --llama-cpp" in err
+    assert not (tmp_path / "e2").exists()

@@ -11,11 +11,11 @@ from kit.cli.app import app
 
 
 @app.command("eval")
-def eval_(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (only the path is needed).")],
+def eval_(model: Annotated[Path, typer.Argument(help="Model folder, adapter folder, or `kit export` folder (answered by llama.cpp).")],
           data: Annotated[Path, typer.Option(help="VQA JSONL: image, question, answer, answer_type closed|open (optional for --judge: context, category); probes from kit data probes add POPE and CHAIR.")],
           limit: Annotated[Optional[int], typer.Option(help="Only the first N items.")] = None,
           out: Annotated[Optional[Path], typer.Option(help="Write predictions JSONL here.")] = None,
-          baseline: Annotated[Optional[Path], typer.Option(help="Also evaluate this model (e.g. the base) and print both side by side.")] = None,
+          baseline: Annotated[Optional[Path], typer.Option(help="Also evaluate this model (e.g. the base, or the HF model an export came from) and print both side by side.")] = None,
           judge: Annotated[Optional[str], typer.Option(help="Also score free-form answers with a text-only judge (LLaVA-Bench relative score): openai, an OpenAI-compatible URL (http://127.0.0.1:8000/v1), or hf:PATH (hf: = packaged SmolLM2).")] = None,
           judge_model: Annotated[Optional[str], typer.Option(help="Judge model name (openai: default gpt-4o-2024-08-06; a URL: the name it serves).")] = None,
           allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow the private questions, answers and context to go to a non-loopback judge.")] = False,

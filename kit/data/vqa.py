@@ -8,7 +8,8 @@
 are closed yes/no items with a `probe` field ({"concept", "set"}); `describe` items ask for a
 description and carry the image's `facts` and the `vocab` that scores it (CHAIR), with an empty answer.
 
-`image` is relative to the file's folder (or the image folder a kit data card there names). Other
+`image` is relative to the file's folder (or the image folder a kit data card there names); a line
+without one asks a text question (`describe` items need their image). Other
 fields (`context`, `category` for judged evaluation) are kept in `Item.extra`. Read by `kit eval`,
 `kit adapt` (held-out split, VQA training pairs) and `kit data check`.
 """
@@ -37,7 +38,7 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 @dataclass
 class Item:
     id: str
-    image: Path
+    image: Path | None  # None: a text question (no image)
     question: str
     answer: str
     answer_type: str
@@ -80,7 +81,9 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
     for lineno, rec in read_jsonl(data, "evaluation file", allow_empty=True):
         where = f"{data}:{lineno}"
         describe = str(rec.get("answer_type", "")).strip().lower() == "describe"
-        missing = [f for f in FIELDS if rec.get(f) in (None, "") and not (describe and f == "answer")]
+        # A line without "image" asks a text question (what a text-only export can be evaluated on).
+        missing = [f for f in FIELDS if rec.get(f) in (None, "") and not (describe and f == "answer")
+                   and not (f == "image" and not describe)]
         if missing:
             raise KitError(f"{where}: missing field {', '.join(repr(m) for m in missing)}; every line needs {', '.join(FIELDS)}")
         atype = str(rec["answer_type"]).strip().lower()
@@ -88,7 +91,7 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
             raise KitError(f"{where}: unknown answer_type '{rec['answer_type']}'; use 'closed' (yes/no or fixed options), 'open' "
                            "or 'describe'")
         for f in ("image", "question"):
-            if not isinstance(rec[f], str):
+            if rec.get(f) is not None and not isinstance(rec[f], str):
                 raise KitError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
         if isinstance(rec["answer"], (dict, list)):
             raise KitError(f"{where}: field 'answer' must be a string, got {type(rec['answer']).__name__}")
@@ -109,11 +112,13 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
         raw = raw[:limit]
     items = []
     for where, rec in raw:
-        try:
-            path = resolve_image(folder, rec["image"])
-            check_image(path)
-        except ImageProblem as e:
-            raise KitError(f"{where}: {e}; fix the path (relative to {folder}) or remove the line") from None
+        path = None
+        if rec.get("image"):
+            try:
+                path = resolve_image(folder, rec["image"])
+                check_image(path)
+            except ImageProblem as e:
+                raise KitError(f"{where}: {e}; fix the path (relative to {folder}) or remove the line") from None
         extra = {k: v for k, v in rec.items() if k not in FIELDS}
         items.append(Item(str(rec["id"]), path, rec["question"].strip(), rec["answer"], rec["answer_type"], where, extra))
     return items

@@ -1,5 +1,5 @@
-"""`kit eval`: LLaVA-Med-style VQA scores of a model or adapter folder, optionally against a
-baseline, optionally judged."""
+"""`kit eval`: LLaVA-Med-style VQA scores of a model or adapter folder, or of a `kit export`
+folder through llama.cpp (kit.eval.gguf), optionally against a baseline, optionally judged."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from kit.core.errors import KitError
+from kit.eval.gguf import GgufAnswerer, agreement, format_agreement, is_export
 from kit.eval.judge import resolve_judge
 from kit.eval.metrics import check_metric
 from kit.eval.judged import compare_judged, format_judged, free_answers, judge_run, load_judge_items
 from kit.eval.vqa import before_after_table, evaluate, format_result, model_notes, write_predictions
+from kit.infer.llama_cpp import ExportFolder, require_llama_cpp
 from kit.infer.load import load_for_inference
 
 
@@ -56,8 +58,25 @@ def eval_command(
     elif judge_model is not None:
         raise KitError("--judge-model needs --judge")
 
+    exports = {p: ExportFolder.read(Path(p)) for p in (model, baseline) if p is not None and is_export(Path(p))}
+    if exports and judge is not None:
+        raise KitError("--judge evaluates a transformers model or adapter; judge the folder the export came from")
+    if exports:
+        require_llama_cpp("kit eval on an export folder")
+    text_only = any(f.mmproj is None for f in exports.values())
+
     def run(path: Path) -> tuple[dict[str, Any], list[str] | None]:
         """VQA result and, for the judge, free-form answers: one load of the model for both."""
+        if path in exports:
+            answerer = GgufAnswerer(exports[path])
+            try:
+                return evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, metric=metric,
+                                answerer=answerer, text_only=text_only), None
+            finally:
+                answerer.close()
+        if text_only:
+            return evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, metric=metric,
+                            text_only=True), None
         loaded = load_for_inference(Path(path))
         result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded, metric=metric)
         answers = None
@@ -71,7 +90,13 @@ def eval_command(
     if baseline is not None:
         before, before_answers = run(baseline)
     result, answers = run(model)  # the baseline's model is gone by now: one model in memory at a time
-    echo(before_after_table(before, result) if before is not None else format_result(result))
+    if before is not None and exports:
+        labels = tuple("export" if p in exports else "baseline" if p == baseline else "model" for p in (baseline, model))
+        echo(before_after_table(before, result, labels=labels))
+        result["agreement"] = agreement(before, result)
+        echo(format_agreement(result["agreement"], (before["seconds_per_item"], result["seconds_per_item"])))
+    else:
+        echo(before_after_table(before, result) if before is not None else format_result(result))
     if judge_backend is not None:
         echo(f"judge: {judge_backend.describe()}")
         for res, ans, path in ((before, before_answers, baseline), (result, answers, model)):

@@ -7,6 +7,7 @@ format as trained (see kit.infer.load).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,22 +30,31 @@ from kit.infer.prompts import build_prompt, encode, template_of
 # ---------------------------------------------------------------------------------------- model
 
 
-def _prompt(processor, text: str, info: dict[str, Any]) -> str:
+def _prompt(processor, text: str, info: dict[str, Any], image: bool = True) -> str:
     """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    parts = [{"type": "image"}] if image else []
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
     return build_prompt(processor, messages, info)
 
 
 def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, style: str = "as-written") -> list[str]:
     """Greedy answers for a batch (left padding); `style`: how the questions are asked (kit.data.vqa.ask)."""
+    return [text for text, _ in answer_batch_ids(model, processor, info, items, max_new_tokens, style=style)]
+
+
+def answer_batch_ids(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *,
+                     style: str = "as-written") -> list[tuple[str, list[int]]]:
+    """Greedy answers for a batch: each answer's text and its token ids (padding dropped)."""
     tok = processor.tokenizer
     images = []
     for it in items:
         try:
-            images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
+            if it.image is not None:
+                images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
-    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), info) for it in items]
+    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), info, it.image is not None)
+               for it in items]
     inputs = to_model(encode(processor, prompts, images, template_of(processor, info)), model)
     stop = stop_ids(model, tok)
     with torch.no_grad():
@@ -52,8 +62,38 @@ def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=stop or None, pad_token_id=pad_id(tok, stop),
         )
-    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    new = out[:, inputs["input_ids"].shape[1]:]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    ids = []
+    for row in new.tolist():  # up to its stop token (what follows is padding for the batch)
+        end = next((j for j, t in enumerate(row) if t in stop), len(row) - 1)
+        ids.append(row[:end + 1])
+    return [(t.strip(), r) for t, r in zip(texts, ids)]
+
+
+class HfAnswerer:
+    """A model or adapter folder answering through transformers, in batches."""
+
+    def __init__(self, loaded: tuple[Any, Any, dict[str, Any]], batch_size: int = 8):
+        self.model, self.processor, self.info = loaded
+        self.batch_size = batch_size
+        self.kind = self.info["kind"]
+        self.notes = model_notes(self.info)
+        self.tokenizer = self.processor.tokenizer
+
+    def answers(self, items: list[Item], budget: int, style: str) -> list[tuple[str, list[int]]]:
+        """In batches of questions with images and batches of text questions, in the items' order."""
+        out: dict[int, tuple[str, list[int]]] = {}
+        for with_image in (True, False):
+            group = [i for i, it in enumerate(items) if (it.image is not None) == with_image]
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                answers = answer_batch_ids(self.model, self.processor, self.info, [items[i] for i in chunk], budget, style=style)
+                out.update(zip(chunk, answers))
+        return [out[i] for i in range(len(items))]
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t]) for t in ids]
 
 
 # --------------------------------------------------------------------------------------- runs
@@ -106,15 +146,21 @@ def evaluate(
     image_folder: Path | None = None,
     loaded: tuple[Any, Any, dict[str, Any]] | None = None,
     metric: str = "llava-med",
+    answerer=None,
+    text_only: bool = False,
 ) -> dict[str, Any]:
     """Answer every question greedily and score them with `metric` (llava-med | strict).
 
     Returns closed_accuracy, open_recall, overall (mean per-question score; None where a type has no
     questions) with their 95% bootstrap intervals (`<key>_ci`), n_closed, n_open, metric, prompts,
-    model, data, notes and predictions (one dict per question: id, answer_type, question, answer,
-    prediction, score). The file is fully checked before the model
+    model, data, notes, predictions (one dict per question: id, answer_type, question, answer,
+    prediction, score), answer_tokens (each answer's token ids and their text pieces) and
+    seconds_per_item. The file is fully checked before the model
     is loaded; KitError (file:line) for bad lines or missing images. `loaded`: the model as
     kit.infer.load.load_for_inference already returned it, for callers that ask it more than once.
+    `answerer`: what answers instead of a transformers model (kit.eval.gguf's llama.cpp answerer):
+    `.kind`, `.notes`, `.answers(items, budget, style) -> [(text, token ids)]` and `.pieces(ids)`.
+    `text_only`: evaluate the questions without an image only (a text-only export's).
     """
     if batch_size < 1:
         raise KitError(f"batch size must be at least 1 (got {batch_size})")
@@ -122,27 +168,34 @@ def evaluate(
         raise KitError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     check_metric(metric)
     items = load_items(Path(data), image_folder, limit)
-    model, processor, info = loaded or load_for_inference(Path(model_path))
+    if text_only:
+        items = [it for it in items if it.image is None]
+        if not items:
+            raise KitError(f"{data} has no text questions (lines without 'image'), and a text-only export answers only those")
+    if answerer is None:
+        answerer = HfAnswerer(loaded or load_for_inference(Path(model_path)), batch_size)
     n_c = sum(it.answer_type == "closed" and not it.extra.get("probe") for it in items)
     n_o = sum(it.answer_type == "open" for it in items)
     n_p = sum(bool(it.extra.get("probe")) for it in items)
     n_d = len(items) - n_c - n_o - n_p
     extra = "".join(f", {n} {what}" for n, what in ((n_p, "probes"), (n_d, "descriptions")) if n)
     what = "questions" if not extra else "items"
-    echo(f"evaluating {model_path} ({info['kind']}) on {len(items)} {what} ({n_c} closed, {n_o} open{extra}) from {data}")
-    notes = model_notes(info)
+    echo(f"evaluating {model_path} ({answerer.kind}) on {len(items)} {what} ({n_c} closed, {n_o} open{extra}) from {data}")
+    notes = list(answerer.notes)
     for note in notes:
         echo(f"note: {note}")
     # Descriptions are generated apart (they need a longer budget); predictions keep the file's order.
     by_index: dict[int, dict[str, Any]] = {}
     described = [i for i, it in enumerate(items) if it.answer_type == "describe"]
     asked = [i for i, it in enumerate(items) if it.answer_type != "describe"]
+    tokens: dict[int, dict[str, list]] = {}
+    started = time.perf_counter()
     for group, budget in ((asked, max_new_tokens), (described, max(max_new_tokens, DESCRIBE_TOKENS))):
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            preds = answer_batch(model, processor, info, [items[i] for i in chunk], budget, style=PROMPT_STYLE[metric])
-            for i, pred in zip(chunk, preds):
+        if group:
+            answers = answerer.answers([items[i] for i in group], budget, PROMPT_STYLE[metric])
+            for i, (pred, ids) in zip(group, answers):
                 by_index[i] = _prediction(items[i], pred, metric)
+                tokens[i] = {"ids": ids, "pieces": answerer.pieces(ids)}
     predictions = [by_index[i] for i in range(len(items))]
     result = summarise(predictions)
     if any(p.get("probe") for p in predictions):
@@ -150,8 +203,9 @@ def evaluate(
     if described:
         result["chair"] = chair(predictions)
     result.update({
-        "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": info["kind"], "data": str(data),
-        "notes": notes, "predictions": predictions,
+        "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": answerer.kind, "data": str(data),
+        "notes": notes, "predictions": predictions, "answer_tokens": [tokens[i] for i in range(len(items))],
+        "seconds_per_item": (time.perf_counter() - started) / max(1, len(items)),
     })
     return result
 

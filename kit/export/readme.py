@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, Any], info: dict[str, Any]) -> str:
+def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, Any], info: dict[str, Any],
+           evaluation: dict[str, Any] | None = None) -> str:
     quant = export["quant"]
     lines = [
         f"# {name} for llama.cpp and Ollama",
@@ -58,4 +59,34 @@ def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, 
     if info.get("system_prompt"):
         lines.append("- The system prompt the model was trained with is the Modelfile's SYSTEM; llama-server takes it as "
                      "a system message.")
+    if evaluation:
+        lines += ["", *evaluation_section(evaluation)]
     return "\n".join(lines) + "\n"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def evaluation_section(ev: dict[str, Any]) -> list[str]:
+    """What `kit export --eval` measured: the HF model and this GGUF on the same items."""
+    lines = ["## What quantization cost (measured before writing)", "",
+             f"`kit export --eval {ev['data']}`: greedy answers (up to {ev['max_new_tokens']} tokens), metric {ev['metric']}; "
+             "the change is GGUF minus HF in points with a paired 95% bootstrap interval.", "",
+             "| metric | HF | GGUF | change | 95% interval | n |", "|---|---|---|---|---|---|"]
+    hf, gguf, change = ev["hf"], ev["gguf"], ev.get("change") or {}
+    counts = {"closed_accuracy": gguf.get("n_closed", 0), "open_recall": gguf.get("n_open", 0),
+              "overall": gguf.get("n_closed", 0) + gguf.get("n_open", 0)}
+    for label, key in (("closed accuracy", "closed_accuracy"), ("open recall", "open_recall"), ("overall", "overall")):
+        c = change.get(key) or {}
+        delta = "-" if c.get("change") is None else f"{100 * c['change']:+.1f}"
+        ci = "-" if c.get("ci") is None else f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]"
+        lines.append(f"| {label} | {_pct(hf.get(key))} | {_pct(gguf.get(key))} | {delta} | {ci} | {counts[key]} |")
+    agree = ev["agreement"]
+    lines += ["", f"Answers identical to the HF model's: {_pct(agree['identical'])}% of {agree['n']}; time per item "
+              f"{hf['seconds_per_item']:.2f} s (transformers) vs {gguf['seconds_per_item']:.2f} s (llama.cpp)."]
+    lines += [f"- {d['id']}: first differs at answer token {d['position']}: HF {d['baseline']}, GGUF {d['export']}"
+              for d in agree["differences"]]
+    if ev.get("text_only"):
+        lines.append("- A text-only export: only the questions without an image were asked.")
+    return lines

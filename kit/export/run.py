@@ -23,19 +23,22 @@ from kit.base.load import load_model, load_processor
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
 from kit.core.files import staged_folder
-from kit.export.ollama import modelfile
+from kit.data.images import mean_colour
+from kit.export.ollama import modelfile, stop_strings, turn_pieces
 from kit.export.readme import readme
 from kit.export.tensors import check_quant, size_of
 from kit.export.text import write_text
 from kit.export.vision import check_exportable, write_mmproj
+from kit.data.vqa import load_items
+from kit.eval.gguf import compare_export
+from kit.infer.llama_cpp import LLAMA_CPP_HINT, QUESTION, ExportFolder, ExportPrompt, require_llama_cpp
 from kit.infer.load import folder_kind, prompting
-from kit.infer.prompts import chat_template_of, template_of
+from kit.infer.prompts import build_prompt, chat_template_of, template_of
 from kit.merge.adapters import adapter_info, check_out
 from kit.merge.single import merge
 from kit.merge.verify import DEFAULT_TOLERANCE
 
 FORMATS = ("gguf",)
-LLAMA_CPP_HINT = "install llama-cpp-python (`bash setup.sh --llama-cpp`, or `pip install llama-cpp-python`)"
 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
@@ -49,9 +52,33 @@ def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
         raise KitError(f"llama.cpp could not quantize {src.name} to {kind}")
 
 
+def export_prompt(processor, info: dict[str, Any]) -> ExportPrompt:
+    """The prompt format the card records for llama.cpp evaluation: one user turn rendered by the
+    same builder training and `kit chat` use, around a question marker (kit.infer.llama_cpp)."""
+    question = [{"type": "text", "text": QUESTION}]
+    with_image = build_prompt(processor, [{"role": "user", "content": [{"type": "image"}, *question]}], info)
+    try:
+        text_only = build_prompt(processor, [{"role": "user", "content": question}], info)
+    except KitError:  # a caption-only ('plain') or image-first format has no text-only turn
+        text_only = ""
+    return ExportPrompt(with_image=with_image, text_only=text_only, image_token=getattr(processor, "image_token", "<image>"),
+                        image_aspect=info.get("image_aspect") or "pad", pad_color=mean_colour(processor.image_processor),
+                        stops=tuple(stop_strings(turn_pieces(processor, info), processor.tokenizer)))
+
+
 def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_only: bool = False, force: bool = False,
-           tolerance: float | None = None, echo=print) -> Path:
+           tolerance: float | None = None, echo=print, eval_data: Path | None = None, max_drop: float | None = None) -> Path:
+    """Write the export folder (see the module doc). With `eval_data`, evaluate the HF model and the
+    written GGUF on those items before anything is moved into place, record both in the card and
+    README, and with `max_drop` refuse (nothing written) an export that scores lower beyond it."""
     source = Path(source)
+    if max_drop is not None and eval_data is None:
+        raise KitError("--max-drop needs --eval FILE (the items to compare the export and the HF model on)")
+    if max_drop is not None and max_drop < 0:
+        raise KitError(f"--max-drop {max_drop}: give the points of score the export may lose, 0 or more")
+    if eval_data is not None:
+        require_llama_cpp("kit export --eval")
+        load_items(Path(eval_data))  # a bad line fails before anything is merged or written
     if fmt not in FORMATS:
         raise KitError(f"--format {fmt}: kit exports {', '.join(FORMATS)} (llama.cpp, Ollama); vLLM serves the merged "
                        "HF folder of `kit merge` as it is (README: Deploy)")
@@ -104,18 +131,25 @@ def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_
             written[mmproj_file] = size_of(tmp / mmproj_file)
         del model
         (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, info), encoding="utf-8")
+        prompt = export_prompt(processor, info)
+        export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
+                       "image_aspect": info.get("image_aspect"), "template": template_of(processor, info),
+                       "prompt": prompt.to_json()}
+        extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
+        if eval_data is not None:
+            folder = ExportFolder(tmp, tmp / llm_file, tmp / mmproj_file if mmproj_file else None, prompt,
+                                  Card(kind="export", export=export_info))
+            extra["evaluation"] = compare_export(model_dir, folder, Path(eval_data), max_drop, echo=echo)
         if kind == "adapter":
             shutil.rmtree(model_dir)
-        export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
-                       "image_aspect": info.get("image_aspect"), "template": template_of(processor, info)}
-        extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
         if kind == "adapter":
             extra["merge"] = card.model_extra.get("merge")
             extra["verification"] = card.model_extra.get("verification")
         for note in text["notes"]:
             echo(f"note: {note}")
         Card.new("export", made_by="kit export", recipe=card.recipe, notes=text["notes"], **extra).write(tmp)
-        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, info), encoding="utf-8")
+        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, info, extra.get("evaluation")),
+                                       encoding="utf-8")
     for f, size in written.items():
         echo(f"  {f}: {size}")
     return Path(out)
