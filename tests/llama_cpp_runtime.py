@@ -1,5 +1,5 @@
-"""Greedy answers from llama.cpp itself (llama-cpp-python's bindings of its multimodal library,
-libmtmd) and from transformers on the same prompt and image, for the export agreement checks.
+"""Greedy answers from llama.cpp itself (kit's runtime, kit.infer.llama_cpp) and from
+transformers on the same prompt and image, for the export agreement checks.
 
 llama.cpp's side is driven at the level its own CLI works: mtmd tokenizes the prompt around the
 media marker, encodes the image, evaluates the chunks; the answer is the argmax of each step's
@@ -9,53 +9,33 @@ logits (no sampler, so nothing but the model decides).
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kit.infer.llama_cpp import LlamaCppRuntime
 
-class LlamaCpp:
-    """One exported model (LLM GGUF + mmproj GGUF) loaded in llama.cpp."""
+
+class LlamaCpp(LlamaCppRuntime):
+    """kit's llama.cpp runtime (kit.infer.llama_cpp) with what the export tests look inside: the
+    prompt as llama.cpp tokenizes it and the image embeddings the mmproj makes."""
 
     def __init__(self, model_file: Path, mmproj_file: Path | None, n_ctx: int = 512):
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd
-
-        self.lib, self.mtmd = llama_cpp, mtmd
-        self.llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, seed=0,
-                                   n_threads=os.cpu_count() or 1)
-        self.ctx = None
-        if mmproj_file is not None:
-            params = mtmd.mtmd_context_params_default()
-            params.use_gpu = False
-            params.print_timings = False
-            params.n_threads = os.cpu_count() or 1
-            self.ctx = mtmd.mtmd_init_from_file(str(mmproj_file).encode(), self.llm.model, params)
-            assert self.ctx, f"llama.cpp could not load {mmproj_file}"
+        super().__init__(model_file, mmproj_file, n_ctx=n_ctx)
 
     @property
     def marker(self) -> str:
         return self.mtmd.mtmd_default_marker().decode()
 
     def _logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
+        return self.logits()
+
+    def greedy(self, text: str, image: Path | None, max_new_tokens: int) -> list[int]:
+        return super().greedy(text, Path(image).read_bytes() if image is not None else None, max_new_tokens)
 
     def _chunks(self, text: str, image: Path | None):
-        mtmd = self.mtmd
-        bitmaps = []
-        if image is not None:
-            data = Path(image).read_bytes()
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            bitmaps.append(mtmd.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(data), False))
-        inp = mtmd.mtmd_input_text()
-        raw = text.encode()
-        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), True, True
-        chunks = mtmd.mtmd_input_chunks_init()
-        arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-        assert mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps)) == 0, "mtmd could not tokenize"
-        return chunks, bitmaps
+        return self.tokenize_chunks(text, Path(image).read_bytes() if image is not None else None)
 
     def prompt_ids(self, text: str, image: Path | None) -> list[int | None]:
         """The prompt as llama.cpp tokenizes it; None for each image position."""
@@ -70,7 +50,7 @@ class LlamaCpp:
                 out += [ptr[j] for j in range(n.value)]
             else:
                 out += [None] * mtmd.mtmd_input_chunk_get_n_tokens(ch)
-        self._free(chunks, bitmaps)
+        self.free_chunks(chunks, bitmaps)
         return out
 
     def image_embeddings(self, image: Path) -> np.ndarray:
@@ -84,46 +64,8 @@ class LlamaCpp:
                 n = mtmd.mtmd_input_chunk_get_n_tokens(ch)
                 d = self.llm.n_embd()
                 out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n * d,)).reshape(n, d).copy()
-        self._free(chunks, bitmaps)
+        self.free_chunks(chunks, bitmaps)
         return out
-
-    def greedy(self, text: str, image: Path | None, max_new_tokens: int) -> list[int]:
-        mtmd, lib = self.mtmd, self.lib
-        chunks, bitmaps = self._chunks(text, image)
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            ch = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                self.llm.eval([ptr[j] for j in range(n.value)])
-            else:
-                n_past = lib.llama_pos(0)
-                assert mtmd.mtmd_helper_eval_chunk_single(self.ctx, self.llm._ctx.ctx, ch, lib.llama_pos(self.llm.n_tokens),
-                                                          lib.llama_seq_id(0), self.llm.n_batch, False,
-                                                          ctypes.byref(n_past)) == 0
-                self.llm.n_tokens = n_past.value
-        self._free(chunks, bitmaps)
-        out = []
-        for _ in range(max_new_tokens):
-            tok = int(np.argmax(self._logits()))
-            out.append(tok)
-            if tok == self.llm.token_eos():
-                break
-            self.llm.eval([tok])
-        return out
-
-    def _free(self, chunks, bitmaps) -> None:
-        self.mtmd.mtmd_input_chunks_free(chunks)
-        for b in bitmaps:
-            self.mtmd.mtmd_bitmap_free(b)
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.mtmd.mtmd_free(self.ctx)
-            self.ctx = None
-        self.llm.close()
 
 
 def hf_greedy(model, processor, text: str, image, max_new_tokens: int) -> tuple[list[int], list[int]]:

@@ -84,30 +84,31 @@ class ExportFolder:
         return cls(path, path / llm[0], path / mmproj[0] if mmproj else None, ExportPrompt.from_json(export["prompt"]), card)
 
 
-class LlamaCppModel:
-    """One export folder loaded in llama.cpp (CPU). Close it, or use it as a context manager."""
+class LlamaCppRuntime:
+    """An LLM GGUF (and an mmproj GGUF, or None) loaded in llama.cpp on the CPU; greedy decoding
+    that ends at the end-of-sequence token or any single-token text of `stops`."""
 
-    def __init__(self, folder: ExportFolder, n_ctx: int = 4096):
-        require_llama_cpp("evaluating an export")
+    def __init__(self, llm_file: Path, mmproj_file: Path | None, stops: tuple[str, ...] = (), n_ctx: int = 4096):
+        require_llama_cpp("running a GGUF export")
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
-        self.folder, self.lib, self.mtmd = folder, llama_cpp, mtmd
+        self.lib, self.mtmd, self.mmproj_file = llama_cpp, mtmd, mmproj_file
         threads = os.cpu_count() or 1
-        self.llm = llama_cpp.Llama(model_path=str(folder.llm), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), verbose=False,
+        self.llm = llama_cpp.Llama(model_path=str(llm_file), n_ctx=n_ctx, n_batch=min(n_ctx, 2048), verbose=False,
                                    seed=0, n_threads=threads)
         self.ctx = None
-        if folder.mmproj is not None:
+        if mmproj_file is not None:
             params = mtmd.mtmd_context_params_default()
             params.use_gpu = False
             params.print_timings = False
             params.n_threads = threads
-            self.ctx = mtmd.mtmd_init_from_file(str(folder.mmproj).encode(), self.llm.model, params)
+            self.ctx = mtmd.mtmd_init_from_file(str(mmproj_file).encode(), self.llm.model, params)
             if not self.ctx:
-                raise KitError(f"llama.cpp could not load {folder.mmproj}")
-        self.stop_ids = self._stop_ids(folder.prompt.stops)
+                raise KitError(f"llama.cpp could not load {mmproj_file}")
+        self.stop_ids = self._stop_ids(stops)
 
-    def __enter__(self) -> LlamaCppModel:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,6 +125,86 @@ class LlamaCppModel:
             if len(toks) == 1:  # a special token; longer stop texts are cut from the answer's text
                 ids.add(toks[0])
         return ids
+
+    def greedy(self, text: str, image_png: bytes | None, max_new_tokens: int) -> list[int]:
+        """Greedy token ids for a prompt holding mtmd's marker where the image goes."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        if self.ctx is None:
+            if image_png is not None:
+                raise KitError("a text-only export (no mmproj) cannot answer about an image")
+            self.llm.eval(self.llm.tokenize(text.encode(), add_bos=True, special=True))
+        else:
+            self._eval_multimodal(text, image_png)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(self.logits()))
+            out.append(tok)
+            if tok in self.stop_ids:
+                break
+            self.llm.eval([tok])
+        return out
+
+    def tokenize_chunks(self, text: str, image_png: bytes | None):
+        """mtmd's chunks of a prompt (text tokens, then the image's, around its marker) and the image
+        bitmaps they hold; free both with `free_chunks`."""
+        mtmd = self.mtmd
+        bitmaps = []
+        if image_png is not None:
+            buf = (ctypes.c_uint8 * len(image_png)).from_buffer_copy(image_png)
+            bitmaps.append(mtmd.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(image_png), False))
+        inp = mtmd.mtmd_input_text()
+        raw = text.encode()
+        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), True, True
+        chunks = mtmd.mtmd_input_chunks_init()
+        arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps)) != 0:
+            self.free_chunks(chunks, bitmaps)
+            raise KitError("llama.cpp's mtmd could not tokenize the prompt")
+        return chunks, bitmaps
+
+    def free_chunks(self, chunks, bitmaps) -> None:
+        self.mtmd.mtmd_input_chunks_free(chunks)
+        for b in bitmaps:
+            self.mtmd.mtmd_bitmap_free(b)
+
+    def _eval_multimodal(self, text: str, image_png: bytes | None) -> None:
+        mtmd, lib = self.mtmd, self.lib
+        chunks, bitmaps = self.tokenize_chunks(text, image_png)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                ch = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                    self.llm.eval([ptr[j] for j in range(n.value)])
+                else:
+                    n_past = lib.llama_pos(0)
+                    if mtmd.mtmd_helper_eval_chunk_single(self.ctx, self.llm._ctx.ctx, ch, lib.llama_pos(self.llm.n_tokens),
+                                                          lib.llama_seq_id(0), self.llm.n_batch, False,
+                                                          ctypes.byref(n_past)) != 0:
+                        raise KitError(f"llama.cpp could not evaluate the image with {self.mmproj_file}")
+                    self.llm.n_tokens = n_past.value
+        finally:
+            self.free_chunks(chunks, bitmaps)
+
+    def logits(self) -> np.ndarray:
+        """The last evaluated position's logits."""
+        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+        self.llm.close()
+
+
+class LlamaCppModel(LlamaCppRuntime):
+    """One export folder in llama.cpp, asked in the prompt format its card records."""
+
+    def __init__(self, folder: ExportFolder, n_ctx: int = 4096):
+        self.folder = folder
+        super().__init__(folder.llm, folder.mmproj, folder.prompt.stops, n_ctx)
 
     def prompt(self, question: str, with_image: bool) -> str:
         p = self.folder.prompt
@@ -151,64 +232,3 @@ class LlamaCppModel:
         buf = io.BytesIO()
         image.save(buf, "PNG")
         return buf.getvalue()
-
-    def greedy(self, text: str, image_png: bytes | None, max_new_tokens: int) -> list[int]:
-        """Greedy token ids for a prompt holding mtmd's marker where the image goes."""
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        if self.ctx is None:
-            if image_png is not None:
-                raise KitError(f"{self.folder.path} is a text-only export: it cannot answer about an image")
-            self.llm.eval(self.llm.tokenize(text.encode(), add_bos=True, special=True))
-        else:
-            self._eval_multimodal(text, image_png)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            tok = int(np.argmax(self.logits()))
-            out.append(tok)
-            if tok in self.stop_ids:
-                break
-            self.llm.eval([tok])
-        return out
-
-    def _eval_multimodal(self, text: str, image_png: bytes | None) -> None:
-        mtmd, lib = self.mtmd, self.lib
-        bitmaps = []
-        if image_png is not None:
-            buf = (ctypes.c_uint8 * len(image_png)).from_buffer_copy(image_png)
-            bitmaps.append(mtmd.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(image_png), False))
-        inp = mtmd.mtmd_input_text()
-        raw = text.encode()
-        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), True, True
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps)) != 0:
-                raise KitError("llama.cpp's mtmd could not tokenize the prompt")
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                ch = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(ch) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                    self.llm.eval([ptr[j] for j in range(n.value)])
-                else:
-                    n_past = lib.llama_pos(0)
-                    if mtmd.mtmd_helper_eval_chunk_single(self.ctx, self.llm._ctx.ctx, ch, lib.llama_pos(self.llm.n_tokens),
-                                                          lib.llama_seq_id(0), self.llm.n_batch, False,
-                                                          ctypes.byref(n_past)) != 0:
-                        raise KitError(f"llama.cpp could not evaluate the image with {self.folder.mmproj}")
-                    self.llm.n_tokens = n_past.value
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            for b in bitmaps:
-                mtmd.mtmd_bitmap_free(b)
-
-    def logits(self) -> np.ndarray:
-        """The last evaluated position's logits."""
-        return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.llm.n_vocab(),)).copy()
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.mtmd.mtmd_free(self.ctx)
-            self.ctx = None
-        self.llm.close()
