@@ -34,6 +34,10 @@ def build_model(work: Path) -> Path:
     from kit.base.mini import load_smollm2
 
     llm, tok = load_smollm2()
+    # Loaded from the package's GGUF and already dequantized to fp32: saved as a plain HF folder.
+    llm.hf_quantizer = None
+    if hasattr(llm.config, "quantization_config"):
+        del llm.config.quantization_config
     llm.save_pretrained(work / "llm")
     tok.save_pretrained(work / "llm")
     torch.manual_seed(0)

@@ -152,14 +152,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         return [len(it.input_ids) if it.image is not None else -len(it.input_ids) for it in self.items]
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        try:
-            images = [open_rgb(p) for p in it.images]
-        except ImageProblem as e:
-            raise KitError(f"sample '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
-        out = self.processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, it.suffix)
-        out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
-        return out
+        return sample_features(self.processing, self.items[i], "sample")
 
 
 def _check_images(samples: list[Sample], folder: Path, workers: int = 8) -> dict[str, list[tuple[Path, tuple[int, int]]]]:
@@ -250,13 +243,30 @@ def build_dataset(
     encoded, processing, report = encode_samples(samples, folder, processor, template, max_length, image_aspect, system, family)
     report.review = reviewed.counts if reviewed else None
     items = [e for e in encoded if e is not None]
+    check_usable(report, on_bad_sample, bool(items), data_path, "samples", "data")
+    return LlavaDataset(items, processing), report
+
+
+def check_usable(report, on_bad_sample: str, any_usable: bool, path, what: str, fix: str) -> None:
+    """KitError for problems the recipe does not skip (the first named, the rest counted), or for
+    nothing usable at all; `what` names the rows (samples, pairs), `fix` what to fix."""
     if report.problems and on_bad_sample == "error":
         first = report.problem_lines(1)[0]
         more = f" (+{len(report.problems) - 1} more; `kit data check` lists them)" if len(report.problems) > 1 else ""
-        raise KitError(f"{first}{more}; fix the data or set data.on_bad_sample=skip")
-    if not items:
-        raise KitError(f"{data_path}: no usable samples ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
-    return LlavaDataset(items, processing), report
+        raise KitError(f"{first}{more}; fix the {fix} or set data.on_bad_sample=skip")
+    if not any_usable:
+        raise KitError(f"{path}: no usable {what} ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
+
+
+def sample_features(processing, it, label: str) -> dict:
+    """One encoded sample's model inputs and labels (images opened now); `label` names it in errors."""
+    try:
+        images = [open_rgb(p) for p in it.images]
+    except ImageProblem as e:
+        raise KitError(f"{label} '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
+    out = processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, it.suffix)
+    out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
+    return out
 
 
 def encode_samples(samples: list[Sample], folder: Path, processor, template: str, max_length: int, image_aspect: str,

@@ -20,9 +20,8 @@ from kit.base.family import Family
 from kit.core.errors import KitError
 from kit.core.files import read_json
 from kit.core.templates import IMAGE_TOKEN, template_for
-from kit.data.dataset import IGNORE, Encoded, default_image_folder, encode_samples
+from kit.data.dataset import IGNORE, Encoded, check_usable, default_image_folder, encode_samples, sample_features
 from kit.data.formats import parse_samples, placement_for
-from kit.data.images import ImageProblem, open_rgb
 from kit.data.processing import Processing, collate
 
 SIDES = ("chosen", "rejected")
@@ -126,13 +125,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def features(self, it: Encoded) -> dict:
-        try:
-            images = [open_rgb(p) for p in it.images]
-        except ImageProblem as e:
-            raise KitError(f"pair '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
-        out = self.processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, it.suffix)
-        out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
-        return out
+        return sample_features(self.processing, it, "pair")
 
     def __getitem__(self, i: int) -> tuple[dict, dict]:
         chosen, rejected = self.pairs[i]
@@ -197,10 +190,5 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
         report.lengths["chosen"].append(len(c.input_ids))
         report.lengths["rejected"].append(len(r.input_ids))
         usable.append((c, r))
-    if report.problems and on_bad_sample == "error":
-        first = report.problem_lines(1)[0]
-        more = f" (+{len(report.problems) - 1} more; `kit data check` lists them)" if len(report.problems) > 1 else ""
-        raise KitError(f"{first}{more}; fix the pairs or set data.on_bad_sample=skip")
-    if not usable:
-        raise KitError(f"{path}: no usable pairs ({len(report.problems)} problems, first: {report.problem_lines(1)[0]})")
+    check_usable(report, on_bad_sample, bool(usable), path, "pairs", "pairs")
     return PreferenceDataset(usable, processing), report

@@ -84,6 +84,18 @@ class ExportFolder:
         return cls(path, path / llm[0], path / mmproj[0] if mmproj else None, ExportPrompt.from_json(export["prompt"]), card)
 
 
+_SILENT = []  # the callback must outlive every call llama.cpp makes to it
+
+
+def _quiet(llama_cpp, mtmd) -> None:
+    """mtmd logs every image it encodes to stderr; Llama(verbose=False) does not reach it."""
+    if not _SILENT:
+        _SILENT.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
+        if hasattr(mtmd, setter):
+            getattr(mtmd, setter)(_SILENT[0], None)
+
+
 class LlamaCppRuntime:
     """An LLM GGUF (and an mmproj GGUF, or None) loaded in llama.cpp on the CPU; greedy decoding
     that ends at the end-of-sequence token or any single-token text of `stops`."""
@@ -99,6 +111,7 @@ class LlamaCppRuntime:
                                    seed=0, n_threads=threads)
         self.ctx = None
         if mmproj_file is not None:
+            _quiet(llama_cpp, mtmd)
             params = mtmd.mtmd_context_params_default()
             params.use_gpu = False
             params.print_timings = False

@@ -130,13 +130,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
     echo(f"text truncated to max_length: {report.truncated_text}")
     if lengths:
         _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, gpu)
-    if report.problems:
-        echo(f"problems: {len(report.problems)} samples (the run {'stops' if recipe.data.on_bad_sample == 'error' else 'skips them'}):")
-        for line in report.problem_lines(50):
-            echo("  " + line)
-    else:
-        echo("problems: none")
-    return not report.problems or recipe.data.on_bad_sample == "skip"
+    return _problems(report, recipe, "samples", echo)
 
 
 def _check_pairs(plan, echo, gpu: str | None) -> bool:
@@ -158,8 +152,13 @@ def _check_pairs(plan, echo, gpu: str | None) -> bool:
     lengths = report.lengths["chosen"] + report.lengths["rejected"]
     if lengths:
         _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, gpu)
+    return _problems(report, recipe, "pairs", echo)
+
+
+def _problems(report, recipe, what: str, echo) -> bool:
+    """List the problems (up to 50); whether the run can go on (none, or the recipe skips them)."""
     if report.problems:
-        echo(f"problems: {len(report.problems)} pairs (the run {'stops' if recipe.data.on_bad_sample == 'error' else 'skips them'}):")
+        echo(f"problems: {len(report.problems)} {what} (the run {'stops' if recipe.data.on_bad_sample == 'error' else 'skips them'}):")
         for line in report.problem_lines(50):
             echo("  " + line)
     else:
