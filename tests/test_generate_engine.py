@@ -588,6 +588,33 @@ def test_requests_spread_over_replicas_into_one_ledger(tmp_path):
     assert again.resumed == 24
 
 
+def test_replica_failures_are_counted_by_their_kind_not_their_url(tmp_path):
+    """A failure through a replica names the replica in its reason ("http://...: HTTP 500: ..."),
+    but is counted as what it is (HTTP 500, a refusal), not by the text before its first ':'."""
+    from kit.generate.replicas import backend_for as replicas_for
+
+    records = make_records(2, tmp_path / "imgs")
+    out = tmp_path / "out"
+    with MockOpenAI(script=["500"] * 3) as a, MockOpenAI(script=["500"] * 3) as b:
+        backend = replicas_for("openai", "mock-model", [a.base_url, b.base_url])
+        s = run_generation(records, out, types="detail", backend=backend, concurrency=2, max_retries=0, echo=quiet([]), **FAST)
+    assert s.failed == {"HTTP 500": 2}, s.failed
+    failed = [e for e in ledger_lines(out) if e["status"] == "failed"]
+    assert all(e["category"] == "HTTP 500" and e["reason"].startswith("http://127.0.0.1:") for e in failed)
+
+
+def test_reasons_with_a_colon_are_counted_by_their_kind(tmp_path):
+    """"bad structure (text before the first Question:)" holds a ':'; it is still "bad structure"."""
+    from kit.generate import parse
+    from kit.generate.report import category_of
+
+    with pytest.raises(parse.Rejected) as e:
+        parse.parse_reply("conversation", "Hello there.\nQuestion: What is it?\nAnswer: A dog.", pick=0)
+    entry = {"status": "rejected", "category": e.value.category, "reason": e.value.reason}
+    assert category_of(entry) == "bad structure" and "Question:" in entry["reason"]
+    assert category_of({"reason": "HTTP 429: rate limited"}) == "HTTP 429"  # a ledger from before categories
+
+
 def test_a_dead_replica_is_rested_and_the_others_take_its_work(tmp_path):
     from kit.generate.replicas import backend_for as replicas_for
 

@@ -37,11 +37,15 @@ class Completion:
 
 
 class BackendError(Exception):
-    """One request failed. `retryable` says whether trying again may help (429, 5xx, timeouts,
-    connection drops, malformed bodies); `retry_after` is the server's requested wait in seconds."""
+    """One request failed. `category` is the kind of failure the run's summary counts ("timeout",
+    "connection error", "HTTP 429", "malformed response", "generation failed"): data, never read
+    back out of `reason`, which says the rest. `retryable` says whether trying again may help (429,
+    5xx, timeouts, connection drops, malformed bodies); `retry_after` is the server's requested wait."""
 
-    def __init__(self, reason: str, *, retryable: bool, retry_after: float | None = None):
+    def __init__(self, category: str, reason: str | None = None, *, retryable: bool, retry_after: float | None = None):
+        reason = reason or category
         super().__init__(reason)
+        self.category = category
         self.reason = reason
         self.retryable = retryable
         self.retry_after = retry_after
@@ -177,10 +181,10 @@ class OpenAIBackend(Backend):
             # which at high concurrency delays every other in-flight request).
             resp = await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
         except openai.APITimeoutError:
-            raise BackendError(f"timeout: no reply within {self.timeout:g}s", retryable=True) from None
+            raise BackendError("timeout", f"timeout: no reply within {self.timeout:g}s", retryable=True) from None
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e
-            raise BackendError(f"connection error: {str(cause) or type(cause).__name__}", retryable=True) from None
+            raise BackendError("connection error", f"connection error: {str(cause) or type(cause).__name__}", retryable=True) from None
         except openai.AuthenticationError:
             raise KitError(f"{self.host} rejected the API key (401); set OPENAI_API_KEY to the key it expects") from None
         except (openai.PermissionDeniedError, openai.NotFoundError) as e:
@@ -197,10 +201,10 @@ class OpenAIBackend(Backend):
             else:  # e.g. a prompt longer than the model's context: say what the server said
                 label = " ".join(str(getattr(e, "message", "") or "request error").split())[:200]
             raise BackendError(
-                f"HTTP {code}: {label}", retryable=retry, retry_after=parse_retry_after(e.response.headers)
+                f"HTTP {code}", f"HTTP {code}: {label}", retryable=retry, retry_after=parse_retry_after(e.response.headers)
             ) from None
         except ValueError as e:  # JSONDecodeError: a malformed or cut-off body
-            raise BackendError(f"malformed response: {type(e).__name__}", retryable=True) from None
+            raise BackendError("malformed response", f"malformed response: {type(e).__name__}", retryable=True) from None
         return _completion_from(resp)
 
     async def aclose(self) -> None:
@@ -214,10 +218,10 @@ class OpenAIBackend(Backend):
 
 def _completion_from(resp: Any) -> Completion:
     if isinstance(resp, str):  # the client hands back raw text when the body is not JSON
-        raise BackendError("malformed response: not JSON", retryable=True)
+        raise BackendError("malformed response", "malformed response: not JSON", retryable=True)
     choices = getattr(resp, "choices", None) or []
     if not choices or getattr(choices[0], "message", None) is None:
-        raise BackendError("malformed response: no choices", retryable=True)
+        raise BackendError("malformed response", "malformed response: no choices", retryable=True)
     msg = choices[0].message
     text = msg.content if msg.content is not None else (getattr(msg, "refusal", None) or "")
     usage = getattr(resp, "usage", None)
@@ -353,7 +357,7 @@ class HFBackend(Backend):
         except KitError:
             raise
         except (RuntimeError, ValueError) as e:
-            raise BackendError(f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", retryable=False) from None
+            raise BackendError("generation failed", f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", retryable=False) from None
 
     async def complete(self, messages: list[dict], *, max_tokens: int, temperature: float, seed: int) -> Completion:
         return (await self.complete_batch([messages], max_tokens=max_tokens, temperature=temperature, seed=seed))[0]

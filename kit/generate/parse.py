@@ -42,8 +42,12 @@ LIMITS = {  # words per answer (min, max) and rounds (min, max)
 
 
 class Rejected(ValueError):
-    def __init__(self, reason: str):
+    """A reply that cannot be used: `category` is what the summary counts, `reason` the detail."""
+
+    def __init__(self, category: str, detail: str | None = None):
+        reason = f"{category} ({detail})" if detail else category
         super().__init__(reason)
+        self.category = category
         self.reason = reason
 
 
@@ -54,9 +58,9 @@ def _check_text(text: str) -> None:
     for pat in LEAKS:
         m = re.search(pat, text, re.I)
         if m:
-            raise Rejected(f"leaks its source ('{m.group(0)}')")
+            raise Rejected("leaks its source", f"'{m.group(0)}'")
     if NUMBER_LIST.search(text):
-        raise Rejected("leaks its source (a raw number list)")
+        raise Rejected("leaks its source", "a raw number list")
 
 
 def _qa_pairs(text: str) -> list[tuple[str, str]]:
@@ -69,13 +73,13 @@ def _qa_pairs(text: str) -> list[tuple[str, str]]:
             turns.append(["gpt", _A.sub("", line, count=1).strip()])
         elif line.strip():
             if not turns:
-                raise Rejected("bad structure (text before the first Question:)")
+                raise Rejected("bad structure", "text before the first Question:")
             turns[-1][1] = (turns[-1][1] + "\n" + line.strip()).strip()
     if not turns:
-        raise Rejected("bad structure (no Question:/Answer: lines)")
+        raise Rejected("bad structure", "no Question:/Answer: lines")
     roles = [r for r, _ in turns]
     if roles[0] != "human" or any(a == b for a, b in zip(roles, roles[1:])) or roles[-1] != "gpt":
-        raise Rejected("bad structure (turns do not alternate Question/Answer)")
+        raise Rejected("bad structure", "turns do not alternate Question/Answer")
     if any(not t.strip() for _, t in turns):
         raise Rejected("empty turn")
     return [(r, t.strip().strip("*").strip()) for r, t in turns]
@@ -118,7 +122,7 @@ def parse_reply(rtype: str, text: str, pick: int = 0) -> list[tuple[str, str]]:
     _check_text(text)
     if rtype == "detail":
         if _Q.match(text.splitlines()[0]):
-            raise Rejected("bad structure (a question where a description was asked for)")
+            raise Rejected("bad structure", "a question where a description was asked for")
         turns = [("human", DETAIL_PROMPTS[pick % len(DETAIL_PROMPTS)]), ("gpt", " ".join(text.split()))]
     else:
         turns = _qa_pairs(text)
@@ -128,11 +132,11 @@ def parse_reply(rtype: str, text: str, pick: int = 0) -> list[tuple[str, str]]:
     (wmin, wmax), (rmin, rmax) = LIMITS[rtype]
     rounds = len(turns) // 2
     if not rmin <= rounds <= rmax:
-        raise Rejected(f"length ({rounds} rounds, expected {rmin}-{rmax})")
+        raise Rejected("length", f"{rounds} rounds, expected {rmin}-{rmax}")
     for role, t in turns:
         n = len(t.split())
         if role == "gpt" and not wmin <= n <= wmax:
-            raise Rejected(f"length (an answer of {n} words, expected {wmin}-{wmax})")
+            raise Rejected("length", f"an answer of {n} words, expected {wmin}-{wmax}")
     return turns
 
 

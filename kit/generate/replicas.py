@@ -60,10 +60,11 @@ class ReplicaBackend(Backend):
         try:
             c = await self.replicas[i].complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
         except BackendError as e:
-            if e.reason.startswith(("connection error", "timeout")):
+            if e.category in ("connection error", "timeout"):
                 self._failures[i] += 1
                 self._rest_until[i] = time.monotonic() + min(REST_CAP_S, REST_S * 2 ** (self._failures[i] - 1))
-            raise BackendError(f"{redact_url(self.replicas[i].base_url)}: {e.reason}", retryable=e.retryable, retry_after=e.retry_after) from None
+            raise BackendError(e.category, f"{redact_url(self.replicas[i].base_url)}: {e.reason}", retryable=e.retryable,
+                               retry_after=e.retry_after) from None
         finally:
             self.in_flight[i] -= 1
         self._failures[i] = 0

@@ -76,8 +76,10 @@ def cost_of(p: tuple[float, float] | None, prompt: int, completion: int) -> floa
     return None if p is None else round((prompt * p[0] + completion * p[1]) / 1e6, 6)
 
 
-def category_of(reason: str) -> str:
-    return reason.split(":", 1)[0].strip() or "unknown"
+def category_of(entry: dict) -> str:
+    """What the summary counts a rejected or failed task as: the category its ledger line carries
+    (ledgers written before kit recorded one: the reason up to its first ':')."""
+    return entry.get("category") or entry.get("reason", "").split(":", 1)[0].strip() or "unknown"
 
 
 def failures_error(summary: Summary) -> KitError | None:
@@ -201,10 +203,10 @@ def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_
             generated += 1
             samples.append(sample)
         elif e["status"] == "rejected":
-            rejected[category_of(e.get("reason", ""))] += 1
+            rejected[category_of(e)] += 1
             rejects.append({"id": f"{t.record.id}-{t.rtype}", "task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
         else:
-            failed[category_of(e.get("reason", ""))] += 1
+            failed[category_of(e)] += 1
     write_json_atomic(out_dir / "data.json", samples)
     write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
     write_jsonl_atomic(out_dir / SOURCES_FILE, [source_line(*v) for v in sources.values()])

@@ -259,19 +259,19 @@ class _Run:
                 # Outer guard for backends without their own timeout; the OpenAI client times out first.
                 return [await asyncio.wait_for(self.backend.complete(messages[0], **kwargs), self.timeout + 1)]
             except asyncio.TimeoutError:
-                raise BackendError(f"timeout: no reply within {self.timeout:g}s", retryable=True) from None
+                raise BackendError("timeout", f"timeout: no reply within {self.timeout:g}s", retryable=True) from None
         # A local model cannot be interrupted mid-batch, so no timeout here.
         return await self.backend.complete_batch(messages, **kwargs)
 
     async def _do_unit(self, unit: list[_Task]) -> None:
         messages = [prompts.build_messages(t.record, t.rtype, self.domain) for t in unit]
         loop = asyncio.get_running_loop()
-        reason = "not tried"
+        reason, category = "not tried", "not tried"
         for attempt in range(self.max_retries + 1):
             try:
                 completions = await self._request(unit, messages)
             except BackendError as e:
-                reason = e.reason
+                reason, category = e.reason, e.category
                 if not e.retryable or attempt == self.max_retries:
                     break
                 if e.retry_after is not None:
@@ -282,7 +282,8 @@ class _Run:
                 self._finish(task, self._judge(task, c))
             return
         for task in unit:
-            self._finish(task, {"task": task.id, "status": "failed", "reason": reason, "attempts": attempt + 1})
+            self._finish(task, {"task": task.id, "status": "failed", "category": category, "reason": reason,
+                                "attempts": attempt + 1})
 
     def _judge(self, task: _Task, c: Completion) -> dict:
         usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
@@ -293,17 +294,20 @@ class _Run:
             # question follows is complete. Other types have no such boundary.
             text = parse.complete_rounds(text) if task.rtype == "conversation" else ""
             if not text:
-                return {**entry, "status": "rejected", "reason": f"truncated: reply hit max_tokens ({self.max_tokens})", "raw": c.text}
+                return {**entry, "status": "rejected", "category": "truncated",
+                        "reason": f"truncated: reply hit max_tokens ({self.max_tokens})", "raw": c.text}
         if c.finish_reason == "content_filter":
-            return {**entry, "status": "rejected", "reason": "content filter: the server cut the reply", "raw": c.text}
+            return {**entry, "status": "rejected", "category": "content filter", "reason": "content filter: the server cut the reply",
+                    "raw": c.text}
         try:
             # pick varies the detail instruction per task, reproducibly (the seed comes from the task id).
             turns = parse.parse_reply(task.rtype, text, pick=task.seed)
         except parse.Rejected as e:
-            return {**entry, "status": "rejected", "reason": str(getattr(e, "reason", e)), "raw": c.text}
+            return {**entry, "status": "rejected", "category": e.category, "reason": e.reason, "raw": c.text}
         fp = parse.fingerprint(turns)
         if fp in self.fingerprints:
-            return {**entry, "status": "rejected", "reason": f"duplicate: same text as {self.fingerprints[fp]}", "raw": c.text}
+            return {**entry, "status": "rejected", "category": "duplicate", "reason": f"duplicate: same text as {self.fingerprints[fp]}",
+                    "raw": c.text}
         self.fingerprints[fp] = task.id
         sample = parse.to_sample(task.record, task.rtype, turns)
         return {**entry, "status": "ok", "sample": sample, "fingerprint": fp}
