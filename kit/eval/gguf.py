@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kit.core.cards import Card
+from kit.core.errors import KitError
 from kit.data.images import open_rgb
 from kit.data.vqa import Item, ask
+from kit.eval.vqa import before_after_table, changes, evaluate
 from kit.infer.llama_cpp import ExportFolder, LlamaCppModel
 
 
 def is_export(path: Path) -> bool:
     """Whether `path` is a `kit export` folder (its card says so)."""
-    from kit.core.cards import Card
-
     card = Card.read(Path(path)) if Path(path).is_dir() else None
     return card is not None and card.kind == "export"
 
@@ -98,9 +99,6 @@ def compare_export(hf_model: Path, folder: ExportFolder, data: Path, max_drop: f
     llama.cpp, on the same items (greedy, one at a time on both sides, so batching cannot make them
     differ). Returns what the card records. KitError when `max_drop` is set and the GGUF's overall
     score is lower by more than that many points with the paired 95% interval excluding zero."""
-    from kit.core.errors import KitError
-    from kit.eval.vqa import before_after_table, changes, evaluate
-
     text_only = folder.mmproj is None
     hf = evaluate(hf_model, data, batch_size=1, max_new_tokens=max_new_tokens, echo=echo, text_only=text_only)
     answerer = GgufAnswerer(folder)

@@ -22,6 +22,7 @@ import numpy as np
 
 from kit.core.cards import Card
 from kit.core.errors import KitError
+from kit.data.images import pad_to_square
 
 LLAMA_CPP_HINT = "install llama-cpp-python (`bash setup.sh --llama-cpp`, or `pip install llama-cpp-python`)"
 QUESTION = "\u27e6Q\u27e7"  # where the question goes in the recorded prompt
@@ -236,8 +237,6 @@ class LlamaCppModel(LlamaCppRuntime):
         return text.strip(), ids
 
     def _png(self, image) -> bytes:
-        from kit.data.images import pad_to_square
-
         p = self.folder.prompt
         image = image.convert("RGB")
         if p.image_aspect == "pad":  # as training did; "crop" is the image encoder's own resize and crop
