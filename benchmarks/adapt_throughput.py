@@ -138,7 +138,7 @@ def _loguniform(rng: random.Random, lo: float, hi: float) -> float:
 def write_llava_mix(out_dir: Path, n: int, seed: int, size: int, tokenizer, image_tokens: int, max_length: int,
                     text_scale: float = 1.0, text_only_frac: float = 0.15) -> Path:
     """A LLaVA JSON file (plus images/) with LLaVA-mix-like length variety; every sample fits max_length."""
-    from kit.ingest.shapes import _qa_rounds, caption, draw_scene
+    from kit.ingest.shapes import caption, draw_scene, qa_rounds
 
     cache: dict[str, int] = {}
 
@@ -172,13 +172,13 @@ def write_llava_mix(out_dir: Path, n: int, seed: int, size: int, tokenizer, imag
         kind = rng.random()
         conv = []
         if kind < 0.5:  # short VQA-style rounds
-            rounds = _qa_rounds(attrs, rng) * rng.randint(1, 2)
+            rounds = qa_rounds(attrs, rng) * rng.randint(1, 2)
             for q, a in rounds:
                 conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         elif kind < 0.8:  # multi-turn conversation, medium answers
             turns = rng.randint(3, 8)
             for t in range(turns):
-                q, a = rng.choice(_qa_rounds(attrs, rng))
+                q, a = rng.choice(qa_rounds(attrs, rng))
                 conv += [{"from": "human", "value": q},
                           {"from": "gpt", "value": _fill(rng, a, int(rng.uniform(15, 110) * text_scale), ntok)}]
         else:  # detailed description / complex reasoning: long answers

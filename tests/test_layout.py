@@ -151,3 +151,18 @@ def test_the_checker_catches_a_back_import_a_cycle_and_a_private_name(tmp_path):
     assert any(p.startswith("import cycle:") and "kit.data.sampler" in p for p in found), found
     assert any("private _grouped" in p for p in found), found
     assert any("kit.infer.prompts" in p and "without a comment" in p for p in found), found
+
+
+def test_benchmarks_use_kit_by_its_public_names():
+    """benchmarks/ are kit's users too: they import modules that exist and no `_private` name."""
+    modules, _ = read_edges(KIT)
+    found = []
+    for path in sorted((KIT.parent / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "kit":
+                if node.module not in modules and node.module != "kit":
+                    found.append(f"{path.name} (line {node.lineno}) imports {node.module}, which does not exist")
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.name} (line {node.lineno}) imports private {', '.join(private)} from {node.module}")
+    assert not found, "\n".join(found)

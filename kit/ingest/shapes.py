@@ -239,7 +239,7 @@ def score_caption(text: str, attrs: dict[str, Any]) -> dict[str, bool]:
     return {key: found[key] == {attrs[key]} for key in ("colour", "shape", "position")}
 
 
-def _qa_rounds(attrs: dict[str, Any], rng: random.Random) -> list[tuple[str, str]]:
+def qa_rounds(attrs: dict[str, Any], rng: random.Random) -> list[tuple[str, str]]:
     """2-3 (question, answer) pairs about distinct attributes, in random order."""
     c, s = attrs["colour"], attrs["shape"]
     w = _where(attrs["position"], rng)
@@ -342,7 +342,7 @@ def write_shapes_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: in
             }
         )
         turns = []
-        for k, (q, a) in enumerate(_qa_rounds(attrs, rng)):
+        for k, (q, a) in enumerate(qa_rounds(attrs, rng)):
             turns.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
             turns.append({"from": "gpt", "value": a})
         instruct.append({"id": name, "image": rel, "conversations": turns})

@@ -176,7 +176,7 @@ def _mri_head(name: str, phi: list[str]) -> Pixels:
     return Pixels(to_uint8(min_max(values)), fields={"matplotlib_version": matplotlib.__version__})
 
 
-# (id in medical_sample.yaml, source file, builder), in the order the sample lists them.
+# (id in medical.yaml, source file, builder), in the order the sample lists them.
 MEDICAL: tuple[tuple[str, str, _Builder], ...] = (
     ("ct-chest", "CT_small.dcm", partial(_dicom_image, modality="CT", shape=(128, 128))),
     ("mr-small", "MR_small.dcm", partial(_dicom_image, modality="MR", shape=(64, 64))),

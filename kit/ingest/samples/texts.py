@@ -89,7 +89,7 @@ def _check_entry(rid: str, entry: Any) -> None:
 
 
 def load_texts(path: Path = TEXTS_FILE) -> dict[str, dict[str, Any]]:
-    """medical_sample.yaml's entries by id, checked: exactly one per builder, in `MEDICAL`'s order."""
+    """medical.yaml's entries by id, checked: exactly one per builder, in `MEDICAL`'s order."""
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     ids = [rid for rid, _, _ in MEDICAL]
     found = list(data) if isinstance(data, dict) else []

@@ -206,7 +206,7 @@ def write_sample(domain: str, out: Path) -> Card:
         for name, text in texts.items():
             leaked = _leaks(text.encode("utf-8"), phi_bytes)
             if leaked:
-                # The texts are fixed in medical_sample.yaml, so this is a kit bug, not a user error.
+                # The texts are fixed in medical.yaml, so this is a kit bug, not a user error.
                 raise RuntimeError(f"sample {name} would contain {len(leaked)} identifying DICOM value(s); please report this")
             (staging / name).write_text(text, encoding="utf-8")
 
