@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kit.data.dataset import IGNORE, build_dataset, encode_sample
+from kit.data.dataset import IGNORE, SampleProblem, build_dataset, encode_sample
 from kit.data.collator import Collator
 from kit.data.formats import Sample, load_samples
 from kit.data.sampler import modality_length_order
@@ -137,8 +137,8 @@ def test_mask_that_disagrees_with_the_answers_is_caught(processor, monkeypatch):
 
     monkeypatch.setattr(dataset, "supervised_mask", short_mask)
     s = Sample("x", [], [("user", "hi"), ("assistant", "hello there")], "f[0]")
-    enc, reason = encode_sample(s, processor.tokenizer, "vicuna_v1", 16, 512)
-    assert enc is None and "do not spell the answers" in reason
+    with pytest.raises(SampleProblem, match="do not spell the answers"):
+        encode_sample(s, processor.tokenizer, "vicuna_v1", 16, 512)
 
 
 def test_bad_samples_are_skipped_with_reasons_when_the_recipe_says_so(processor, tmp_path):

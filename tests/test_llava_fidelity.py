@@ -26,7 +26,7 @@ from PIL import Image
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN
 from kit.core.tokens import tokenize_chunked, tokenize_whole
-from kit.data.dataset import IGNORE, build_dataset, encode_sample
+from kit.data.dataset import IGNORE, SampleProblem, build_dataset, encode_sample
 from kit.data.formats import Sample, load_samples, place_image
 
 N_IMAGE = 4  # image tokens per image in these tests (a 32 px tower with 16 px patches)
@@ -91,8 +91,7 @@ def _oracle_chunked(tok, text: str) -> list[int]:
 
 def test_vicuna_ids_are_the_references_chunked_ids(tokenizer):
     turns = place_image([("user", "What is shown?\n<image>"), ("assistant", "3 nodules.")], "reference")
-    enc, reason = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
-    assert reason is None
+    enc = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
     text = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
             "detailed, and polite answers to the user's questions. USER: <image>\nWhat is shown? ASSISTANT: 3 nodules." + tokenizer.eos_token)
     assert list(enc.input_ids) == _oracle_chunked(tokenizer, text)
@@ -119,8 +118,7 @@ def test_inference_prompt_plus_supervised_run_is_the_training_sequence(tokenizer
     proc = _processor(tokenizer)
     question = "What is shown in the chest X-ray?"
     turns = [("user", f"{IMAGE_TOKEN}\n{question}"), ("assistant", answer), ("user", "Is there a fracture?"), ("assistant", "No.")]
-    enc, reason = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
-    assert reason is None
+    enc = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
     ids, labels = list(enc.input_ids), list(enc.labels)
     image = Image.new("RGB", (32, 32), (90, 20, 20))
     info = {"template": "vicuna_v1", "image_aspect": "pad"}
@@ -161,14 +159,13 @@ def test_end_of_sequence_text_inside_an_answer_is_refused(tokenizer, tmp_path):
 def test_text_only_sample_under_plain_is_refused(tokenizer):
     """(c): stage 1 trains captions of images; a text-only sample must not get image tokens."""
     s = Sample("t", [], [("user", "Describe."), ("assistant", "A cat.")], "f[0]")
-    enc, reason = encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
-    assert enc is None and "has no image" in reason
+    with pytest.raises(SampleProblem, match="has no image"):
+        encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
 
 
 def test_plain_keeps_the_caption_as_written_and_supervises_all_after_the_image(tokenizer):
     s = Sample("p", ["a.png"], [("user", "<image>\nDescribe it."), ("assistant", " A cat on a mat. ")], "f[0]")
-    enc, reason = encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
-    assert reason is None
+    enc = encode_sample(s, tokenizer, "plain", N_IMAGE, 2048)
     ids, labels = list(enc.input_ids), list(enc.labels)
     assert ids == _oracle_chunked(tokenizer, IMAGE_TOKEN + " A cat on a mat. \n")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -74,9 +74,14 @@ def supervised_text_matches(tokenizer, ids: np.ndarray, labels: np.ndarray, answ
     return "".join(got.split()) == "".join(want.split())
 
 
+class SampleProblem(ValueError):
+    """Why a sample cannot train (its text is the reason a report lists)."""
+
+
 def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | list, max_length: int, system: str | None = None,
                   chat_template: str | None = None, placeholder: str = IMAGE_TOKEN):
-    """Returns (Encoded, None) or (None, reason). Never produces an all-masked sample.
+    """The sample tokenised with exact labels; SampleProblem (saying what is wrong) when it cannot
+    train. Never produces an all-masked sample.
 
     image_tokens: per image, in order, what it becomes (kit.data.processing.Processing.expansions):
     a token count for plain / vicuna_v1, the expanded text for chat; one int for every image means
@@ -86,23 +91,23 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
     for j, (role, text) in enumerate(sample.turns):
         special = next((t for t in specials if t in text), None)
         if special is not None:
-            return None, (
+            raise SampleProblem(
                 f"turn {j + 1} ({role}) holds the text '{special}', which the tokenizer reads as a special token "
                 "(an answer would end there); remove it from the data"
             )
     if template == "plain" and sample.image is None:
-        return None, "template plain trains caption pairs and this sample has no image; give it one or use another template"
+        raise SampleProblem("template plain trains caption pairs and this sample has no image; give it one or use another template")
     chunked = template in CHUNKED_TEMPLATES
     n_images = len(sample.images)
     if template == PREFIX and not n_images:
-        return None, "this model's prompt format (an image, then a question) needs an image in every sample"
+        raise SampleProblem("this model's prompt format (an image, then a question) needs an image in every sample")
     if isinstance(image_tokens, int):
         image_tokens = [image_tokens if chunked else placeholder * image_tokens] * n_images
     try:
         rendered = render(template, sample.turns, tokenizer, IMAGE_TOKEN, system, chat_template, placeholder)
         expanded = rendered if chunked else rendered.expand_each(placeholder, image_tokens)
     except TemplateError as e:
-        return None, str(e)
+        raise SampleProblem(str(e)) from None
     tokens = tokenize(tokenizer, expanded.text, template, image_tokens if chunked else 0)
     ids = tokens.ids
     labels = np.where(supervised_mask(tokens, expanded.spans), ids, IGNORE)
@@ -111,11 +116,11 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
     # The placeholder is a special token: each written copy is one id.
     want = sum(image_tokens) if chunked else sum(e.count(placeholder) for e in image_tokens)
     if n_img != want:
-        return None, f"template produced {n_img} image tokens, expected {want}"
+        raise SampleProblem(f"template produced {n_img} image tokens, expected {want}")
     if (labels != IGNORE).sum() == 0:
-        return None, "nothing to supervise (no assistant answer survives the template)"
+        raise SampleProblem("nothing to supervise (no assistant answer survives the template)")
     if not supervised_text_matches(tokenizer, ids, labels, expanded.answers):
-        return None, "supervised tokens do not spell the answers (tokenizer/template mismatch)"
+        raise SampleProblem("supervised tokens do not spell the answers (tokenizer/template mismatch)")
     truncated = False
     if len(ids) > max_length:
         # Every image's tokens, markers included, must survive: an image cut short fails in the model.
@@ -125,16 +130,16 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
             last = expanded.text.rfind(image_tokens[-1]) + len(image_tokens[-1]) if image_tokens else 0
             image_end = int((tokens.starts < last).sum()) if last else 0
         if image_end > max_length:
-            return None, (
+            raise SampleProblem(
                 f"image tokens would be truncated: {len(ids)} tokens ({n_img} image) > max_length {max_length}; "
                 "raise data.max_length or shorten the sample"
             )
         ids, labels, truncated = ids[:max_length], labels[:max_length], True
         if (labels != IGNORE).sum() == 0:
-            return None, f"nothing left to supervise after truncation to max_length {max_length}"
+            raise SampleProblem(f"nothing left to supervise after truncation to max_length {max_length}")
     text, suffix = prefix_parts(rendered) if template == PREFIX else (rendered.text, None)
     return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], text, suffix, truncated,
-                   rendered.from_prompts), None
+                   rendered.from_prompts)
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -295,10 +300,11 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
                 expansions = processing.expansions(sizes)
             except KitError as e:
                 raise KitError(f"{s.where}: sample '{s.id}': {e}") from None
-            enc, reason = encode_sample(s, processor.tokenizer, template, expansions, max_length, system, chat_template,
-                                        processing.placeholder)
-            if enc is None:
-                s.problem = reason
+            try:
+                enc = encode_sample(s, processor.tokenizer, template, expansions, max_length, system=system,
+                                    chat_template=chat_template, placeholder=processing.placeholder)
+            except SampleProblem as e:
+                s.problem = str(e)
             else:
                 enc.images = [p for p, _ in found]
                 counts = [processing.image_tokens(z) for z in sizes]
