@@ -331,3 +331,17 @@ def test_onevision_hub_template_is_not_prefix_consistent_and_kit_trains_what_inf
     code, out, err = run_cli(capsys, "data", "check", "--recipe", "llava15-qlora", "--base", str(base), "--data", str(data), *LORA)
     assert code == 0 and "problems: none" in out + err, out + err
     assert (out + err).count("built from the generation-prompt renders") == 1
+
+
+def test_readme_family_table_is_the_family_data():
+    """families.yaml is the one description: the README's table names every family's example
+    checkpoint and model types as the data does."""
+    from kit.base.family import families as described_families
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| family (`model_type`)"):readme.index("\n\n", readme.index("| family (`model_type`)"))]
+    rows = table.splitlines()[2:]
+    for fam in described_families().values():
+        row = next((r for r in rows if f"`{fam.hub_example}`" in r), None)
+        assert row is not None, f"README's family table has no row with {fam.name}'s example {fam.hub_example}"
+        assert all(f"`{t}`" in row for t in fam.model_types), (fam.name, fam.model_types, row)
