@@ -179,3 +179,18 @@ def held_out_shapes(tmp_path_factory) -> dict[str, str]:
     from kit.ingest.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes-held-out"), 32, seed=7, size=64)
+
+
+# The whole command matrix (data check, adapt, QLoRA, merge, eval, chat, serve) runs on five families
+# by default; the other six, which the same code paths serve, run with `-m slow`. Every family still
+# meets every other family test (fixture validity, samples and labels, serving, batching) by default.
+MATRIX_DEFAULT = {"llava", "qwen2_vl", "gemma3", "idefics3", "paligemma"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname == "test_every_command_on_every_family":
+            family = item.callspec.params.get("family_base")
+            if family not in MATRIX_DEFAULT:
+                item.add_marker(pytest.mark.slow)
