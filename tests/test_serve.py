@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_serve_batching import wait_until
+
 KEY = "test-key-123"
 PROMPT = "What is in the picture?"
 
@@ -406,13 +408,6 @@ def _slow_tokens(pool, monkeypatch, seconds: float = 0.02):
     monkeypatch.setattr(pool.batcher, "picker", slow)
 
 
-def _wait_for(cond, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 def test_a_cancelled_row_leaves_the_batch_at_the_next_step(pool, monkeypatch):
     """Two rows decode together; one is cancelled mid-answer: it stops at once (finish 'stop', far
     from its budget), the batch shrinks to one row at the next step, and the other answers exactly
@@ -427,7 +422,7 @@ def test_a_cancelled_row_leaves_the_batch_at_the_next_step(pool, monkeypatch):
     with batcher.cond:
         doomed = pool.start(name, pool.prepare(name, [{"role": "user", "content": PROMPT}], []), Sampling(60))
         kept = pool.start(name, other, Sampling(12))
-    _wait_for(lambda: doomed.completion_tokens >= 3, "the rows did not start")
+    wait_until(lambda: doomed.completion_tokens >= 3, "the rows did not start")
     steps = len(batcher.sizes)
     doomed.cancel()
     assert kept.result() == alone
@@ -462,7 +457,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(url, pool, monkeypat
         seen += line.startswith(b"data: ")
     conn.sock.shutdown(2)
     conn.close()
-    _wait_for(lambda: started and started[0]._done.is_set(), "the disconnected request kept generating", timeout=30)
+    wait_until(lambda: started and started[0]._done.is_set(), "the disconnected request kept generating", timeout=30)
     assert started[0].completion_tokens < 40, started[0].completion_tokens
     assert neighbour.live or neighbour.completion_tokens > started[0].completion_tokens
     neighbour.result()

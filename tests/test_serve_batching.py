@@ -35,7 +35,8 @@ def _alone(model, inputs, tokenizer, budget: int) -> tuple[list[int], torch.Tens
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), torch.cat(out.logits).float()
 
 
-def _wait(cond, what: str, timeout: float = 60.0) -> None:
+def wait_until(cond, what: str, timeout: float = 60.0) -> None:
+    """Poll `cond` until it holds; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, what
@@ -74,7 +75,7 @@ def _join_mid_generation(base, text_only: bool = True):
 
         batcher.picker = recording
         first = pool.start(name, inputs[0], Sampling(24))
-        _wait(lambda: first.completion_tokens >= 3, "the first request did not start")
+        wait_until(lambda: first.completion_tokens >= 3, "the first request did not start")
         with batcher.cond:  # both arrive before the next step
             rest = [pool.start(name, x, Sampling(budget)) for x, (_, _, budget) in zip(inputs[1:], asks[1:])]
         rest[-1].result()

@@ -72,10 +72,10 @@ def export(model: Annotated[Path, typer.Argument(help="Model folder or adapter f
            text_only: Annotated[bool, typer.Option("--text-only", help="Write the LLM alone (no vision tower), e.g. for a tower llama.cpp cannot run.")] = False,
            tolerance: Annotated[Optional[float], typer.Option(help="Adapters: max |Δlogit| of the merge vs the unmerged adapter (default 0.5).")] = None,
            force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out written by kit.")] = False,
-           eval: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation JSONL: score the HF model and the written GGUF (llama.cpp) on it; both go into the card and README.")] = None,
+           eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation JSONL: score the HF model and the written GGUF (llama.cpp) on it; both go into the card and README.")] = None,
            max_drop: Annotated[Optional[float], typer.Option(help="With --eval: fail (nothing written) when the GGUF scores more than this many points below the HF model, the interval excluding 0.")] = None) -> None:
     """Export a model or adapter for llama.cpp and Ollama: GGUF LLM + mmproj, Modelfile, card."""
     from kit.export.run import export as run_export
 
     typer.echo(str(run_export(model, out, fmt=format, quant=quant, text_only=text_only, force=force, tolerance=tolerance,
-                              echo=echo_err, eval_data=eval, max_drop=max_drop)))
+                              echo=echo_err, eval_data=eval_file, max_drop=max_drop)))

@@ -89,9 +89,6 @@ def format_agreement(agree: dict[str, Any], seconds: tuple[float, float] | None 
     return "\n".join(rows)
 
 
-def text_items_only(items: list[Item]) -> list[Item]:
-    return [it for it in items if it.image is None]
-
 
 def compare_export(hf_model: Path, folder: ExportFolder, data: Path, max_drop: float | None = None,
                    max_new_tokens: int = 32, echo=print) -> dict[str, Any]:
