@@ -14,6 +14,8 @@ from unittest import mock
 import pytest
 import yaml
 
+import families
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 CONFIG_DIR = REPO / "configs" / "accelerate"
@@ -130,25 +132,47 @@ def test_accelerate_launch_accepts_the_config(path: Path, monkeypatch):
             assert args.multi_gpu and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
-def test_fsdp_wrap_classes_exist_in_a_llava_15_model():
-    """fsdp.yaml names LLaVA-1.5's block classes; a missing class fails at wrap time on the GPUs."""
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_fsdp_wraps_each_block_of_every_family(family, smol_tokenizer_dir, monkeypatch):
+    """One fsdp.yaml for every family: kit names the block classes from families.yaml, and
+    accelerate's own wrap policy then makes one unit of every LLM and tower block, nothing else."""
     import torch
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).to_dict(),
-    )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
+    from kit.base.family import family_of_model
+    from kit.train.sharding import set_fsdp_wrap
+
+    assert "fsdp_transformer_layer_cls_to_wrap" not in yaml.safe_load((CONFIG_DIR / "fsdp.yaml").read_text())["fsdp_config"]
+    model, _ = families.build(family, smol_tokenizer_dir)
+    fam = family_of_model(model)
     _, env = _launch_env(CONFIG_DIR / "fsdp.yaml")
     with mock.patch.dict(os.environ, env):
+        assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in os.environ
+        named = set_fsdp_wrap(model, fam)
         plugin = FullyShardedDataParallelPlugin()
         policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    wrapped = {type(m).__name__ for m in model.modules() if policy(m)}
-    assert wrapped == {"LlamaDecoderLayer", "CLIPEncoderLayer"}
+    wrapped = [n for n, m in model.named_modules() if policy(m)]
+    llm_blocks = [f"{fam.blocks.llm}.{i}" for i in range(len(model.get_submodule(fam.blocks.llm)))]
+    tower = next(p for p in fam.blocks.vision if p in dict(model.named_modules()))
+    tower_blocks = [f"{tower}.{i}" for i in range(len(model.get_submodule(tower)))]
+    assert sorted(wrapped) == sorted(llm_blocks + tower_blocks), wrapped
+    assert named == list(dict.fromkeys(type(model.get_submodule(n)).__name__ for n in llm_blocks + tower_blocks))
+    assert isinstance(model.get_submodule(fam.blocks.llm), torch.nn.ModuleList)
+
+
+def test_fsdp_wrap_refuses_classes_the_model_lacks(smol_tokenizer_dir):
+    from kit.base.family import family_of_model
+    from kit.core.errors import KitError
+    from kit.train.sharding import set_fsdp_wrap
+
+    model, _ = families.build("qwen2_vl", smol_tokenizer_dir)
+    _, env = _launch_env(CONFIG_DIR / "fsdp.yaml")
+    env["FSDP_TRANSFORMER_CLS_TO_WRAP"] = "LlamaDecoderLayer,CLIPEncoderLayer"  # an old hand-edited config
+    with mock.patch.dict(os.environ, env), pytest.raises(KitError) as e:
+        set_fsdp_wrap(model, family_of_model(model))
+    assert "names LlamaDecoderLayer, CLIPEncoderLayer, which this model does not have" in str(e.value)
+    assert "Qwen2VLDecoderLayer, Qwen2VLVisionBlock" in str(e.value)
 
 
 def test_ddp_two_processes_on_cpu_train_identical_weights(tiny_base, shapes, kit_cache, tmp_path):

@@ -18,6 +18,14 @@ PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """Module lists of repeated blocks: the LLM's, and the tower's (alternative paths)."""
+
+    llm: str
+    vision: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     label: str
@@ -30,6 +38,7 @@ class Family:
     inputs: tuple[str, ...]
     prompt: str  # "chat" | "prefix"
     hub_example: str
+    blocks: Blocks
     gguf: dict | None = field(default=None, hash=False, compare=False)  # kit export: projector, towers, text (model_type -> llama.cpp arch)
 
     @cached_property
@@ -92,7 +101,7 @@ def families() -> dict[str, Family]:
             name=name, label=d["label"], model_types=tuple(d["model_types"]), vision=tuple(d["vision"]),
             projector=tuple(d["projector"]), llm=d["llm"], head=d["head"], images=d["images"],
             inputs=tuple(d["inputs"]), prompt=d.get("prompt", "chat"), hub_example=d["hub_example"],
-            gguf=d.get("gguf"),
+            blocks=Blocks(llm=d["blocks"]["llm"], vision=tuple(d["blocks"]["vision"])), gguf=d.get("gguf"),
         )
     return out
 

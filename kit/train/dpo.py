@@ -20,10 +20,10 @@ from kit.core.recipes import Recipe
 from kit.data.preference import PairCollator, PreferenceDataset
 from kit.train.args import training_kwargs
 from kit.train.model import is_peft
-from kit.train.trainer import ProjectorLr
+from kit.train.trainer import ProjectorLr, ShardsOnCpu
 
 
-class KitDPOTrainer(ProjectorLr, DPOTrainer):
+class KitDPOTrainer(ShardsOnCpu, ProjectorLr, DPOTrainer):
     def __init__(self, *args, kit_recipe: Recipe, model, **kwargs):
         self.kit_recipe = kit_recipe
         dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}

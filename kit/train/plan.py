@@ -10,10 +10,11 @@ from pathlib import Path
 from kit.base.family import family_of
 from kit.base.load import ADAPTER_CONFIG, adapter_base
 from kit.base.mini import mini_base
-from kit.core.cards import CARD_NAME, describe_source
+from kit.core.cards import CARD_NAME, Card, describe_source
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 from kit.data.reviewed import is_generated_folder
+from kit.train.sharding import check_resume_layout
 
 DEFAULT_OUT_ROOT = {"pretrain": "outputs", "finetune": "outputs", "adapt": "adapters"}
 
@@ -69,8 +70,11 @@ def plan_output(recipe: Recipe, out: str | None, resume: bool) -> Path:
         out = str(Path(DEFAULT_OUT_ROOT[recipe.stage]) / f"{recipe.name}-{stamp}")
     out_path = Path(out)
     if resume:
-        if not last_checkpoint(out_path):
+        checkpoint = last_checkpoint(out_path)
+        if not checkpoint:
             raise KitError(f"--resume: no checkpoint-* folder in {out_path}; run without --resume to start fresh")
+        card = Card.read(checkpoint)
+        check_resume_layout(getattr(card, "layout", None), checkpoint)
     elif int(os.environ.get("RANK", "0")) == 0 and out_path.exists() and any(out_path.iterdir()):
         # Only rank 0 checks: it may already have started writing when a slower rank gets here.
         raise KitError(f"--out {out_path} already exists and is not empty; pass --resume to continue it or choose another folder")

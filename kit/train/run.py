@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from kit.base.family import family_of
+from kit.base.family import family_of, family_of_model
 from kit.base.load import image_aspect_of, load_processor
 from kit.base.memory import GIB, estimate
 from kit.core.recipes import Recipe
@@ -28,6 +28,7 @@ from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
 from kit.train.plan import RunPlan, last_checkpoint, plan_run
 from kit.train.preference import LOGGED, drop_reference, preference_record
+from kit.train.sharding import current_layout, set_fsdp_wrap
 from kit.train.trainer import CheckpointCardCallback, KitTrainer, run_card
 
 
@@ -103,6 +104,9 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     echo(f"model: {plan.base} — training {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters ({', '.join(recipe.train.trainable)}{' via LoRA' if recipe.lora else ''})")
+    wrapped = set_fsdp_wrap(model, family_of_model(model))
+    if wrapped:
+        echo(f"fsdp: one shard unit per {', '.join(wrapped)} ({current_layout().describe()})")
 
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "recipe.yaml").write_text(recipe.to_yaml())

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
@@ -18,6 +17,7 @@ from kit.core.recipes import Recipe
 from kit.data.sampler import ModalityLengthSampler
 from kit.train.model import is_peft
 from kit.train.plan import RunPlan
+from kit.train.sharding import current_layout, load_full_state, shard_on_cpu
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -47,7 +47,15 @@ class ProjectorLr:
         return self.optimizer
 
 
-class KitTrainer(ProjectorLr, Trainer):
+class ShardsOnCpu:
+    """For a Trainer (HF's or TRL's): an FSDP launch shards on CPU process groups too (kit.train.sharding)."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)
+
+
+class KitTrainer(ShardsOnCpu, ProjectorLr, Trainer):
     """HF Trainer plus the three things LLaVA training needs: a projector learning rate, modality
     grouping, and checkpoints that hold only what trains (a stage-1 checkpoint is a few MB)."""
 
@@ -99,9 +107,7 @@ class KitTrainer(ProjectorLr, Trainer):
         missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
         if missing or set(tensors) - set(params):
             raise KitError(f"{f} does not match this run's trainable parameters (e.g. {(missing or sorted(set(tensors) - set(params)))[:2]}); was the recipe changed?")
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t)
+        load_full_state(model, tensors)
 
 
 class CheckpointCardCallback(TrainerCallback):
@@ -116,7 +122,7 @@ class CheckpointCardCallback(TrainerCallback):
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ck.is_dir():
             (ck / "recipe.yaml").write_text(self.plan.recipe.to_yaml())
-            run_card(self.plan, "checkpoint", step=state.global_step).write(ck)
+            run_card(self.plan, "checkpoint", step=state.global_step, layout=current_layout().to_json()).write(ck)
 
 
 def run_card(plan: RunPlan, kind: str, **extra: Any) -> Card:
