@@ -228,3 +228,37 @@ def test_ddp_two_processes_on_cpu_train_identical_weights(tiny_base, shapes, kit
     assert torch.equal(saved_proj(state_dict_of(out)), a[proj].float())
     assert json.loads((out / "kit.json").read_text())["steps"] == 4
     assert not list(tmp_path.glob("outputs*")), "a rank wrote outside --out"
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json"])
+@pytest.mark.parametrize("recipe_name", ["llava15-pretrain", "llava15-finetune", "llava15-lora"])
+def test_hf_trainer_deepspeed_integration_fills_every_auto(name, recipe_name, tmp_path, monkeypatch):
+    """What the Trainer does with the JSON on 8 GPUs (deepspeed's own config code, run here without
+    a GPU): every "auto" becomes the recipe's value, and nothing in the file contradicts it."""
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from kit.core.recipes import load_recipe
+    from kit.train.args import training_kwargs
+
+    recipe = load_recipe(recipe_name, ["train.precision=bf16"])  # what `auto` is on the GPUs these configs are for
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    kwargs = training_kwargs(recipe, tmp_path, 100)
+    monkeypatch.delenv("WORLD_SIZE")
+    args = TrainingArguments(**kwargs)
+    ds = HfTrainerDeepSpeedConfig(json.loads((CONFIG_DIR / name).read_text()))
+    ds.trainer_config_process(args)
+
+    class Llm:  # what trainer_config_finalize reads: the LLM's width (LLaVA-1.5 7B)
+        config = type("C", (), {"hidden_size": 4096})()
+
+    ds.trainer_config_finalize(args, Llm(), num_training_steps=100)
+    assert '"auto"' not in json.dumps(ds.config), ds.config
+    t = recipe.train
+    assert ds.config["train_micro_batch_size_per_gpu"] == t.batch_size
+    assert ds.config["gradient_accumulation_steps"] == t.global_batch_size // (t.batch_size * 8)
+    assert ds.config["gradient_clipping"] == t.max_grad_norm
+    assert ds.config["bf16"]["enabled"] is True and ds.config["fp16"]["enabled"] is False
+    assert ds.is_zero3() == (name == "zero3.json")
+    if ds.is_zero3():
+        assert ds.config["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
