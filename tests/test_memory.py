@@ -69,3 +69,35 @@ def test_auto_gradient_checkpointing_follows_the_estimate_and_the_card(tmp_path,
     assert said and ("on" if expect else "off") in said[0] and f"{card_gib} GiB on this GPU" in said[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_checkpointing(recipe, base, 1024, echo=said.append).train.gradient_checkpointing is True
+
+
+def test_per_gpu_estimate_by_strategy_on_a_llava15_7b_shape(tmp_path):
+    """LLaVA-1.5-7B stage 2 (full, batch 16 x 2048, checkpointing) on 8 GPUs, LLaVA's own setting:
+    112 GB of training states alone do not fit one 80 GB card; sharding them does."""
+    base = _config_folder(tmp_path, 4096, 11008, 32, 32, 32064)
+    recipe = load_recipe("llava15-finetune")
+    one = estimate(recipe, base, 2048)
+    by = {s: estimate(recipe, base, 2048, gpus=8, strategy=s) for s in ("ddp", "fsdp", "zero2", "zero3")}
+    n = one.detail["trainable_params"]
+    assert 6.5e9 < n < 7.5e9 and one.trainable == n * 16
+    assert one.total > 80 * GIB and by["ddp"].total > one.total  # DDP adds gradient buckets, shards nothing
+    assert by["ddp"].working == n * 4
+    assert by["fsdp"].trainable == one.trainable / 8 and by["fsdp"].weights == one.weights / 8
+    assert by["zero2"].weights == one.weights and by["zero3"].weights == one.weights / 8
+    assert by["zero3"].total < by["zero2"].total < by["ddp"].total
+    assert by["fsdp"].total < 80 * GIB and by["zero3"].total < 80 * GIB
+    # Activations and logits are per micro-batch: the same on every GPU whatever the strategy.
+    assert {(e.activations, e.logits) for e in by.values()} == {(one.activations, one.logits)}
+    # Doubling the GPUs halves what FSDP shards, nothing else.
+    sixteen = estimate(recipe, base, 2048, gpus=16, strategy="fsdp")
+    assert sixteen.trainable == by["fsdp"].trainable / 2 and sixteen.working == by["fsdp"].working
+
+
+def test_per_gpu_estimate_refuses_what_kit_does_not_run(tmp_path):
+    base = _config_folder(tmp_path, 256, 512, 2, 4, 1000)
+    for strategy in ("fsdp", "zero3"):
+        with pytest.raises(KitError, match="shards 4-bit weights"):
+            estimate(load_recipe("medical"), base, 128, gpus=2, strategy=strategy)
+    assert estimate(load_recipe("medical"), base, 128, gpus=2, strategy="zero2").total > 0
+    with pytest.raises(KitError, match="--strategy tp: choose one of ddp, fsdp, zero2, zero3"):
+        estimate(load_recipe("medical"), base, 128, gpus=2, strategy="tp")

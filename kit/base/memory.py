@@ -20,9 +20,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from kit.base.family import family_for_type
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
+from kit.core.strategies import STRATEGY_HELP
 
 GIB = 1024**3
 OVERHEAD_GIB = 0.8  # CUDA context, allocator fragmentation, cuBLAS workspaces
+COMM_GIB = 0.5  # NCCL communicators and their buffers, with more than one GPU
+ADAM_BYTES = 8  # two fp32 moments per trained parameter
 
 
 @dataclass
@@ -33,14 +36,24 @@ class Estimate:
     logits: float
     total: float
     detail: dict
+    strategy: str = "ddp"
+    gpus: int = 1
+    working: float = 0.0  # gathered blocks (FSDP, ZeRO-3), gradient buckets (DDP, ZeRO)
 
     def lines(self) -> list[str]:
-        return [
-            f"weights (frozen, stored precision)  {self.weights / GIB:7.2f} GiB",
-            f"trainable (fp32 + grads + Adam)      {self.trainable / GIB:7.2f} GiB  ({self.detail['trainable_params'] / 1e6:.1f}M parameters)",
+        split = f" / {self.gpus} GPUs" if self.gpus > 1 and self.strategy in ("fsdp", "zero3") else ""
+        split_train = f" / {self.gpus} GPUs" if self.gpus > 1 and self.strategy != "ddp" else ""
+        out = [
+            f"weights (frozen, stored precision)  {self.weights / GIB:7.2f} GiB{split}",
+            f"trainable (fp32 + grads + Adam)      {self.trainable / GIB:7.2f} GiB  ({self.detail['trainable_params'] / 1e6:.1f}M parameters){split_train}",
+        ]
+        if self.working:
+            out.append(f"gathered blocks / gradient buckets  {self.working / GIB:7.2f} GiB")
+        overhead = OVERHEAD_GIB + (COMM_GIB if self.gpus > 1 else 0)
+        return out + [
             f"activations                         {self.activations / GIB:7.2f} GiB  (batch {self.detail['batch']} x {self.detail['tokens']} tokens)",
             f"logits (loss)                       {self.logits / GIB:7.2f} GiB",
-            f"estimated peak                      {self.total / GIB:7.2f} GiB (incl. {OVERHEAD_GIB} GiB CUDA overhead)",
+            f"estimated peak{' per GPU' if self.gpus > 1 else ''}             {self.total / GIB:7.2f} GiB (incl. {overhead:.1f} GiB CUDA{' + NCCL' if self.gpus > 1 else ''} overhead)",
         ]
 
 
@@ -73,11 +86,32 @@ def _parts(base: Path):
         else:
             counts["llm_other"] += p.numel()
     text = cfg.get_text_config()
+    counts["largest_block"] = _largest_block(model, family)
     return counts, linears, text
 
 
-def estimate(recipe: Recipe, base: Path, tokens: int) -> Estimate:
-    """Peak bytes for one training step at the recipe's batch size and `tokens` per sample."""
+def _largest_block(model, family) -> int:
+    """Parameters of the largest repeated block (what FSDP / ZeRO-3 gather at once)."""
+    sizes = [0]
+    for path in (family.blocks.llm, *family.blocks.vision):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        sizes += [sum(p.numel() for p in b.parameters()) for b in blocks]
+    return max(sizes)
+
+
+def estimate(recipe: Recipe, base: Path, tokens: int, gpus: int = 1, strategy: str = "ddp") -> Estimate:
+    """Peak bytes per GPU for one training step at the recipe's batch size and `tokens` per sample,
+    on `gpus` GPUs under `strategy` (STRATEGY_HELP). The formula is written out in docs/scale-out.md."""
+    if strategy not in STRATEGY_HELP:
+        raise KitError(f"--strategy {strategy}: choose one of {', '.join(STRATEGY_HELP)}")
+    if gpus < 1:
+        raise KitError(f"--gpus {gpus}: give the number of GPUs (1 or more)")
+    if recipe.quantization == "nf4" and strategy in ("fsdp", "zero3"):
+        raise KitError(f"--strategy {strategy} shards 4-bit weights, which kit has not run (QLoRA spreads with ddp or zero2); "
+                       "choose ddp or zero2, or set quantization=none")
     counts, linears, text = _parts(base)
     half = 4 if recipe.train.precision == "fp32" else 2
     nf4 = recipe.quantization == "nf4"
@@ -97,7 +131,7 @@ def estimate(recipe: Recipe, base: Path, tokens: int) -> Estimate:
             weights += counts["projector"] * half  # PEFT keeps the original next to the trained copy
     else:
         weights += counts["projector"] * half
-    train_bytes = trainable * 16
+    states = trainable * (4 + 4 + ADAM_BYTES)  # fp32 master weight, its gradient, Adam
     b, h = recipe.train.batch_size, text.hidden_size
     layers, inter = text.num_hidden_layers, getattr(text, "intermediate_size", 4 * h)
     per_layer = b * tokens * (16 * h + 3 * inter) * half  # attention + MLP intermediates kept for backward
@@ -110,6 +144,31 @@ def estimate(recipe: Recipe, base: Path, tokens: int) -> Estimate:
     else:
         activations = layers * per_layer
     logits = b * tokens * text.vocab_size * (4 * 2 + half)  # fp32 logits + their gradient, and the half copy
-    total = weights + train_bytes + activations + logits + OVERHEAD_GIB * GIB
-    return Estimate(weights, train_bytes, activations, logits, total,
-                    {"trainable_params": trainable, "batch": b, "tokens": tokens, "parts": counts})
+    weights, states, working = _spread(weights, trainable, states, half, counts["largest_block"], h, gpus, strategy)
+    overhead = (OVERHEAD_GIB + (COMM_GIB if gpus > 1 else 0)) * GIB
+    total = weights + states + working + activations + logits + overhead
+    return Estimate(weights, states, activations, logits, total,
+                    {"trainable_params": trainable, "batch": b, "tokens": tokens, "parts": counts},
+                    strategy=strategy, gpus=gpus, working=working)
+
+
+def _spread(weights: float, trainable: int, states: float, half: int, block: int, hidden: int, gpus: int,
+            strategy: str) -> tuple[float, float, float]:
+    """(frozen weights, training states, working buffers) per GPU. `states` is one process's 16
+    bytes per trained parameter; DeepSpeed keeps its own bf16 copy of the model and the fp32
+    master in the optimizer instead (the same 16 bytes with bf16, 12 + 4 in fp32)."""
+    if gpus == 1:
+        return weights, states, 0.0
+    if strategy == "ddp":
+        return weights, states, trainable * 4.0  # gradient buckets: a second copy of the fp32 gradients
+    if strategy == "fsdp":
+        # Everything sharded in its stored dtype; per block in flight: its gathered weights in the
+        # compute precision (this block and the prefetched next one) and its full fp32 gradient
+        # before the reduce-scatter.
+        return weights / gpus, states / gpus, block * (2 * half + 4.0)
+    buckets = 4.5 * hidden * hidden * half  # reduce_bucket_size "auto" = hidden^2; overlap_comm keeps ~4.5 buckets
+    master = 4 if half == 2 else 0
+    sharded = trainable * (master + ADAM_BYTES + half) / gpus  # master, Adam, gradient partitions
+    if strategy == "zero2":
+        return weights, trainable * half + sharded, buckets
+    return weights / gpus, trainable * half / gpus + sharded, buckets + 2 * block * half  # zero3

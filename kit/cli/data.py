@@ -7,17 +7,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from kit.core.strategies import STRATEGY_HELP, Strategy
 from kit.cli.app import BaseOpt, DataOpt, ImagesOpt, InputOpt, InstancesOpt, RecipeOpt, SetOpt, SourceOpt, app, data_app, echo_err
 
 
 @data_app.command("check")
 def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None,
-               gpu: Annotated[Optional[str], typer.Option(help="Card memory to check the estimate against, e.g. 24GB.")] = None) -> None:
-    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory."""
-    from kit.train.check import check
+               gpu: Annotated[Optional[str], typer.Option(help="Card memory to check the estimate against, e.g. 24GB.")] = None,
+               gpus: Annotated[int, typer.Option(min=1, help="GPUs the run spreads over: the estimate is per GPU.")] = 1,
+               strategy: Annotated[Strategy, typer.Option(help="How the run spreads over --gpus: "
+                                                          + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + ".")] = Strategy.ddp) -> None:
+    """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory
+    (per GPU with --gpus N; with --gpu as well, which strategy fits)."""
+    from kit.train.check import GpuPlan, check
     from kit.core.recipes import load_recipe
 
-    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, gpu=gpu)
+    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, memory=GpuPlan(gpus=gpus, strategy=strategy.value, gpu=gpu))
     if not ok:
         raise typer.Exit(1)
 

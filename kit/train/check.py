@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kit.base.family import family_of
-from kit.base.memory import estimate, parse_gpu
+from kit.base.memory import GIB, estimate, parse_gpu
 from kit.core.errors import KitError
 from kit.data.reviewed import is_generated_folder
 from kit.core.recipes import Recipe
+from kit.core.strategies import STRATEGIES, STRATEGY_CONFIG
 from kit.data.vqa import load_items
 from kit.ingest.sources import from_manifest
 from kit.ingest.split import held_out_groups, image_group, sample_folder
@@ -29,15 +31,37 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: 
     return [f"{lo:6d}-{hi:<6d} {'#' * int(round(width * c / top)):<{width}} {c}" for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, gpu: str | None) -> None:
-    est = estimate(recipe, resolve_base(recipe, base), tokens)
-    echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}):")
+@dataclass(frozen=True)
+class GpuPlan:
+    """What `kit data check` estimates memory for: `gpus` cards of `gpu` (e.g. 24GB) under `strategy`."""
+
+    gpus: int = 1
+    strategy: str = "ddp"
+    gpu: str | None = None
+
+
+def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, memory: GpuPlan) -> None:
+    base_path = resolve_base(recipe, base)
+    est = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=memory.strategy)
+    spread = f", {memory.strategy} over {memory.gpus} GPUs" if memory.gpus > 1 else ""
+    echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}{spread}):")
     for line in est.lines():
         echo("  " + line)
-    if gpu:
-        card = parse_gpu(gpu)
-        verdict = "fits" if est.total <= card else "does NOT fit: lower train.batch_size, enable gradient checkpointing or use quantization=nf4"
-        echo(f"  on a {gpu} card: {verdict}")
+    if not memory.gpu:
+        return
+    card = parse_gpu(memory.gpu)
+    verdict = "fits" if est.total <= card else "does NOT fit: lower train.batch_size, enable gradient checkpointing or use quantization=nf4"
+    echo(f"  on a {memory.gpu} card: {verdict}")
+    if memory.gpus > 1:
+        echo(f"  per GPU on {memory.gpus} x {memory.gpu}, by strategy (launch with configs/accelerate/<config>):")
+        for name in STRATEGIES:
+            try:
+                total = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=name).total
+            except KitError as e:
+                echo(f"    {name:6s} -          {e}")
+                continue
+            fits = "fits" if total <= card else "does not fit"
+            echo(f"    {name:6s} {total / GIB:7.2f} GiB  {fits:12s} {STRATEGY_CONFIG[name]}")
 
 
 def _manifest_folder(recipe: Recipe, data: str | None):
@@ -91,22 +115,23 @@ def check_manifest(recipe: Recipe, folder, echo=print):
     return generated
 
 
-def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: str | None = None) -> bool:
+def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory: GpuPlan | None = None) -> bool:
     """Print a pre-flight report; True when a run would start without errors.
 
     Raises KitError for problems that stop everything (missing file, broken JSON, bad base).
     """
+    memory = memory or GpuPlan()
     folder = _manifest_folder(recipe, data)
     if folder is not None:
         generated = check_manifest(recipe, folder, echo)
         if generated is None:
-            _memory_report(recipe, base, recipe.data.max_length, "max_length: conversations not generated yet", echo, gpu)
+            _memory_report(recipe, base, recipe.data.max_length, "max_length: conversations not generated yet", echo, memory)
             return True
         echo(f"made by an earlier `kit adapt`: checking {generated}")
         data = str(generated)
     plan = plan_run(recipe, base, data, out=None, resume=False)  # nothing is written
     if recipe.train.objective == "dpo":
-        return _check_pairs(plan, echo, gpu)
+        return _check_pairs(plan, echo, memory)
     _, dataset, report = plan_data(plan, on_bad_sample="skip")
     n_img = sum(1 for it in dataset.items if it.images)
     n_images = sum(len(it.images) for it in dataset.items)
@@ -129,11 +154,11 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, gpu: s
             echo("  " + line)
     echo(f"text truncated to max_length: {report.truncated_text}")
     if lengths:
-        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, gpu)
+        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
     return _problems(report, recipe, "samples", echo)
 
 
-def _check_pairs(plan, echo, gpu: str | None) -> bool:
+def _check_pairs(plan, echo, memory: GpuPlan) -> bool:
     """The pre-flight report of a preference run: usable pairs, edits, lengths of prompt + each
     answer, image tokens, what max_length cuts."""
     recipe = plan.recipe
@@ -151,7 +176,7 @@ def _check_pairs(plan, echo, gpu: str | None) -> bool:
                  f"p95 {int(np.percentile(arr, 95))}, max {arr.max()}")
     lengths = report.lengths["chosen"] + report.lengths["rejected"]
     if lengths:
-        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, gpu)
+        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
     return _problems(report, recipe, "pairs", echo)
 
 
