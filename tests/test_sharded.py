@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,14 +67,20 @@ def kit_env(kit_cache: Path) -> dict[str, str]:
     return env
 
 
-def kit_run(args: list[str], kit_cache: Path, cwd: Path, processes: int = 1) -> subprocess.CompletedProcess:
+SECONDS: dict[str, float] = {}
+
+
+def kit_run(args: list[str], kit_cache: Path, cwd: Path, processes: int = 1, label: str | None = None) -> subprocess.CompletedProcess:
     if processes == 1:
         cmd = [sys.executable, "-m", "kit", *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
                "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
                "-m", "kit", *args]
-    return subprocess.run(cmd, env=kit_env(kit_cache), cwd=cwd, capture_output=True, text=True, timeout=600)
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=kit_env(kit_cache), cwd=cwd, capture_output=True, text=True, timeout=600)
+    SECONDS[label or "other"] = time.monotonic() - start
+    return done
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -111,9 +118,9 @@ def test_fsdp_two_processes_train_what_one_process_trains(family, mode, bases, s
             "--set", "data.template=" + ("vicuna_v1" if family == "llava" else "chat")]
     args = [*MODES[mode], *data, *COMMON]
 
-    one = kit_run(["finetune", *args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=8"], kit_cache, tmp_path)
+    one = kit_run(["finetune", *args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=8"], kit_cache, tmp_path, label="one")
     assert one.returncode == 0, one.stderr[-4000:]
-    two = kit_run(["finetune", *args, "--out", str(tmp_path / "fsdp"), "--set", "train.batch_size=4"], kit_cache, tmp_path, processes=2)
+    two = kit_run(["finetune", *args, "--out", str(tmp_path / "fsdp"), "--set", "train.batch_size=4"], kit_cache, tmp_path, processes=2, label="fsdp")
     assert two.returncode == 0, two.stderr[-4000:]
     blocks = {"llava": "LlamaDecoderLayer, CLIPEncoderLayer", "qwen2_vl": "Qwen2VLDecoderLayer, Qwen2VLVisionBlock"}[family]
     assert f"fsdp: one shard unit per {blocks} (fsdp over 2 processes)" in two.stderr
@@ -156,11 +163,16 @@ def test_fsdp_two_processes_train_what_one_process_trains(family, mode, bases, s
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(ck, resumed / "checkpoint-2")
-    again = kit_run(["finetune", *args, "--out", str(resumed), "--set", "train.batch_size=4", "--resume"], kit_cache, tmp_path, processes=2)
+    again = kit_run(["finetune", *args, "--out", str(resumed), "--set", "train.batch_size=4", "--resume"], kit_cache, tmp_path, processes=2, label="resume")
     assert again.returncode == 0, again.stderr[-4000:]
     l3 = losses(resumed)
     assert sorted(l3) == list(range(3, STEPS + 1)) and all(abs(l3[s] - l2[s]) < 1e-6 for s in l3), (l2, l3)
     assert max_diff(weights(resumed), w2) < 1e-7
+    if os.environ.get("KIT_SHARDED_REPORT"):  # the table in docs/scale-out.md
+        with open(os.environ["KIT_SHARDED_REPORT"], "a") as f:
+            f.write(json.dumps({"strategy": "fsdp", "family": family, "mode": mode, "loss_diff": max(abs(l1[s] - l2[s]) for s in l1),
+                                "weight_diff": max_diff(w1, w2), "resume_diff": max_diff(weights(resumed), w2), "plain_load": True,
+                                "seconds": {k: round(v, 1) for k, v in SECONDS.items()}}) + "\n")
 
     # One process cannot continue what two FSDP processes wrote: a one-line error, nothing written.
     before = sorted(p.name for p in resumed.iterdir())
@@ -169,3 +181,18 @@ def test_fsdp_two_processes_train_what_one_process_trains(family, mode, bases, s
     err = single.stderr.strip().splitlines()[-1]
     assert "written by fsdp over 2 processes, this launch is one process" in err and "Traceback" not in single.stderr, single.stderr
     assert sorted(p.name for p in resumed.iterdir()) == before
+
+
+def test_deepspeed_launch_on_cpu_is_refused_before_anything_is_written(tiny_base, shapes, kit_cache, tmp_path):
+    """accelerate leaves DeepSpeed out on CPU processes and would train plain data parallel under a
+    ZeRO config without a word; kit says so and stops."""
+    out = tmp_path / "zero2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "kit", "finetune", "--recipe", "llava15-finetune",
+           "--base", str(tiny_base), "--data", shapes["instruct"], "--set", f"data.image_folder={shapes['root']}", "--out", str(out),
+           "--max-steps", "1", "--set", "train.batch_size=4", "--set", "train.global_batch_size=8"]
+    r = subprocess.run(cmd, env=kit_env(kit_cache), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "error: DeepSpeed runs on CUDA GPUs only: on CPU processes accelerate leaves it out" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("error: DeepSpeed")[0]
+    assert not out.exists()

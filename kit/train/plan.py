@@ -14,7 +14,7 @@ from kit.core.cards import CARD_NAME, Card, describe_source
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 from kit.data.reviewed import is_generated_folder
-from kit.train.sharding import check_resume_layout
+from kit.train.sharding import check_launch, check_resume_layout
 
 DEFAULT_OUT_ROOT = {"pretrain": "outputs", "finetune": "outputs", "adapt": "adapters"}
 
@@ -100,6 +100,7 @@ def data_file(recipe: Recipe, data: str | None) -> Path:
 
 def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None, resume: bool) -> RunPlan:
     """Everything checked, nothing written."""
+    check_launch()
     data_path = data_file(recipe, data)
     out_path = plan_output(recipe, out, resume)
     return RunPlan(recipe, resolve_base(recipe, base), data_path, image_folder(recipe), out_path, resume)

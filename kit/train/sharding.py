@@ -50,6 +50,19 @@ def current_layout() -> Layout:
     return Layout("ddp" if world > 1 else "single", world)
 
 
+def check_launch() -> None:
+    """KitError, before anything is written, for a launch that would not do what its config says:
+    accelerate starts DeepSpeed only on CUDA GPUs (on CPU processes it silently trains plain data
+    parallel), and kit shards CPU process groups with FSDP2 only."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise KitError("DeepSpeed runs on CUDA GPUs only: on CPU processes accelerate leaves it out and trains plain data "
+                       "parallel; launch with configs/accelerate/fsdp.yaml to shard on CPU, or run on GPUs")
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise KitError("FSDP on CPU processes needs FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml has it)")
+
+
 def deepspeed_stage() -> int:
     """The ZeRO stage accelerate launch passed on: its own setting, else the JSON file's."""
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
@@ -111,9 +124,8 @@ def shard_on_cpu(trainer) -> None:
     state = trainer.accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not _flag("ACCELERATE_USE_FSDP"):
         return
+    check_launch()
     plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise KitError("FSDP on CPU processes needs FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml has it)")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
