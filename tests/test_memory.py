@@ -101,3 +101,19 @@ def test_per_gpu_estimate_refuses_what_kit_does_not_run(tmp_path):
     assert estimate(load_recipe("medical"), base, 128, gpus=2, strategy="zero2").total > 0
     with pytest.raises(KitError, match="--strategy tp: choose one of ddp, fsdp, zero2, zero3"):
         estimate(load_recipe("medical"), base, 128, gpus=2, strategy="tp")
+
+
+def test_data_check_plans_memory_per_gpu_and_says_which_strategy_fits(tiny_base, shapes, capsys):
+    from test_cli_errors import run_cli
+
+    args = ["data", "check", "--recipe", "llava15-finetune", "--base", str(tiny_base), "--data", shapes["instruct"],
+            "--set", f"data.image_folder={shapes['root']}"]
+    code, out, err = run_cli(capsys, *args, "--gpus", "2", "--strategy", "fsdp", "--gpu", "1GB")
+    assert code == 0, err
+    assert "fsdp over 2 GPUs):" in out and "split over 2 GPUs" in out and "estimated peak per GPU" in out
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("    ") and line.split()[0] in ("ddp", "fsdp", "zero2", "zero3")}
+    assert set(table) == {"ddp", "fsdp", "zero2", "zero3"}
+    assert table["fsdp"][-1] == "fsdp.yaml" and table["zero3"][-1] == "deepspeed_zero3.yaml"
+    assert float(table["fsdp"][1]) < float(table["ddp"][1])
+    code, out, err = run_cli(capsys, *args, "--gpus", "2", "--strategy", "tp")
+    assert code == 2 and "'tp' is not one of" in err and "'zero3'" in err

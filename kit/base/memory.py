@@ -41,11 +41,11 @@ class Estimate:
     working: float = 0.0  # gathered blocks (FSDP, ZeRO-3), gradient buckets (DDP, ZeRO)
 
     def lines(self) -> list[str]:
-        split = f" / {self.gpus} GPUs" if self.gpus > 1 and self.strategy in ("fsdp", "zero3") else ""
-        split_train = f" / {self.gpus} GPUs" if self.gpus > 1 and self.strategy != "ddp" else ""
+        split = f"  (split over {self.gpus} GPUs)" if self.gpus > 1 and self.strategy in ("fsdp", "zero3") else ""
+        split_train = f", split over {self.gpus} GPUs" if self.gpus > 1 and self.strategy != "ddp" else ""
         out = [
             f"weights (frozen, stored precision)  {self.weights / GIB:7.2f} GiB{split}",
-            f"trainable (fp32 + grads + Adam)      {self.trainable / GIB:7.2f} GiB  ({self.detail['trainable_params'] / 1e6:.1f}M parameters){split_train}",
+            f"trainable (fp32 + grads + Adam)      {self.trainable / GIB:7.2f} GiB  ({self.detail['trainable_params'] / 1e6:.1f}M parameters{split_train})",
         ]
         if self.working:
             out.append(f"gathered blocks / gradient buckets  {self.working / GIB:7.2f} GiB")
