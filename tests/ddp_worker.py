@@ -19,16 +19,12 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from helpers import tiny
 from kit.core.recipes import load_recipe
 from kit.train.run import train
 
-# Same as TINY in tests/test_training.py, but global batch 8 over 2 processes (copied, not imported:
-# test_training pulls in conftest, whose socket guard is meant for the pytest process only).
-OVERRIDES = [
-    "train.batch_size=4", "train.global_batch_size=8", "train.precision=fp32", "train.gradient_checkpointing=false",
-    "train.num_workers=0", "train.logging_steps=1", "train.save_steps=1000", "data.max_length=256", "train.warmup_ratio=0",
-    "train.lr=3e-3", "train.max_steps=4",
-]
+# The shared tiny settings, with global batch 8 over 2 processes.
+OVERRIDES = tiny(train__global_batch_size=8, train__lr="3e-3", train__max_steps=4)
 
 
 class DumpTrainable(TrainerCallback):

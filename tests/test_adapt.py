@@ -7,11 +7,10 @@ import json
 from mock_openai import MockOpenAI
 from PIL import Image
 
-from test_cli_errors import run_cli
+from helpers import as_flags, run_cli, tiny
 
-TINY = ["--set", "quantization=none", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "train.batch_size=2",
-        "--set", "train.global_batch_size=2", "--set", "train.precision=fp32", "--set", "train.num_workers=0",
-        "--set", "train.gradient_checkpointing=false", "--set", "data.max_length=512", "--set", "train.save_steps=1000"]
+TINY = as_flags(tiny(lora=True, train__batch_size=2, train__global_batch_size=2, data__max_length=512,
+                     train__logging_steps=None, train__warmup_ratio=None))
 
 
 def _folder(tmp_path, n=8):

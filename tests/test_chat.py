@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serve import direct_answer, make_adapter
+from helpers import make_adapter
+from test_serve import SERVE_TARGETS, direct_answer
 
 KIT = str(Path(sys.executable).with_name("kit"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -17,7 +18,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def adapter(tiny_base, tmp_path_factory) -> Path:
-    return make_adapter(tiny_base, tmp_path_factory.mktemp("chat") / "alpha", 1, "vicuna_v1")
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("chat") / "alpha", seed=1, template="vicuna_v1", targets=SERVE_TARGETS)
 
 
 @pytest.fixture(scope="module")

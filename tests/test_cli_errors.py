@@ -9,21 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kit.cli.main import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["kit", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from helpers import run_cli
 
 
 def assert_clean_failure(result: tuple[int, str, str], expected: str, out: Path, kept: list[str] | None = None) -> None:

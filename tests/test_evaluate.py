@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny
 from kit.core.errors import KitError
 from kit.eval.metrics import strict_closed, strict_open_recall
 from kit.eval.vqa import before_after_table, evaluate, load_items, write_predictions
 from kit.infer.load import describe_folder, load_for_inference
 
-TINY = [
-    "train.batch_size=4", "train.global_batch_size=4", "train.precision=fp32", "train.gradient_checkpointing=false",
-    "train.num_workers=0", "train.logging_steps=1", "train.save_steps=1000", "data.max_length=256", "train.warmup_ratio=0",
-]
+TINY = tiny()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -18,8 +16,9 @@ import torch
 from gguf import GGUFReader
 
 from tests import families
-from tests.test_cli_errors import assert_clean_failure, run_cli
-from tests.test_merge import make_adapter
+from helpers import run_cli
+from test_cli_errors import assert_clean_failure
+from helpers import kit_process, make_adapter
 
 
 def _field(reader: GGUFReader, key: str):
@@ -43,17 +42,10 @@ def _tensors(reader: GGUFReader) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def exported(tiny_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "gguf"
-    code, stdout, err = _cli("export", str(tiny_base), "--out", str(out))
+    code, stdout, err = kit_process("export", str(tiny_base), "--out", str(out))
     assert code == 0, err
     assert stdout.strip() == str(out)
     return out
-
-
-def _cli(*args: str) -> tuple[int, str, str]:
-    """kit in a fresh process (module fixtures cannot capture this one's output)."""
-    r = subprocess.run([sys.executable, "-m", "kit", *args], capture_output=True, text=True, timeout=600,
-                       cwd=Path(__file__).resolve().parents[1])
-    return r.returncode, r.stdout, r.stderr
 
 
 def test_llm_file_holds_the_llm_as_llama_cpp_reads_it(tiny_base, exported):
@@ -119,7 +111,7 @@ def test_mmproj_file_holds_the_blocks_llava_uses(tiny_base, exported):
 
 
 def test_q8_0_quantizes_the_matrices_and_keeps_vectors(tiny_base, tmp_path):
-    code, _, err = _cli("export", str(tiny_base), "--out", str(tmp_path / "q"), "--quant", "q8_0")
+    code, _, err = kit_process("export", str(tiny_base), "--out", str(tmp_path / "q"), "--quant", "q8_0")
     assert code == 0, err
     r = GGUFReader(tmp_path / "q" / f"{tiny_base.name}-q8_0.gguf")
     kinds = {t.name: t.tensor_type for t in r.tensors}
@@ -196,12 +188,12 @@ def test_modelfile_and_card(tiny_base, exported):
 
 def test_adapter_is_merged_verified_then_exported(tiny_base, tmp_path):
     adapter = make_adapter(tiny_base, tmp_path / "adapter", seed=3)
-    code, _, err = _cli("export", str(adapter), "--out", str(tmp_path / "from-adapter"))
+    code, _, err = kit_process("export", str(adapter), "--out", str(tmp_path / "from-adapter"))
     assert code == 0, err
     assert "verify:" in err
-    code, _, err = _cli("merge", str(adapter), "--out", str(tmp_path / "merged"))
+    code, _, err = kit_process("merge", str(adapter), "--out", str(tmp_path / "merged"))
     assert code == 0, err
-    code, _, err = _cli("export", str(tmp_path / "merged"), "--out", str(tmp_path / "from-merged"))
+    code, _, err = kit_process("export", str(tmp_path / "merged"), "--out", str(tmp_path / "from-merged"))
     assert code == 0, err
     a = _tensors(GGUFReader(tmp_path / "from-adapter" / "adapter-f16.gguf"))
     b = _tensors(GGUFReader(tmp_path / "from-merged" / "merged-f16.gguf"))
@@ -217,7 +209,7 @@ def test_adapter_is_merged_verified_then_exported(tiny_base, tmp_path):
 
 
 def _export_base(tiny_base: Path, tmp_path: Path) -> Path:
-    code, _, err = _cli("export", str(tiny_base), "--out", str(tmp_path / "base-export"), "--text-only")
+    code, _, err = kit_process("export", str(tiny_base), "--out", str(tmp_path / "base-export"), "--text-only")
     assert code == 0, err
     return tmp_path / "base-export" / f"{tiny_base.name}-f16.gguf"
 
@@ -226,7 +218,7 @@ def test_hub_layout_llava_exports_with_its_own_chat_template(smol_tokenizer_dir,
     """A llava-hf-layout download (template in chat_template.jinja, content as parts): the GGUF
     carries that template, and the Modelfile speaks its USER: / ASSISTANT: format."""
     folder = families.save("llava", smol_tokenizer_dir, tmp_path / "llava-hf")
-    code, _, err = _cli("export", str(folder), "--out", str(tmp_path / "out"))
+    code, _, err = kit_process("export", str(folder), "--out", str(tmp_path / "out"))
     assert code == 0, err
     r = GGUFReader(tmp_path / "out" / "llava-hf-f16.gguf")
     assert _field(r, "tokenizer.chat_template") == (folder / "chat_template.jinja").read_text()

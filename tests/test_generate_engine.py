@@ -402,7 +402,7 @@ def test_generate_command_end_to_end(tmp_path):
 def test_generate_never_overwrites_a_folder_it_did_not_write(tmp_path, capsys):
     """A user's own data.json / kit.json in --out stay as they were (before: data.json became []);
     a kit generate folder resumes; --force starts it over and is refused for other folders."""
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     src = _manifest(tmp_path / "src", 2)
     out = tmp_path / "mine"
@@ -455,7 +455,7 @@ def test_generate_exits_non_zero_when_tasks_failed_for_good(tmp_path, capsys):
     that a rerun resumes, and exits 1 (before: 'generated 0 of 3', exit 0)."""
     import socket
 
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     src = _manifest(tmp_path / "src", 3)
     with socket.socket() as s:
@@ -509,7 +509,7 @@ def test_hf_backend_batches_the_packaged_model(tmp_path, monkeypatch):
 
 def test_generated_data_passes_data_check_and_trains_with_kit_adapt(capsys, tmp_path, tiny_base):
     """COCO-free end to end: manifest -> kit generate (local OpenAI-compatible server) -> kit data check -> kit adapt."""
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     src = _manifest(tmp_path / "src", 4)
     out = tmp_path / "gen"

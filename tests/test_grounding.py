@@ -260,7 +260,7 @@ def _reply(rtype: str, context: str) -> str:
 
 
 def test_kit_generate_rejects_injected_claims_and_keeps_clean_ones(tmp_path, capsys):
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     src = _manifest(tmp_path / "src")
     out = tmp_path / "gen"

@@ -81,7 +81,7 @@ def test_chair_by_hand():
 
 
 def test_kit_eval_scores_probes_and_descriptions(tiny_base, tmp_path, capsys):
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
@@ -159,7 +159,7 @@ def _annotated_folder(tmp_path: Path) -> Path:
 def test_kit_adapt_adds_probes_reports_them_and_gates(capsys, tmp_path, tiny_base, monkeypatch):
     from mock_openai import MockOpenAI
     from test_adapt import TINY
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     data = _annotated_folder(tmp_path)
     args = ["--recipe", "llava15-qlora", "--base", str(tiny_base), "--data", str(data), "--max-steps", "2", *TINY,
@@ -188,7 +188,7 @@ def test_kit_adapt_adds_probes_reports_them_and_gates(capsys, tmp_path, tiny_bas
 
 
 def test_probes_outside_the_image_folder_are_one_line_errors(tmp_path, capsys):
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

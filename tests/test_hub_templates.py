@@ -129,7 +129,7 @@ def test_medical_recipe_adapts_a_hub_layout_folder(tiny_base, tmp_path, capsys):
     the template only in chat_template.json."""
     from mock_openai import MockOpenAI
     from test_adapt import TINY, _folder
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     base = _hub_folder(tiny_base, tmp_path / "llava-hf", "json")
     (base / "kit.json").unlink(missing_ok=True)

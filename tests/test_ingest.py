@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from kit.data.dataset import build_dataset, default_image_folder
 from kit.data.formats import load_samples
 from kit.ingest.sources import phi_values
-from test_cli_errors import run_cli
+from helpers import run_cli
 
 
 def test_dicom_ingest_writes_trainable_caption_pairs_without_phi(capsys, tmp_path, tiny_base):

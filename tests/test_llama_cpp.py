@@ -397,7 +397,7 @@ def test_export_eval_records_both_and_max_drop_refuses_a_broken_mmproj(siglip_ba
     into the card and README; an export whose mmproj carries wrong projector weights is refused
     with nothing written."""
     import kit.export.run as run
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     data = _self_referenced(siglip_base, tmp_path / "img", _images(tmp_path / "img"))
     good = tmp_path / "good"
@@ -435,7 +435,7 @@ def test_export_eval_records_both_and_max_drop_refuses_a_broken_mmproj(siglip_ba
 
 def test_text_only_export_evaluates_the_text_questions(tiny_base, tmp_path, capsys):
     from kit.eval.command import eval_command
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     images = _images(tmp_path / "img")
     data = _write_jsonl(tmp_path / "img" / "eval.jsonl", _eval_rows(tmp_path / "img", images))
@@ -457,7 +457,7 @@ def test_text_only_export_evaluates_the_text_questions(tiny_base, tmp_path, caps
 def test_a_missing_llama_cpp_is_a_one_line_error(siglip_base, tmp_path, capsys, monkeypatch):
     import importlib.util as iu
 
-    from test_cli_errors import run_cli
+    from helpers import run_cli
 
     data = _write_jsonl(tmp_path / "img" / "eval.jsonl", _eval_rows(tmp_path / "img", _images(tmp_path / "img")))
     _export(siglip_base, tmp_path / "gguf", "f16")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_cli_errors import run_cli
+from helpers import run_cli
 
 GOOD_TURNS = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Blue."}]
 

@@ -20,35 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from kit.core import cards
-from tests.test_cli_errors import assert_clean_failure, run_cli
+from helpers import make_adapter, run_cli
+from test_cli_errors import assert_clean_failure
 from kit.merge.single import merge, verification_inputs
 from kit.merge.multi import merge_adapters
 
 PROJ = "model.multi_modal_projector."
-
-
-def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8, targets="all-linear",
-                 quantization: str = "none", rslora: bool = False) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    from kit.base.load import load_model, load_processor
-    from kit.core.recipes import load_recipe
-    from kit.train.model import lora_target_regex
-
-    torch.manual_seed(seed)
-    model = load_model(base, dtype=torch.float32, nf4=quantization == "nf4")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=lora_target_regex(model, targets), init_lora_weights=False,
-                     use_rslora=rslora, modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
-    pm = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    pm.save_pretrained(out)
-    load_processor(base).save_pretrained(out)
-    recipe = load_recipe("llava15-lora", [f"quantization={quantization}", "train.precision=fp32", f"lora.r={r}", f"lora.alpha={alpha}"])
-    cards.Card.new("adapter", made_by="tests/test_merge.py", recipe=recipe, base=cards.describe_source(base)).write(out)
-    return out
 
 
 def deltas_of(adapter: Path) -> dict[str, torch.Tensor]:

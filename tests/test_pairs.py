@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_errors import run_cli
+from helpers import run_cli
 from test_review import KITCHEN, STREET, generated_folder
 
 from kit.data.reviewed import Decision, ReviewLog

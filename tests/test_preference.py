@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import families
-from test_cli_errors import run_cli
+from helpers import run_cli
 from test_families import LORA
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mock_openai import MockOpenAI
-from test_cli_errors import run_cli
+from helpers import as_flags, run_cli, tiny
 from test_grounding import _reply
 
 from kit.core.errors import KitError
@@ -391,9 +391,8 @@ def test_a_server_killed_with_sigkill_loses_no_acknowledged_decision(folder, tmp
 
 # ------------------------------------------------------------------ training on a reviewed folder
 
-TINY = ["--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "train.batch_size=1", "--set", "train.global_batch_size=1",
-        "--set", "train.precision=fp32", "--set", "train.num_workers=0", "--set", "train.gradient_checkpointing=false",
-        "--set", "data.max_length=512", "--set", "train.save_steps=1000"]
+TINY = as_flags(tiny(lora=True, quantization=None, train__batch_size=1, train__global_batch_size=1, data__max_length=512,
+                     train__logging_steps=None, train__warmup_ratio=None))
 
 
 def test_finetune_and_adapt_train_what_the_review_says(folder, tiny_base, tmp_path, capsys):

@@ -253,7 +253,7 @@ def test_data_check_reports_on_a_manifest_folder_before_generation(capsys, tmp_p
     conversation exists, and stops on a broken manifest line with its line number."""
     import shutil
 
-    from tests.test_cli_errors import run_cli
+    from helpers import run_cli
 
     folder = tmp_path / "mine"
     write_sample("medical", folder)

@@ -22,35 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_adapter
 from tests.test_serve_batching import wait_until
+
+SERVE_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 KEY = "test-key-123"
 PROMPT = "What is in the picture?"
-
-
-def make_adapter(base: Path, out: Path, seed: int, template: str | None) -> Path:
-    """A LoRA adapter on `base` as kit.train.run saves one: LoRA on the LLM, the projector in
-    modules_to_save, and a kit.json card naming the base (path + fingerprint) and the template.
-    init_lora_weights=False and a nudged projector make it answer unlike the base and other seeds."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from kit.core import cards
-    from kit.core.recipes import load_recipe
-    from kit.base.load import load_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=r"model\.language_model\..*\.(q_proj|v_proj|down_proj)",
-        modules_to_save=["multi_modal_projector"], init_lora_weights=False, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out)
-    recipe = load_recipe("llava15-lora", [f"name=test-{seed}"] + ([f"data.template={template}"] if template else []))
-    cards.Card.new("adapter", made_by="tests", base=cards.describe_source(base), recipe=recipe).write(out)
-    return out
 
 
 _DIRECT: dict[str, tuple] = {}
@@ -83,8 +61,8 @@ def png_data_url(path: Path) -> str:
 def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     # 'beta' lives in a folder with another name: served as beta=PATH.
-    return {"alpha": make_adapter(tiny_base, root / "alpha", 1, "vicuna_v1"),
-            "beta": make_adapter(tiny_base, root / "lora-b", 2, None)}
+    return {"alpha": make_adapter(tiny_base, root / "alpha", seed=1, template="vicuna_v1", targets=SERVE_TARGETS),
+            "beta": make_adapter(tiny_base, root / "lora-b", seed=2, targets=SERVE_TARGETS)}
 
 
 @pytest.fixture(scope="module")

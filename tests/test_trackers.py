@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny
 from kit.core.recipes import load_recipe
 from kit.train.run import train
 
-TINY = [
-    "train.batch_size=2", "train.global_batch_size=2", "train.precision=fp32", "train.gradient_checkpointing=false",
-    "train.num_workers=0", "train.logging_steps=1", "train.save_steps=1000", "data.max_length=256", "train.warmup_ratio=0",
-    "train.max_steps=4", "train.lr=1e-2",
-]
+TINY = tiny(train__batch_size=2, train__global_batch_size=2, train__max_steps=4, train__lr="1e-2")
 
 
 @pytest.fixture

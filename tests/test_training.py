@@ -11,14 +11,12 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import held_out_loss, state_dict_of
+from helpers import tiny
 from kit.core.recipes import load_recipe
 from kit.train.run import train
 from kit.train.logs import read_losses
 
-TINY = [
-    "train.batch_size=4", "train.global_batch_size=4", "train.precision=fp32", "train.gradient_checkpointing=false",
-    "train.num_workers=0", "train.logging_steps=1", "train.save_steps=1000", "data.max_length=256", "train.warmup_ratio=0",
-]
+TINY = tiny()
 
 
 def _changed(before: dict, after: dict, atol: float = 0.0) -> set[str]:

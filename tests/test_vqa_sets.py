@@ -157,7 +157,7 @@ def test_bad_layouts_name_the_file_and_record(tmp_path):
 
 
 def test_cli_import(tmp_path, capsys):
-    from tests.test_cli_errors import run_cli
+    from helpers import run_cli
 
     code, out, err = run_cli(capsys, "data", "import-vqa", "pathvqa", str(_pathvqa(tmp_path / "pvqa")), "--out", str(tmp_path / "o"))
     assert code == 0, err

@@ -26,6 +26,30 @@ class Blocks:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """What a family's processor returns besides input_ids / attention_mask: per-image tensors and
+    per-token ones (padded and cut along the sequence)."""
+
+    image: tuple[str, ...]
+    token: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GgufTower:
+    class_token: bool  # LLaVA's "default" feature strategy drops it, and so does llama.cpp
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """How `kit export --format gguf` writes a family for llama.cpp's multimodal runtime."""
+
+    projector: str  # llama.cpp's projector type
+    towers: dict[str, GgufTower]  # vision model_type -> what llama.cpp's encoder for it expects
+    no_encoder: dict[str, str]  # vision model_type -> a word on what it is, for the refusal
+    text: dict[str, str]  # LLM model_type -> llama.cpp architecture
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     label: str
@@ -35,11 +59,11 @@ class Family:
     llm: str
     head: str
     images: str  # "one" | "many"
-    inputs: tuple[str, ...]
+    inputs: Inputs
     prompt: str  # "chat" | "prefix"
     hub_example: str
     blocks: Blocks
-    gguf: dict | None = field(default=None, hash=False, compare=False)  # kit export: projector, towers, text (model_type -> llama.cpp arch)
+    gguf: Gguf | None = field(default=None, hash=False, compare=False)
 
     @cached_property
     def prefixes(self) -> list[tuple[str, str]]:
@@ -100,10 +124,25 @@ def families() -> dict[str, Family]:
         out[name] = Family(
             name=name, label=d["label"], model_types=tuple(d["model_types"]), vision=tuple(d["vision"]),
             projector=tuple(d["projector"]), llm=d["llm"], head=d["head"], images=d["images"],
-            inputs=tuple(d["inputs"]), prompt=d.get("prompt", "chat"), hub_example=d["hub_example"],
-            blocks=Blocks(llm=d["blocks"]["llm"], vision=tuple(d["blocks"]["vision"])), gguf=d.get("gguf"),
+            inputs=Inputs(image=tuple(d["inputs"]["image"]), token=tuple(d["inputs"]["token"])),
+            prompt=d.get("prompt", "chat"), hub_example=d["hub_example"],
+            blocks=Blocks(llm=d["blocks"]["llm"], vision=tuple(d["blocks"]["vision"])), gguf=_gguf(d.get("gguf")),
         )
     return out
+
+
+def _gguf(d: dict | None) -> Gguf | None:
+    if d is None:
+        return None
+    return Gguf(projector=d["projector"], towers={k: GgufTower(**v) for k, v in d["towers"].items()},
+                no_encoder=dict(d.get("no_encoder", {})), text=dict(d["text"]))
+
+
+def token_keys() -> tuple[str, ...]:
+    """Per-token tensors of every family, the ids, mask and labels first: padded along the
+    sequence and cut with it; everything else a processor returns is per image."""
+    extra = sorted({k for f in families().values() for k in f.inputs.token})
+    return ("input_ids", "attention_mask", "labels", *extra)
 
 
 def family_for_type(model_type: str | None, where: str = "base") -> Family:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from kit.core.strategies import STRATEGY_HELP, Strategy
+from kit.core.strategies import STRATEGIES, STRATEGY_HELP
+from kit.core import options
 from kit.cli.app import BaseOpt, DataOpt, ImagesOpt, InputOpt, InstancesOpt, RecipeOpt, SetOpt, SourceOpt, app, data_app, echo_err
 
 
@@ -15,14 +16,14 @@ from kit.cli.app import BaseOpt, DataOpt, ImagesOpt, InputOpt, InstancesOpt, Rec
 def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, set_: SetOpt = None,
                gpu: Annotated[Optional[str], typer.Option(help="Card memory to check the estimate against, e.g. 24GB.")] = None,
                gpus: Annotated[int, typer.Option(min=1, help="GPUs the run spreads over: the estimate is per GPU.")] = 1,
-               strategy: Annotated[Strategy, typer.Option(help="How the run spreads over --gpus: "
-                                                          + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + ".")] = Strategy.ddp) -> None:
+               strategy: Annotated[str, typer.Option(help="How the run spreads over --gpus: "
+                                                     + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + ".")] = STRATEGIES[0]) -> None:
     """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory
     (per GPU with --gpus N; with --gpu as well, which strategy fits)."""
     from kit.train.check import GpuPlan, check
     from kit.core.recipes import load_recipe
 
-    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, memory=GpuPlan(gpus=gpus, strategy=strategy.value, gpu=gpu))
+    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, memory=GpuPlan(gpus=gpus, strategy=strategy, gpu=gpu))
     if not ok:
         raise typer.Exit(1)
 
@@ -42,7 +43,7 @@ def data_pairs(
     seed: Annotated[int, typer.Option(help="Seed for the choice among equally good edits.")] = 0,
     images: ImagesOpt = None,
     instances: InstancesOpt = None,
-    undecided: Annotated[str, typer.Option(help="A reviewed folder: 'exclude' (default) or 'include' conversations nobody decided on.")] = "exclude",
+    undecided: Annotated[str, typer.Option(help="A reviewed folder: 'exclude' (default) or 'include' conversations nobody decided on.")] = options.UNDECIDED[0],
     prompts: Annotated[Optional[Path], typer.Option(help="Questions for answers composed from manifest / COCO records (a copy of kit/prefer/prompts.yaml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     from_model: Annotated[Optional[Path], typer.Option(help="Also ask this model or adapter the prompts (greedy, on this machine): its answers the claim check flags become rejected answers.")] = None,
@@ -62,22 +63,22 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output folder: data.json, rejects.jsonl, sources.jsonl, summary.json, ledger.jsonl, kit.json.")],
     images: ImagesOpt = None,
     instances: InstancesOpt = None,
-    types: Annotated[str, typer.Option(help="Comma-separated: conversation, detail, complex.")] = "conversation,detail,complex",
-    domain: Annotated[str, typer.Option(help="Prompt set: general, medical, ...")] = "general",
-    backend: Annotated[str, typer.Option(help="openai (GPT-4 family or any OpenAI-compatible --base-url) or hf (in-process).")] = "hf",
+    types: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(options.GENERATE_TYPES)}.")] = ",".join(options.GENERATE_TYPES),
+    domain: Annotated[str, typer.Option(help="Prompt set: general, medical, ...")] = options.GENERATE_DOMAIN,
+    backend: Annotated[str, typer.Option(help="openai (GPT-4 family or any OpenAI-compatible --base-url) or hf (in-process).")] = options.GENERATE_BACKEND,
     model: Annotated[Optional[str], typer.Option(help="Model name (openai) or folder (hf; default: packaged SmolLM2).")] = None,
     base_url: Annotated[Optional[list[str]], typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, Ollama); repeat it for replicas of one model: requests are spread over them.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at once, per server.")] = 8,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once, per server.")] = options.GENERATE_CONCURRENCY,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N records.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (per task).")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the prompts and a token / cost estimate; call nothing.")] = False,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow private records to go to a non-loopback backend.")] = False,
-    max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = 1024,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Reply length cap.")] = options.GENERATE_MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = options.GENERATE_TEMPERATURE,
     public: PublicOpt = False,
     burned_in_checked: BurnedInOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an --out an earlier kit generate wrote, instead of resuming it.")] = False,
-    grounding: Annotated[str, typer.Option(help="reject | flag | off: what to do with conversations that claim what the image's own facts do not support.")] = "reject",
+    grounding: Annotated[str, typer.Option(help=f"{' | '.join(options.GROUNDING)}: what to do with conversations that claim what the image's own facts do not support.")] = options.GROUNDING[0],
     vocab: Annotated[Optional[str], typer.Option(help="Claim vocabulary: general, medical, industrial, documents, or a YAML file (default: the one named like --domain).")] = None,
 ) -> None:
     """Write LLaVA instruction data from captions, boxes and findings with GPT-4 or a local model.

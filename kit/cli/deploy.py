@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from kit.core import options
+from kit.core.options import choices
 from kit.cli.app import app, echo_err
 
 
@@ -14,8 +16,8 @@ from kit.cli.app import app, echo_err
 def chat(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (only the path is needed).")],
          image: Annotated[Optional[Path], typer.Option(help="Image to ask about (attached to the first message).")] = None,
          prompt: Annotated[Optional[str], typer.Option(help="Ask once, print the answer and exit; without it, chat on stdin.")] = None,
-         max_new_tokens: Annotated[int, typer.Option(help="Answer length cap, in tokens.")] = 256,
-         temperature: Annotated[float, typer.Option(help="0 answers greedily (reproducible); higher samples.")] = 0.0,
+         max_new_tokens: Annotated[int, typer.Option(help="Answer length cap, in tokens.")] = options.CHAT_MAX_NEW_TOKENS,
+         temperature: Annotated[float, typer.Option(help="0 answers greedily (reproducible); higher samples.")] = options.CHAT_TEMPERATURE,
          system: Annotated[Optional[str], typer.Option(help="System message (default: the one the model was trained with).")] = None,
          seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible answers at temperature > 0.")] = None) -> None:
     """Talk to a model or adapter offline: one answer with --prompt, else a conversation (/image PATH, /reset, /exit)."""
@@ -28,15 +30,15 @@ def chat(model: Annotated[Path, typer.Argument(help="Model folder or adapter fol
 @app.command()
 def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an adapter folder (its base is served too).")],
           adapters: Annotated[Optional[list[str]], typer.Argument(help="More adapters on the same base: PATH or NAME=PATH.")] = None,
-          host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable from other machines.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8000,
+          host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable from other machines.")] = options.SERVE_HOST,
+          port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = options.SERVE_PORT,
           api_key: Annotated[Optional[str], typer.Option(envvar="KIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 and /health. Prefer KIT_API_KEY or --api-key-file: a key on the command line shows in `ps`.")] = None,
           api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from the first line of this file.")] = None,
           image_root: Annotated[Optional[Path], typer.Option(help="Allow image file paths / file:// URLs below this folder (default: none).")] = None,
-          max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 20 * 2**20,
-          max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (400 above).")] = 1024,
-          max_queue: Annotated[int, typer.Option(help="Requests running or waiting for the model at once (429 with Retry-After above).")] = 64,
-          max_batch: Annotated[int, typer.Option(help="Rows decoded together at most; requests join between steps (1: one at a time).")] = 8) -> None:
+          max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = options.MAX_REQUEST_BYTES,
+          max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (400 above).")] = options.MAX_TOKENS_LIMIT,
+          max_queue: Annotated[int, typer.Option(help="Requests running or waiting for the model at once (429 with Retry-After above).")] = options.MAX_QUEUE,
+          max_batch: Annotated[int, typer.Option(help="Rows decoded together at most; requests join between steps (1: one at a time).")] = options.MAX_BATCH) -> None:
     """OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models) for a base and its adapters, offline."""
     from kit.serve.run import serve as run_serve
 
@@ -48,14 +50,14 @@ def serve(model: Annotated[Path, typer.Argument(help="Base model folder, or an a
 @app.command()
 def merge(adapters: Annotated[list[Path], typer.Argument(help="Adapter folder(s) written by kit (only the paths are needed).")],
           out: Annotated[Path, typer.Option(help="Folder to write the merged model (or, with --as-adapter, adapter) to.")],
-          base_precision: Annotated[str, typer.Option(help="QLoRA adapters: 'dequantized' (the nf4 weights it was trained on, faithful) or 'full' (the original weights).")] = "dequantized",
+          base_precision: Annotated[str, typer.Option(help="QLoRA adapters: 'dequantized' (the nf4 weights it was trained on, faithful) or 'full' (the original weights).")] = options.MERGE_PRECISIONS[0],
           weights: Annotated[Optional[list[str]], typer.Option(help="Several adapters: one weight each, '0.6,0.4' or repeated (default: equal, summing to 1).")] = None,
-          method: Annotated[str, typer.Option(help="Several adapters: linear (exact Σ w_i ΔW_i), ties, dare or svd.")] = "linear",
+          method: Annotated[str, typer.Option(help=f"Several adapters: {choices(options.MERGE_METHODS)} (linear: exact Σ w_i ΔW_i).")] = options.MERGE_METHODS[0],
           rank: Annotated[Optional[int], typer.Option(help="Truncate each combined ΔW to this rank (--method svd, --as-adapter).")] = None,
           as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write one LoRA adapter of rank --rank instead of a full model.")] = False,
-          density: Annotated[float, typer.Option(help="ties/dare: fraction of each ΔW kept.")] = 0.5,
+          density: Annotated[float, typer.Option(help="ties/dare: fraction of each ΔW kept.")] = options.MERGE_DENSITY,
           seed: Annotated[int, typer.Option(help="dare: seed of the random drop.")] = 0,
-          tolerance: Annotated[Optional[float], typer.Option(help="Max |Δlogit| vs the unmerged model before the merge fails (default 0.5).")] = None,
+          tolerance: Annotated[Optional[float], typer.Option(help=f"Max |Δlogit| vs the unmerged model before the merge fails (default {options.MERGE_TOLERANCE}).")] = None,
           force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False) -> None:
     """Merge an adapter into its base (standalone HF model), or combine several adapters; always verified."""
     from kit.merge.run import run
@@ -67,10 +69,10 @@ def merge(adapters: Annotated[list[Path], typer.Argument(help="Adapter folder(s)
 @app.command()
 def export(model: Annotated[Path, typer.Argument(help="Model folder or adapter folder (an adapter is merged first, verified).")],
            out: Annotated[Path, typer.Option(help="Folder to write the GGUF files, Modelfile and card to.")],
-           format: Annotated[str, typer.Option("--format", help="gguf: llama.cpp / Ollama (LLM file + mmproj file).")] = "gguf",
-           quant: Annotated[str, typer.Option(help="The LLM's weights: f16, q8_0, or q4_k_m (made by llama.cpp; needs llama-cpp-python).")] = "f16",
+           format: Annotated[str, typer.Option("--format", help="gguf: llama.cpp / Ollama (LLM file + mmproj file).")] = options.EXPORT_FORMATS[0],
+           quant: Annotated[str, typer.Option(help=f"The LLM's weights: {choices(options.EXPORT_QUANTS)} (quantized ones made by llama.cpp; need llama-cpp-python).")] = options.EXPORT_QUANTS[0],
            text_only: Annotated[bool, typer.Option("--text-only", help="Write the LLM alone (no vision tower), e.g. for a tower llama.cpp cannot run.")] = False,
-           tolerance: Annotated[Optional[float], typer.Option(help="Adapters: max |Δlogit| of the merge vs the unmerged adapter (default 0.5).")] = None,
+           tolerance: Annotated[Optional[float], typer.Option(help=f"Adapters: max |Δlogit| of the merge vs the unmerged adapter (default {options.MERGE_TOLERANCE}).")] = None,
            force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out written by kit.")] = False,
            eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation JSONL: score the HF model and the written GGUF (llama.cpp) on it; both go into the card and README.")] = None,
            max_drop: Annotated[Optional[float], typer.Option(help="With --eval: fail (nothing written) when the GGUF scores more than this many points below the HF model, the interval excluding 0.")] = None) -> None:

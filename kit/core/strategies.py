@@ -3,8 +3,6 @@ memory plan use (torch-free: the CLI reads its choices here)."""
 
 from __future__ import annotations
 
-from enum import Enum
-
 STRATEGY_HELP = {
     "ddp": "every GPU holds everything; gradients all-reduced through buckets as large as the gradients",
     "fsdp": "FSDP2 full shard: weights, gradients and Adam state split over the GPUs; one block gathered at a time",
@@ -15,14 +13,3 @@ STRATEGIES = tuple(STRATEGY_HELP)
 # The accelerate config that launches each (configs/accelerate/).
 STRATEGY_CONFIG = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
-
-class Strategy(str, Enum):
-    """STRATEGIES as CLI choices."""
-
-    ddp = "ddp"
-    fsdp = "fsdp"
-    zero2 = "zero2"
-    zero3 = "zero3"
-
-
-assert tuple(s.value for s in Strategy) == STRATEGIES

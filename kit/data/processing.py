@@ -15,14 +15,15 @@ import weakref
 import torch
 from PIL import Image
 
+from kit.base.family import token_keys
 from kit.core.errors import KitError
 from kit.core.templates import IMAGE_TOKEN, PREFIX
 from kit.core.tokens import CHUNKED_TEMPLATES, tokenize_chunked
 from kit.data.images import mean_colour, pad_to_square
 
-# Per-token tensors: padded along the sequence, cut with it; everything else is per image.
-TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
-PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+# Per-token tensors (families.yaml's token inputs): padded along the sequence, cut with it;
+# everything else is per image. Padding is 0 except for the ids and the labels (collate).
+TOKEN_KEYS = token_keys()
 
 
 class _Recorder:
@@ -192,7 +193,7 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_id: int, padding_side: str 
     out: dict[str, torch.Tensor] = {}
     token_keys = [k for k in TOKEN_KEYS if any(k in r for r in rows)]
     for key in token_keys:
-        fill = pad_id if key == "input_ids" else (-100 if key == "labels" else PAD_VALUES.get(key, 0))
+        fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
         batch = torch.full((len(rows), longest), fill, dtype=torch.long)
         for i, r in enumerate(rows):
             if key not in r:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from kit.core import options
 from kit.base.family import family_of
 from kit.base.load import load_model, load_processor
 from kit.core.cards import Card, describe_source
@@ -38,7 +39,7 @@ from kit.merge.adapters import adapter_info, check_out
 from kit.merge.single import merge
 from kit.merge.verify import DEFAULT_TOLERANCE
 
-FORMATS = ("gguf",)
+FORMATS = options.EXPORT_FORMATS
 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
@@ -66,7 +67,7 @@ def export_prompt(processor, info: dict[str, Any]) -> ExportPrompt:
                         stops=tuple(stop_strings(turn_pieces(processor, info), processor.tokenizer)))
 
 
-def export(source: Path, out: Path, fmt: str = "gguf", quant: str = "f16", text_only: bool = False, force: bool = False,
+def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant: str = options.EXPORT_QUANTS[0], text_only: bool = False, force: bool = False,
            tolerance: float | None = None, echo=print, eval_data: Path | None = None, max_drop: float | None = None) -> Path:
     """Write the export folder (see the module doc). With `eval_data`, evaluate the HF model and the
     written GGUF on those items before anything is moved into place, record both in the card and

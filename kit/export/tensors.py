@@ -9,9 +9,10 @@ import gguf
 import numpy as np
 import torch
 
+from kit.core import options
 from kit.core.errors import KitError
 
-QUANTS = ("f16", "q8_0", "q4_k_m")
+QUANTS = options.EXPORT_QUANTS
 FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 

@@ -117,9 +117,9 @@ def _rope_theta(cfg) -> float:
 def write_text(model, family: Family, tok_dir: Path, path: Path, quant: str, name: str, chat_template: str | None) -> dict[str, Any]:
     """Write the LLM of `model` (a loaded merged model) to `path`. Returns what the card records."""
     cfg = model.config.text_config
-    arch_name = family.gguf["text"].get(cfg.model_type)
+    arch_name = family.gguf.text.get(cfg.model_type)
     if arch_name is None:
-        raise KitError(f"the LLM is a '{cfg.model_type}' model; kit exports {', '.join(family.gguf['text'])} LLMs to GGUF")
+        raise KitError(f"the LLM is a '{cfg.model_type}' model; kit exports {', '.join(family.gguf.text)} LLMs to GGUF")
     arch = ARCHES[arch_name]
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head

@@ -37,13 +37,13 @@ def feature_layer(cfg, n_layers: int) -> int:
 def check_exportable(cfg, family: Family) -> None:
     """KitError naming what llama.cpp cannot run, from the model's config (before any merge or write)."""
     vcfg = cfg.vision_config
-    towers = family.gguf["towers"]
+    towers = family.gguf.towers
     if vcfg.model_type not in towers:
-        what = family.gguf.get("no_encoder", {}).get(vcfg.model_type, f"a '{vcfg.model_type}'")
+        what = family.gguf.no_encoder.get(vcfg.model_type, f"a '{vcfg.model_type}'")
         raise KitError(f"its vision tower is {what}, which llama.cpp's multimodal runtime has no encoder for; kit exports "
                        f"LLaVA models with {' or '.join(towers)} towers (or --text-only writes the LLM alone)")
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
-    if (strategy == "default") != towers[vcfg.model_type]["class_token"]:
+    if (strategy == "default") != towers[vcfg.model_type].class_token:
         raise KitError(f"vision_feature_select_strategy '{strategy}' with a {vcfg.model_type} tower: llama.cpp drops "
                        "the class token exactly when the tower has one")
     act = getattr(cfg, "projector_hidden_act", "gelu")
@@ -63,7 +63,7 @@ def write_mmproj(model, family: Family, image_processor, path, name: str) -> dic
     # The tower and projector stay f16 at every --quant (small, and what quality depends on).
     w.add_file_type(FILE_TYPES["f16"])
     w.add_clip_has_vision_encoder(True)
-    w.add_clip_projector_type(family.gguf["projector"])
+    w.add_clip_projector_type(family.gguf.projector)
     w.add_vision_projection_dim(cfg.text_config.hidden_size)
     w.add_vision_image_size(vcfg.image_size)
     w.add_vision_patch_size(vcfg.patch_size)
@@ -96,5 +96,5 @@ def write_mmproj(model, family: Family, image_processor, path, name: str) -> dic
         mm = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ].format(bid=PROJECTOR_POSITIONS[module])
         add_tensor(w, f"{mm}.{kind}", tensor, quant="f16")
     finish(w)
-    return {"projector": family.gguf["projector"], "tower": vcfg.model_type, "blocks": n_layers,
+    return {"projector": family.gguf.projector, "tower": vcfg.model_type, "blocks": n_layers,
             "image_size": vcfg.image_size, "patch_size": vcfg.patch_size}

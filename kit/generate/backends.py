@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.core.network import is_loopback_host, redact_url
 from kit.generate.parse import repeat_start
 
-BACKENDS = ("openai", "hf")
+BACKENDS = options.GENERATE_BACKENDS
 OPENAI_HOST = "api.openai.com"
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.data.reviewed import SOURCES_FILE
 from kit.generate.replicas import backend_for
@@ -28,18 +29,18 @@ def generate_command(
     out: Path,
     images: Path | None = None,
     instances: Path | None = None,
-    types: str = "conversation,detail,complex",
-    domain: str = "general",
-    backend: str = "hf",
+    types: str = ",".join(options.GENERATE_TYPES),
+    domain: str = options.GENERATE_DOMAIN,
+    backend: str = options.GENERATE_BACKEND,
     model: str | None = None,
     base_url: list[str] | str | None = None,
-    concurrency: int = 8,
+    concurrency: int = options.GENERATE_CONCURRENCY,
     limit: int | None = None,
     seed: int = 0,
     dry_run: bool = False,
     allow_remote: bool = False,
-    max_tokens: int = 1024,
-    temperature: float = 0.7,
+    max_tokens: int = options.GENERATE_MAX_TOKENS,
+    temperature: float = options.GENERATE_TEMPERATURE,
     *,
     timeout: float = 60,
     echo: Callable[[str], None] = print,
@@ -47,7 +48,7 @@ def generate_command(
     public: bool = False,
     burned_in_checked: bool = False,
     force: bool = False,
-    grounding: str = "reject",
+    grounding: str = options.GROUNDING[0],
     vocab: str | None = None,
 ) -> Summary:
     """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,

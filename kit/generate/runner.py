@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.generate import parse, prompts
 from kit.generate.backends import Backend, BackendError, Completion
@@ -87,15 +88,15 @@ def run_generation(
     out_dir: Path,
     *,
     types: Iterable[str] | str = TYPES,
-    domain: str = "general",
+    domain: str = options.GENERATE_DOMAIN,
     backend: Backend,
-    concurrency: int = 8,
+    concurrency: int = options.GENERATE_CONCURRENCY,
     max_retries: int = 6,
     timeout: float = 60,
     limit: int | None = None,
     seed: int = 0,
-    temperature: float = 0.7,
-    max_tokens: int = 1024,
+    temperature: float = options.GENERATE_TEMPERATURE,
+    max_tokens: int = options.GENERATE_MAX_TOKENS,
     allow_remote: bool = False,
     dry_run: bool = False,
     price: tuple[float, float] | None = None,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.ground.claims import Claim, check_answers
 from kit.ground.facts import facts_of
 from kit.ground.vocab import PACKAGED, Vocabulary, load_vocab
 from kit.ingest.records import Record
 
-MODES = ("reject", "flag", "off")
+MODES = options.GROUNDING
 
 
 @dataclass(frozen=True)

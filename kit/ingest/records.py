@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TYPES = ("conversation", "detail", "complex")
+from kit.core import options
+
+TYPES = options.GENERATE_TYPES
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kit.core import options
 from kit.core.cards import Card, describe_source, hash_files
 from kit.core.errors import KitError
 from kit.core.cards import CARD_NAME
@@ -13,7 +14,7 @@ from kit.core.precision import compute_dtype
 from kit.base.load import ADAPTER_CONFIG, adapter_base
 from kit.infer.load import folder_kind
 
-PRECISIONS = ("dequantized", "full")
+PRECISIONS = options.MERGE_PRECISIONS
 
 
 def check_out(out: Path, force: bool, inputs: list[Path]) -> None:

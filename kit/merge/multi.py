@@ -38,6 +38,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.merge_utils import dare_linear, ties
 
+from kit.core import options
 from kit.base.load import load_base
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
@@ -47,7 +48,7 @@ from kit.infer.load import processor_for
 from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
 from kit.merge.verify import check_drift, describe_numbers, logit_drift, logits_of, verification_inputs
 
-METHODS = ("linear", "ties", "dare", "svd")
+METHODS = options.MERGE_METHODS
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.merge.multi import merge_adapters
 from kit.merge.single import merge
@@ -23,8 +24,8 @@ def parse_weights(values: list[str] | None) -> list[float] | None:
     return out
 
 
-def run(adapters: list[Path], out: Path, *, weights: list[str] | None = None, method: str = "linear", rank: int | None = None,
-        as_adapter: bool = False, density: float = 0.5, seed: int = 0, base_precision: str = "dequantized",
+def run(adapters: list[Path], out: Path, *, weights: list[str] | None = None, method: str = options.MERGE_METHODS[0], rank: int | None = None,
+        as_adapter: bool = False, density: float = options.MERGE_DENSITY, seed: int = 0, base_precision: str = options.MERGE_PRECISIONS[0],
         tolerance: float | None = None, force: bool = False, echo=print) -> Path:
     """What `kit merge` does: one adapter into its base, or several combined (kit.merge.multi)."""
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance

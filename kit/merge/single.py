@@ -19,6 +19,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from kit.core import options
 from kit.base.load import load_base
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
@@ -29,7 +30,7 @@ from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
 from kit.merge.verify import DEFAULT_TOLERANCE, check_drift, describe_numbers, logit_drift, logits_of, verification_inputs
 
 
-def merge(adapter: Path, out: Path, base_precision: str = "dequantized", tolerance: float = DEFAULT_TOLERANCE,
+def merge(adapter: Path, out: Path, base_precision: str = options.MERGE_PRECISIONS[0], tolerance: float = DEFAULT_TOLERANCE,
           force: bool = False, echo=print) -> Path:
     """Merge one adapter into its base; write model + processor + card at `out`. Returns `out`.
 

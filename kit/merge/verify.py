@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from kit.core import options
 from kit.base.family import family_of
 from kit.base.load import image_aspect_of
 from kit.core.cards import Card
@@ -25,7 +26,7 @@ from kit.ingest.shapes import caption, draw_scene
 # Max |Δlogit| a merge may drift from its reference. Wide enough for the expected drift of a QLoRA
 # adapter merged into full-precision weights (0.24 measured on a 7B) and for bf16 rounding; a
 # wrong merge (lost projector, wrong scaling) moves logits by whole units.
-DEFAULT_TOLERANCE = 0.5
+DEFAULT_TOLERANCE = options.MERGE_TOLERANCE
 N_SAMPLES = 4
 _DRAWN_PROMPT = "Describe the image briefly."
 

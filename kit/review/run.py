@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.core import options
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import write_json_atomic
@@ -14,7 +15,7 @@ from kit.review.app import create_app
 from kit.review.folder import ReviewFolder
 
 
-def serve_review(folder: Path, host: str = "127.0.0.1", port: int = 8200, api_key: str | None = None,
+def serve_review(folder: Path, host: str = options.SERVE_HOST, port: int = options.REVIEW_PORT, api_key: str | None = None,
                  api_key_file: Path | None = None, vocab: str | None = None, echo=print) -> None:
     """Load the folder, bind, and serve the page. KitError for a folder that is not a generated
     one, a bad decisions file, or an address other machines can reach without a key."""

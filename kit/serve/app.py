@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.core.files import ASSETS
 from kit.core.http import LOOPBACK_NAMES, HostCheck, HttpError, parse_json, read_body
@@ -44,9 +45,9 @@ from kit.data.images import MAX_SIDE
 from kit.serve.openai_schema import (ApiError, Limits, chunk, completion, completion_id, decode_images, model_card, parse_request,
                                      usage)
 
-DEFAULT_MAX_REQUEST_BYTES = 20 * 2**20
-DEFAULT_MAX_TOKENS_LIMIT = 1024
-DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_REQUEST_BYTES = options.MAX_REQUEST_BYTES
+DEFAULT_MAX_TOKENS_LIMIT = options.MAX_TOKENS_LIMIT
+DEFAULT_MAX_QUEUE = options.MAX_QUEUE
 # Decoded pixels in flight across requests: two of the largest canvases kit takes (8192 px
 # squares, ~200 MiB each as RGB). Queued requests hold only their encoded bytes.
 DEFAULT_MAX_DECODED_PIXELS = 2 * MAX_SIDE**2

@@ -33,6 +33,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from kit.core import options
 from kit.core.precision import to_model
 from kit.data.processing import TOKEN_KEYS, collate
 from kit.infer.generation import Answer, Sampling, pad_id, stop_ids
@@ -185,7 +186,7 @@ class Batcher:
     `batches` counts the live batches started (from no rows to some), `largest` the most rows
     decoded in one step, `sizes` the rows of each recent step; tests and benchmarks read them."""
 
-    def __init__(self, model, tokenizer_of, select, lock: threading.Lock, max_batch: int = 8):
+    def __init__(self, model, tokenizer_of, select, lock: threading.Lock, max_batch: int = options.MAX_BATCH):
         self.model, self.tokenizer_of, self.select, self.lock = model, tokenizer_of, select, lock
         self.max_batch = max(1, max_batch)
         self.pending: deque[BatchedAnswer] = deque()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from kit.core import options
 from kit.core.errors import KitError
 from kit.core.network import go_offline
 from kit.infer.generation import Generation, Sampling
@@ -55,8 +56,8 @@ class Conversation:
         return gen.text
 
 
-def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_new_tokens: int = 256,
-         temperature: float = 0.0, echo: Callable[[str], None] = print, stdin: TextIO | None = None,
+def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_new_tokens: int = options.CHAT_MAX_NEW_TOKENS,
+         temperature: float = options.CHAT_TEMPERATURE, echo: Callable[[str], None] = print, stdin: TextIO | None = None,
          stdout: TextIO | None = None, *, system: str | None = None, seed: int | None = None) -> None:
     """One answer to `prompt`, or a conversation read from `stdin`. Raises KitError for bad options,
     a bad image or model folder (before loading the model where it can)."""

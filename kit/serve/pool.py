@@ -17,6 +17,7 @@ from typing import Any
 
 from peft import PeftModel
 
+from kit.core import options
 from kit.base.load import load_base
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
@@ -52,7 +53,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, Path]:
 class ModelPool:
     """Served models by name, all sharing `model`. Use `start()` to answer a conversation."""
 
-    def __init__(self, model, served: dict[str, Served], device: str = "cpu", max_batch: int = 8):
+    def __init__(self, model, served: dict[str, Served], device: str = "cpu", max_batch: int = options.MAX_BATCH):
         self.model = model
         self.served = served
         self.device = device
@@ -103,7 +104,7 @@ class ModelPool:
         return self.batcher.submit(BatchedAnswer(name, s.processor.tokenizer, inputs, sampling))
 
 
-def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = 8) -> ModelPool:
+def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = options.MAX_BATCH) -> ModelPool:
     """Load the base (MODEL_OR_ADAPTER itself, or the base an adapter names) once and attach every adapter.
 
     Names, in the order they are listed: each adapter's folder name (or NAME=PATH), then the base's folder name. Raises KitError for

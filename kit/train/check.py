@@ -36,8 +36,12 @@ class GpuPlan:
     """What `kit data check` estimates memory for: `gpus` cards of `gpu` (e.g. 24GB) under `strategy`."""
 
     gpus: int = 1
-    strategy: str = "ddp"
+    strategy: str = STRATEGIES[0]
     gpu: str | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise KitError(f"--strategy {self.strategy}: choose one of {', '.join(STRATEGIES)}")
 
 
 def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, memory: GpuPlan) -> None:
