@@ -88,9 +88,10 @@ def generate(
     """
     from kit.generate.command import generate_command
 
-    generate_command(source, input, out, images, instances, types, domain, backend, model, base_url, concurrency,
-                     limit, seed, dry_run, allow_remote, max_tokens, temperature, echo=echo_err, public=public,
-                     burned_in_checked=burned_in_checked, force=force, grounding=grounding, vocab=vocab)
+    generate_command(source=source, input=input, out=out, images=images, instances=instances, types=types, domain=domain,
+                     backend=backend, model=model, base_url=base_url, concurrency=concurrency, limit=limit, seed=seed,
+                     dry_run=dry_run, allow_remote=allow_remote, max_tokens=max_tokens, temperature=temperature, echo=echo_err,
+                     public=public, burned_in_checked=burned_in_checked, force=force, grounding=grounding, vocab=vocab)
 
 
 @data_app.command("sample")

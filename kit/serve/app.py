@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,28 @@ class PixelBudget:
 WEB_DIR = ASSETS / "web"
 
 
-def create_app(pool, *, api_key: str | None = None, image_root: Path | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               max_images: int = 4, max_queue: int = DEFAULT_MAX_QUEUE, web_dir: Path | None = WEB_DIR,
-               hosts: tuple[str, ...] = (), log=None, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
-               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
-    """The FastAPI app serving `pool` (kit.serve.pool.ModelPool).
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a kit serve app enforces (see create_app for each)."""
+
+    api_key: str | None = None
+    image_root: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    max_images: int = 4
+    max_queue: int = DEFAULT_MAX_QUEUE
+    web_dir: Path | None = WEB_DIR
+    hosts: tuple[str, ...] = ()
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+
+    def limits(self) -> Limits:
+        return Limits(max_tokens=self.max_tokens_limit, default_max_tokens=min(512, self.max_tokens_limit),
+                      max_images=self.max_images, image_root=Path(self.image_root).resolve() if self.image_root else None)
+
+
+def create_app(pool, *, log=None, **settings):
+    """The FastAPI app serving `pool` (kit.serve.pool.ModelPool); `settings` are ServeSettings':
 
     api_key: when set, every /v1 route and /health need `Authorization: Bearer <api_key>` (401 otherwise).
     hosts: names besides loopback that requests may carry in `Host` (the address served on).
@@ -127,21 +144,23 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
-    limits = Limits(max_tokens=max_tokens_limit, default_max_tokens=min(512, max_tokens_limit), max_images=max_images,
-                    image_root=Path(image_root).resolve() if image_root else None)
-    created = int(time.time())
-    app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(HostCheck, allowed={*LOOPBACK_NAMES, *(h.lower() for h in hosts)})
-    app.state.pool = pool
-    admission = app.state.admission = Admission(max_queue)
-    pixels = app.state.pixels = PixelBudget(max_decoded_pixels)
+    config = ServeSettings(**settings)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    # Every admitted request holds at most one worker thread at a time (parsing, then the answer):
-    # a pool this size never makes an admitted request wait for a thread, so overload is a 429.
-    threads = anyio.CapacityLimiter(max_queue + 4)
+    app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostCheck, allowed={*LOOPBACK_NAMES, *(h.lower() for h in config.hosts)})
+    add_error_handlers(app, log)
+    completions = Completions(pool, config, log)
+    app.state.pool = pool
+    app.state.admission = completions.admission
+    app.state.pixels = completions.pixels
+    auth = Depends(bearer_auth(config.api_key))
+    app.include_router(v1_routes(completions, auth))
+    add_page_routes(app, pool, config.web_dir, auth)
+    return app
 
-    async def in_thread(fn, *args):
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=threads)
+
+def add_error_handlers(app: FastAPI, log) -> None:
+    """Every error as OpenAI's body; a server-side failure's reason only in the log."""
 
     @app.exception_handler(HttpError)
     async def api_error(request: Request, e: HttpError):
@@ -163,6 +182,10 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
     async def validation_error(request: Request, e: RequestValidationError):
         return await api_error(request, ApiError(400, f"invalid request: {e.errors()}", "invalid_request"))
 
+
+def bearer_auth(api_key: str | None):
+    """The dependency every /v1 route and /health carry: 401 without the key (when one is set)."""
+
     def authorised(request: Request) -> None:
         if api_key is None:
             return
@@ -171,7 +194,97 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key the server was started with",
                            "invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
+    return authorised
+
+
+class Completions:
+    """POST /v1/chat/completions on `pool`: admission before the body is read, the body within its
+    time, images decoded inside the pixel budget, then an answer (whole or streamed)."""
+
+    def __init__(self, pool, config: ServeSettings, log):
+        self.pool, self.config, self.log = pool, config, log
+        self.limits = config.limits()
+        self.admission = Admission(config.max_queue)
+        self.pixels = PixelBudget(config.max_decoded_pixels)
+        self.created = int(time.time())
+        # Every admitted request holds at most one worker thread at a time (parsing, then the
+        # answer): a pool this size never makes an admitted request wait for a thread, so overload
+        # is a 429.
+        self.threads = anyio.CapacityLimiter(config.max_queue + 4)
+
+    async def in_thread(self, fn, *args):
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.threads)
+
+    def served(self, name: Any):
+        if not isinstance(name, str) or name not in self.pool.served:
+            raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(self.pool.names)}", "model_not_found", "model")
+        return self.pool.get(name)
+
+    async def answer(self, request: Request):
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, f"send the request as JSON (Content-Type: application/json), not {media or 'no content type'}",
+                           "unsupported_media_type")
+        # Admitted before the body is read, images decoded or text tokenized: overload costs nothing.
+        self.admission.enter(ApiError)
+        streaming = False
+        try:
+            gen, conv = await self.started(request)
+            cid = completion_id()
+            if conv.stream:
+                streaming = True
+                events = _events(gen, cid, conv.model, conv.include_usage, self.admission.leave, self.log, self.in_thread)
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                text = await self.in_thread(gen.result)
+            except Exception as e:  # noqa: BLE001 - a failed generation is the server's fault: 500, not a dropped connection
+                self.log(f"kit serve: generation failed: {type(e).__name__}: {e}")
+                raise ApiError(500, GENERATION_FAILED, "generation_failed") from None
+            finally:
+                gen.cancel()
+            return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+        finally:
+            if not streaming:
+                self.admission.leave()
+
+    async def started(self, request: Request):
+        timeout = self.config.body_timeout_s
+        try:
+            with anyio.fail_after(timeout):
+                raw = await read_body(request, self.config.max_request_bytes, " (set with kit serve --max-request-bytes)")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send it whole, at once",
+                           "request_timeout") from None
+        body = parse_json(raw)
+        if isinstance(body, dict) and "model" in body:
+            self.served(body["model"])  # an unknown model is reported before any image is decoded
+        conv = await self.in_thread(parse_request, body, self.limits)
+        inputs = await self.in_thread(self.prepared, conv)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        context = self.pool.max_positions()
+        if context and prompt_tokens >= context:
+            raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
+                           "context_length_exceeded", "messages")
+        max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
+        return self.pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop)), conv
+
+    def prepared(self, conv):
+        """Model inputs, with the request's images decoded only inside the pixel budget and
+        dropped once the processor has turned them into (much smaller) tensors."""
+        with self.pixels.held(sum(im.canvas_pixels for im in conv.images)):
+            images = decode_images(conv.images)
+            conv.images = []
+            try:
+                return self.pool.prepare(conv.model, conv.messages, images)
+            except KitError as e:
+                raise ApiError(400, str(e), "invalid_request") from None
+            finally:
+                images.clear()
+
+
+def v1_routes(completions: Completions, auth) -> APIRouter:
+    v1 = APIRouter(prefix="/v1", dependencies=[auth])
+    pool, created = completions.pool, completions.created
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
@@ -179,82 +292,23 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
 
     @v1.get("/models/{name}")
     async def model(name: str) -> dict[str, Any]:
-        s = _served(name)
+        s = completions.served(name)
         return model_card(s.name, s.kind, created)
-
-    def _served(name: Any):
-        if not isinstance(name, str) or name not in pool.served:
-            raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(pool.names)}", "model_not_found", "model")
-        return pool.get(name)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise ApiError(415, f"send the request as JSON (Content-Type: application/json), not {media or 'no content type'}",
-                           "unsupported_media_type")
-        # Admitted before the body is read, images decoded or text tokenized: overload costs nothing.
-        admission.enter(ApiError)
-        streaming = False
-        try:
-            gen, conv = await _started(request)
-            cid = completion_id()
-            if conv.stream:
-                streaming = True
-                return StreamingResponse(_events(gen, cid, conv.model, conv.include_usage, admission.leave, log, in_thread),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            try:
-                text = await in_thread(gen.result)
-            except Exception as e:  # noqa: BLE001 - a failed generation is the server's fault: 500, not a dropped connection
-                log(f"kit serve: generation failed: {type(e).__name__}: {e}")
-                raise ApiError(500, GENERATION_FAILED, "generation_failed") from None
-            finally:
-                gen.cancel()
-            return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
-        finally:
-            if not streaming:
-                admission.leave()
+        return await completions.answer(request)
 
-    async def _started(request: Request):
-        try:
-            with anyio.fail_after(body_timeout_s):
-                raw = await read_body(request, max_request_bytes, " (set with kit serve --max-request-bytes)")
-        except TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {body_timeout_s:g} s; send it whole, at once",
-                           "request_timeout") from None
-        body = parse_json(raw)
-        if isinstance(body, dict) and "model" in body:
-            _served(body["model"])  # an unknown model is reported before any image is decoded
-        conv = await in_thread(parse_request, body, limits)
-        inputs = await in_thread(_prepared, conv)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        context = pool.max_positions()
-        if context and prompt_tokens >= context:
-            raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
-                           "context_length_exceeded", "messages")
-        max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
-        return pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop)), conv
+    return v1
 
-    def _prepared(conv):
-        """Model inputs, with the request's images decoded only inside the pixel budget and
-        dropped once the processor has turned them into (much smaller) tensors."""
-        with pixels.held(sum(im.canvas_pixels for im in conv.images)):
-            images = decode_images(conv.images)
-            conv.images = []
-            try:
-                return pool.prepare(conv.model, conv.messages, images)
-            except KitError as e:
-                raise ApiError(400, str(e), "invalid_request") from None
-            finally:
-                images.clear()
 
-    app.include_router(v1)
+def add_page_routes(app: FastAPI, pool, web_dir: Path | None, auth) -> None:
+    """/health (behind the key), and the web page: served from the package's assets when installed."""
 
-    @app.get("/health", include_in_schema=False, dependencies=[Depends(authorised)])
+    @app.get("/health", include_in_schema=False, dependencies=[auth])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": pool.names}
 
-    # The web page is another file: served from the package's assets when it is installed.
     @app.get("/", include_in_schema=False)
     async def index():
         page = Path(web_dir) / "index.html" if web_dir else None
@@ -265,7 +319,6 @@ def create_app(pool, *, api_key: str | None = None, image_root: Path | None = No
 
     if web_dir and Path(web_dir).is_dir():
         app.mount("/web", StaticFiles(directory=str(web_dir)), name="web")
-    return app
 
 
 def _event(obj: Any) -> str:
