@@ -23,7 +23,7 @@ import secrets
 import sys
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,6 +56,15 @@ def create_app(review: ReviewFolder, *, hosts: set[str], api_key: str | None = N
     app = FastAPI(title="kit review", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(HostCheck, allowed=hosts)
     app.state.token = token
+    add_security(app, log)
+    add_page_routes(app, token, keyed=api_key is not None)
+    app.include_router(api_routes(review, Depends(session_guard(api_key, token))))
+    return app
+
+
+def add_security(app: FastAPI, log) -> None:
+    """The page's security headers on every response; every error as a JSON body, a server-side
+    failure's reason only in the log."""
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
@@ -82,6 +91,10 @@ def create_app(review: ReviewFolder, *, hosts: set[str], api_key: str | None = N
         return JSONResponse(HttpError(500, "the server failed on this request (its log says why)", "server_error").body(),
                             status_code=500)
 
+
+def session_guard(api_key: str | None, token: str):
+    """The dependency of every /api route: the key (when one is set), then the page's session token."""
+
     def allowed(request: Request) -> None:
         if api_key is not None:
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -92,23 +105,16 @@ def create_app(review: ReviewFolder, *, hosts: set[str], api_key: str | None = N
             raise HttpError(403, "missing or wrong X-Kit-Token: requests come from the review page this server shows",
                             "invalid_token")
 
-    async def json_body(request: Request) -> Any:
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise HttpError(415, f"send JSON (Content-Type: application/json), not {media or 'no content type'}",
-                            "unsupported_media_type")
-        return parse_json(await read_body(request, MAX_BODY))
+    return allowed
 
-    def item(n: int):
-        try:
-            return review.item(n)
-        except KitError as e:
-            raise HttpError(404, str(e), "not_found") from None
+
+def add_page_routes(app: FastAPI, token: str, keyed: bool) -> None:
+    """The page (carrying this session's token) and its script and styles: files of the package."""
 
     @app.get("/", include_in_schema=False)
     async def page():
         html = (PAGE_DIR / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{TOKEN}}", token).replace("{{KEYED}}", "1" if api_key else "0"))
+        return HTMLResponse(html.replace("{{TOKEN}}", token).replace("{{KEYED}}", "1" if keyed else "0"))
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
@@ -122,15 +128,34 @@ def create_app(review: ReviewFolder, *, hosts: set[str], api_key: str | None = N
     async def styles():
         return FileResponse(PAGE_DIR / "review.css", media_type="text/css")
 
-    @app.get("/api/items", dependencies=[Depends(allowed)])
+
+async def json_body(request: Request) -> Any:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise HttpError(415, f"send JSON (Content-Type: application/json), not {media or 'no content type'}",
+                        "unsupported_media_type")
+    return parse_json(await read_body(request, MAX_BODY))
+
+
+def api_routes(review: ReviewFolder, guard) -> APIRouter:
+    """/api: the conversations, their details and images, a re-check of an edit, decisions."""
+    api = APIRouter(prefix="/api", dependencies=[guard])
+
+    def item(n: int):
+        try:
+            return review.item(n)
+        except KitError as e:
+            raise HttpError(404, str(e), "not_found") from None
+
+    @api.get("/items")
     async def items() -> dict[str, Any]:
         return review.summary()
 
-    @app.get("/api/items/{n}", dependencies=[Depends(allowed)])
+    @api.get("/items/{n}")
     async def one(n: int) -> dict[str, Any]:
         return review.detail(item(n))
 
-    @app.get("/api/items/{n}/image", dependencies=[Depends(allowed)])
+    @api.get("/items/{n}/image")
     def image(n: int):
         it = item(n)
         if it.image is None:
@@ -146,17 +171,17 @@ def create_app(review: ReviewFolder, *, hosts: set[str], api_key: str | None = N
         im.save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @app.post("/api/items/{n}/check", dependencies=[Depends(allowed)])
+    @api.post("/items/{n}/check")
     async def check(n: int, request: Request) -> dict[str, Any]:
         it = item(n)
         body = await json_body(request)
         turns = review.edited_turns(it, body.get("conversations") if isinstance(body, dict) else None)
         return {"claims": [c.to_json() for c in review.claims(it, turns)]}
 
-    @app.post("/api/decisions", dependencies=[Depends(allowed)])
+    @api.post("/decisions")
     async def decide(request: Request) -> dict[str, Any]:
         body = await json_body(request)
         d = review.decide(body, now())
         return {"saved": d.to_json(), "item": review.detail(review.by_id[d.id])}
 
-    return app
+    return api
