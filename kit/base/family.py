@@ -96,6 +96,11 @@ class Family:
         names = dict(model.named_modules())
         return [p for p in self.projector if p in names]
 
+    def block_lists(self, model) -> dict:
+        """{path: module list} of the family's repeated blocks this model has (a timm tower has none)."""
+        names = dict(model.named_modules())
+        return {p: names[p] for p in (self.blocks.llm, *self.blocks.vision) if p in names}
+
     def check_layout(self, model, where: str) -> None:
         """KitError naming what is missing when a checkpoint does not have the family's modules."""
         names = dict(model.named_modules())

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from kit.base.family import family_for_type
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
-from kit.core.strategies import STRATEGY_HELP
+from kit.core.strategies import STRATEGIES, check_strategy
 
 GIB = 1024**3
 OVERHEAD_GIB = 0.8  # CUDA context, allocator fragmentation, cuBLAS workspaces
@@ -65,7 +65,9 @@ def parse_gpu(spec: str) -> float:
     return float(m.group(1)) * GIB
 
 
-def _parts(base: Path):
+def model_parts(base: Path):
+    """(parameter counts per part and of the largest block, the LLM's linear shapes, its text config):
+    what every estimate of one base reads, from its config on the meta device."""
     cfg = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
@@ -92,27 +94,20 @@ def _parts(base: Path):
 
 def _largest_block(model, family) -> int:
     """Parameters of the largest repeated block (what FSDP / ZeRO-3 gather at once)."""
-    sizes = [0]
-    for path in (family.blocks.llm, *family.blocks.vision):
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        sizes += [sum(p.numel() for p in b.parameters()) for b in blocks]
-    return max(sizes)
+    return max((sum(p.numel() for p in b.parameters()) for blocks in family.block_lists(model).values() for b in blocks), default=0)
 
 
-def estimate(recipe: Recipe, base: Path, tokens: int, gpus: int = 1, strategy: str = "ddp") -> Estimate:
+def estimate(recipe: Recipe, base: Path, tokens: int, gpus: int = 1, strategy: str = STRATEGIES[0], parts=None) -> Estimate:
     """Peak bytes per GPU for one training step at the recipe's batch size and `tokens` per sample,
-    on `gpus` GPUs under `strategy` (STRATEGY_HELP). The formula is written out in docs/scale-out.md."""
-    if strategy not in STRATEGY_HELP:
-        raise KitError(f"--strategy {strategy}: choose one of {', '.join(STRATEGY_HELP)}")
+    on `gpus` GPUs under `strategy` (kit.core.strategies). The formula is written out in
+    docs/scale-out.md. `parts`: model_parts(base), when the caller has them already."""
+    check_strategy(strategy)
     if gpus < 1:
         raise KitError(f"--gpus {gpus}: give the number of GPUs (1 or more)")
     if recipe.quantization == "nf4" and strategy in ("fsdp", "zero3"):
         raise KitError(f"--strategy {strategy} shards 4-bit weights, which kit has not run (QLoRA spreads with ddp or zero2); "
                        "choose ddp or zero2, or set quantization=none")
-    counts, linears, text = _parts(base)
+    counts, linears, text = parts or model_parts(base)
     half = 4 if recipe.train.precision == "fp32" else 2
     nf4 = recipe.quantization == "nf4"
     trainable_parts = set(recipe.train.trainable)

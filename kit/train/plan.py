@@ -60,7 +60,9 @@ def _adapter_base(adapter: str, base: str | None) -> Path:
 
 def plan_output(recipe: Recipe, out: str | None, resume: bool) -> Path:
     """The run's folder (default: outputs/ or adapters/<recipe>-<time>). KitError when it cannot be
-    used: --resume without a checkpoint there, or a non-empty folder without --resume."""
+    used: --resume without a checkpoint there, or a non-empty folder without --resume; or a launch
+    that would not do what its config says (kit.train.sharding.check_launch)."""
+    check_launch()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None:
         raise KitError("several processes need one shared --out folder; pass --out DIR")
     if out is None:
@@ -100,7 +102,6 @@ def data_file(recipe: Recipe, data: str | None) -> Path:
 
 def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None, resume: bool) -> RunPlan:
     """Everything checked, nothing written."""
-    check_launch()
     data_path = data_file(recipe, data)
     out_path = plan_output(recipe, out, resume)
     return RunPlan(recipe, resolve_base(recipe, base), data_path, image_folder(recipe), out_path, resume)

@@ -18,7 +18,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from kit.base.family import Family
 from kit.core.errors import KitError
 
-STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
 WRAP_ENV = "FSDP_TRANSFORMER_CLS_TO_WRAP"
 
 
@@ -28,7 +27,7 @@ def _flag(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one run is spread: `strategy` (STRATEGIES) over `world_size` processes."""
+    """How one run is spread: `strategy` (single, or one of kit.core.strategies.STRATEGIES) over `world_size` processes."""
 
     strategy: str
     world_size: int
@@ -78,19 +77,11 @@ def block_classes(model, family: Family) -> list[str]:
     """Class names of the family's repeated blocks in this model: the LLM's decoder layer, then the
     tower's block when its path is there. KitError when the LLM's list is missing."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names: list[str] = []
-    for path in (family.blocks.llm, *family.blocks.vision):
-        try:
-            blocks = base.get_submodule(path)
-        except AttributeError:
-            if path == family.blocks.llm:
-                raise KitError(f"{type(base).__name__} has no {path}, where kit's '{family.name}' family keeps the LLM's "
-                               "decoder layers; FSDP cannot tell what to shard (fix `blocks` in families.yaml)") from None
-            continue
-        for block in blocks:
-            if type(block).__name__ not in names:
-                names.append(type(block).__name__)
-    return names
+    lists = family.block_lists(base)
+    if family.blocks.llm not in lists:
+        raise KitError(f"{type(base).__name__} has no {family.blocks.llm}, where kit's '{family.name}' family keeps the LLM's "
+                       "decoder layers; FSDP cannot tell what to shard (fix `blocks` in families.yaml)")
+    return list(dict.fromkeys(type(block).__name__ for blocks in lists.values() for block in blocks))
 
 
 def set_fsdp_wrap(model, family: Family) -> list[str] | None:
@@ -124,8 +115,7 @@ def shard_on_cpu(trainer) -> None:
     state = trainer.accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not _flag("ACCELERATE_USE_FSDP"):
         return
-    check_launch()
-    plugin = FullyShardedDataParallelPlugin()
+    plugin = FullyShardedDataParallelPlugin()  # FSDP2: check_launch refused an FSDP1 launch on CPU
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
