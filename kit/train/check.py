@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from kit.base.family import family_of
-from kit.base.memory import GIB, estimate, parse_gpu
+from kit.base.memory import GIB, estimate, model_parts, parse_gpu
 from kit.core.errors import KitError
 from kit.data.reviewed import is_generated_folder
 from kit.core.recipes import Recipe
-from kit.core.strategies import STRATEGIES, STRATEGY_CONFIG
+from kit.core.strategies import STRATEGIES, STRATEGY_CONFIG, check_strategy
 from kit.data.vqa import load_items
 from kit.ingest.sources import from_manifest
 from kit.ingest.split import held_out_groups, image_group, sample_folder
@@ -40,13 +40,13 @@ class GpuPlan:
     gpu: str | None = None
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise KitError(f"--strategy {self.strategy}: choose one of {', '.join(STRATEGIES)}")
+        check_strategy(self.strategy)  # before the data checks, not after them
 
 
 def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, memory: GpuPlan) -> None:
     base_path = resolve_base(recipe, base)
-    est = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=memory.strategy)
+    parts = model_parts(base_path)
+    est = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=memory.strategy, parts=parts)
     spread = f", {memory.strategy} over {memory.gpus} GPUs" if memory.gpus > 1 else ""
     echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}{spread}):")
     for line in est.lines():
@@ -60,7 +60,7 @@ def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, ech
         echo(f"  per GPU on {memory.gpus} x {memory.gpu}, by strategy (launch with configs/accelerate/<config>):")
         for name in STRATEGIES:
             try:
-                total = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=name).total
+                total = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=name, parts=parts).total
             except KitError as e:
                 echo(f"    {name:6s} -          {e}")
                 continue
