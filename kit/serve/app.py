@@ -46,9 +46,6 @@ from kit.data.images import MAX_SIDE
 from kit.serve.openai_schema import (ApiError, Limits, chunk, completion, completion_id, decode_images, model_card, parse_request,
                                      usage)
 
-DEFAULT_MAX_REQUEST_BYTES = options.MAX_REQUEST_BYTES
-DEFAULT_MAX_TOKENS_LIMIT = options.MAX_TOKENS_LIMIT
-DEFAULT_MAX_QUEUE = options.MAX_QUEUE
 # Decoded pixels in flight across requests: two of the largest canvases kit takes (8192 px
 # squares, ~200 MiB each as RGB). Queued requests hold only their encoded bytes.
 DEFAULT_MAX_DECODED_PIXELS = 2 * MAX_SIDE**2
@@ -115,10 +112,10 @@ class ServeSettings:
 
     api_key: str | None = None
     image_root: Path | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    max_request_bytes: int = options.MAX_REQUEST_BYTES
+    max_tokens_limit: int = options.MAX_TOKENS_LIMIT
     max_images: int = 4
-    max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue: int = options.MAX_QUEUE
     web_dir: Path | None = WEB_DIR
     hosts: tuple[str, ...] = ()
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS

@@ -10,13 +10,13 @@ from kit.core import options
 from kit.core.errors import KitError
 from kit.core.http import bind, require_key_off_loopback, resolve_key
 from kit.core.network import go_offline
-from kit.serve.app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_LIMIT, create_app
+from kit.serve.app import create_app
 from kit.serve.pool import load_pool
 
 
 def serve(model: Path, adapters: list[str] = (), host: str = options.SERVE_HOST, port: int = options.SERVE_PORT, api_key: str | None = None,
-          image_root: Path | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_queue: int = DEFAULT_MAX_QUEUE, dtype: str = "auto",
+          image_root: Path | None = None, max_request_bytes: int = options.MAX_REQUEST_BYTES,
+          max_tokens_limit: int = options.MAX_TOKENS_LIMIT, max_queue: int = options.MAX_QUEUE, dtype: str = "auto",
           echo=print, api_key_file: Path | None = None, max_batch: int = options.MAX_BATCH) -> None:
     """Load MODEL_OR_ADAPTER (+ adapters) and serve until interrupted. KitError for bad options or
     folders, and for an address other machines can reach without a key."""
