@@ -578,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "parts", ignore_errors=True)
 
         from kit.data.dataset import build_dataset
-        from kit.base.load import image_aspect_of, load_processor
+        from kit.base.folder import Base
+        from kit.base.load import load_processor
         from kit.data.processing import Processing
 
         recipe, _ = kit_recipe(args)
@@ -591,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                                recipe.data.max_length, text_scale=text_scale)
         report["timings"]["data_s"] = time.perf_counter() - t
         _, rep = build_dataset(data, proc, recipe.data.template, recipe.data.max_length,
-                               recipe.data.image_aspect or image_aspect_of(base))
+                               recipe.data.image_aspect or Base.open(base).image_aspect)
         if rep.problems or rep.truncated_text:
             raise RuntimeError(f"generated data does not fit kit's recipe: {rep.summary()}")
         rows = to_trl_rows(data)

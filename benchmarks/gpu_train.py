@@ -239,11 +239,12 @@ class Probe(TrainerCallback):
 def tokens_per_sample(base: Path, data: Path, recipe) -> dict:
     """Non-pad tokens per sample (image tokens included), from the dataset exactly as train() builds it."""
     from kit.data.dataset import build_dataset
-    from kit.base.load import image_aspect_of, load_processor
+    from kit.base.folder import Base
+    from kit.base.load import load_processor
 
     proc = load_processor(base)
     _, report = build_dataset(data, proc, recipe.data.template, recipe.data.max_length,
-                              recipe.data.image_aspect or image_aspect_of(base))
+                              recipe.data.image_aspect or Base.open(base).image_aspect)
     n = report.lengths
     return {"mean": sum(n) / len(n), "min": min(n), "max": max(n), "image_tokens": report.image_tokens, "samples": len(n)}
 

@@ -123,13 +123,13 @@ def test_missing_eval_file_and_empty_file(tmp_path):
 def test_loads_base_folder_and_adapter_folder_from_the_path_alone(tiny_base, adapter):
     from peft import PeftModel
 
-    model, proc, info = load_for_inference(tiny_base)
-    assert info["kind"] == "model" and not isinstance(model, PeftModel) and not model.training
-    assert hasattr(proc, "tokenizer") and hasattr(proc, "image_processor")
-    model, proc, info = load_for_inference(adapter)
-    assert isinstance(model, PeftModel) and info["kind"] == "adapter"
-    assert Path(info["base"]) == tiny_base.resolve() and info["quantization"] == "none" and info["notes"] == []
-    assert info["template"] == "vicuna_v1" and info["image_aspect"] == "pad"
+    loaded = load_for_inference(tiny_base)
+    assert loaded.kind == "model" and not isinstance(loaded.model, PeftModel) and not loaded.model.training
+    assert hasattr(loaded.processor, "tokenizer") and hasattr(loaded.processor, "image_processor")
+    loaded = load_for_inference(adapter)
+    assert isinstance(loaded.model, PeftModel) and loaded.kind == "adapter"
+    assert loaded.base_path.resolve() == tiny_base.resolve() and loaded.quantization == "none" and loaded.notes == []
+    assert loaded.spec.template == "vicuna_v1" and loaded.spec.image_aspect == "pad"
     d = describe_folder(adapter)
     assert d["kind"] == "adapter" and d["recipe"] == "llava15-lora" and d["steps"] == 3 and "train_loss" in d["metrics"]
     assert describe_folder(tiny_base)["kind"] == "base"
@@ -150,7 +150,7 @@ def test_adapter_refuses_a_moved_or_changed_base(tiny_base, adapter, tmp_path):
     shutil.copytree(adapter, ad)
     shutil.copytree(tiny_base, base)
     _edit_card(ad, base__path=str(base))
-    assert Path(load_for_inference(ad)[2]["base"]) == base  # an identical copy is accepted
+    assert load_for_inference(ad).base_path == base  # an identical copy is accepted
 
     base.rename(tmp_path / "moved")
     with pytest.raises(KitError) as e:
@@ -171,9 +171,9 @@ def test_nf4_adapter_loads_unquantized_on_cpu_with_a_note(adapter, tmp_path):
     ad = tmp_path / "qlora"
     shutil.copytree(adapter, ad)
     _edit_card(ad, recipe__quantization="nf4")
-    _, _, info = load_for_inference(ad)
-    assert info["quantization"] == "nf4" and info["device"] == "cpu"
-    assert any("unquantized" in n for n in info["notes"])
+    loaded = load_for_inference(ad)
+    assert loaded.quantization == "nf4" and loaded.device == "cpu"
+    assert any("unquantized" in n for n in loaded.notes)
 
 
 def test_adapter_loads_with_plain_transformers_and_peft_without_kit(tiny_base, adapter):

@@ -149,15 +149,18 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("family", ["kit-vicuna", "llava", "llava_next", "gemma3"])
 def test_modelfile_template_prints_what_kit_prompts(family, tiny_base, smol_tokenizer_dir, tmp_path):
+    from kit.base.family import family_for_type
+    from kit.data.prompt_spec import PromptSpec
     from kit.export.ollama import go_template, stop_strings, turn_pieces
     from kit.infer.load import load_processor
     from kit.infer.prompts import build_prompt
 
     if family == "kit-vicuna":
-        processor, info = load_processor(tiny_base), {"template": "vicuna_v1", "prompt_style": "chat"}
+        processor = load_processor(tiny_base)
+        info = PromptSpec.choose(processor, family_for_type("llava"), "vicuna_v1", None, "pad")
     else:
         _, processor = families.build(family, smol_tokenizer_dir)
-        info = {"template": None, "prompt_style": "chat"}
+        info = PromptSpec.choose(processor, family_for_type(family), None, None, "pad")
     pieces = turn_pieces(processor, info)
     for conv in CONVERSATIONS:
         assert _ollama_render(pieces, conv) == build_prompt(processor, conv, info), conv

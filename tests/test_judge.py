@@ -279,16 +279,16 @@ def test_candidates_answer_freely_without_the_vqa_suffix(tiny_base, tmp_path, mo
     from kit.infer.load import load_for_inference
 
     items = [j.item for j in load_judge_items(write_items(tmp_path, [ITEMS[4], ITEMS[0]]))]
-    model, processor, info = load_for_inference(tiny_base)
+    loaded = load_for_inference(tiny_base)
     prompts: list[str] = []
     real = kit.eval.vqa.build_prompt
     monkeypatch.setattr(kit.eval.vqa, "build_prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
-    free = answer_free(model, processor, info, items, max_new_tokens=5)
+    free = answer_free(loaded, items, max_new_tokens=5)
     assert len(free) == 2 and all(isinstance(a, str) for a in free)
     assert "Is there a shape?" in prompts[0] and "What colour is the square?" in prompts[1]
     assert not any("Answer yes or no." in p or "Answer briefly." in p for p in prompts)
     prompts.clear()
-    answer_batch(model, processor, info, items, max_new_tokens=1, style="short-answer")  # the strict metric's prompt, for contrast
+    answer_batch(loaded, items, max_new_tokens=1, style="short-answer")  # the strict metric's prompt, for contrast
     assert "Answer yes or no." in prompts[0] and "Answer briefly." in prompts[1]
 
 

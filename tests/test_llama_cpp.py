@@ -95,7 +95,8 @@ def _answers(base: Path, export: Path, quant: str, images: list[Path]) -> list[d
     """Per image: kit's prompt ids and greedy answer (transformers) and llama.cpp's."""
     from kit.infer.prompts import build_prompt, prepare
 
-    model, processor, info = _reference(base)
+    loaded = _reference(base)
+    model, processor, spec = loaded.model, loaded.processor, loaded.spec
     name = base.name
     runtime = LlamaCpp(export / f"{name}-{quant}.gguf", export / f"mmproj-{name}-f16.gguf")
     rows = []
@@ -103,12 +104,12 @@ def _answers(base: Path, export: Path, quant: str, images: list[Path]) -> list[d
         for image, question in zip(images, QUESTIONS):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             pil = Image.open(image).convert("RGB")
-            inputs = prepare(processor, info, messages, [pil])
+            inputs = prepare(processor, spec, messages, [pil])
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
             hf_ids = inputs["input_ids"][0].tolist()
             image_id = model.config.image_token_id
-            text = build_prompt(processor, messages, info).replace(processor.image_token, runtime.marker)
+            text = build_prompt(processor, messages, spec).replace(processor.image_token, runtime.marker)
             lc_prompt = runtime.prompt_ids(text, image)
             rows.append({
                 "image": image.name,

@@ -113,6 +113,8 @@ ANSWERS = ["3 nodules, 12 mm each.", "左肺", "\nThe heart is normal in size.",
 def test_inference_prompt_plus_supervised_run_is_the_training_sequence(tokenizer, answer):
     """(a): the model must produce every token after the prompt it is given at inference, including a
     separator space that the tokenizer makes a token of its own before a digit, CJK or newline."""
+    from kit.base.family import families
+    from kit.data.prompt_spec import PromptSpec
     from kit.infer.prompts import prepare
 
     proc = _processor(tokenizer)
@@ -121,7 +123,7 @@ def test_inference_prompt_plus_supervised_run_is_the_training_sequence(tokenizer
     enc = encode_sample(Sample("s", ["a.png"], turns, "f[0]"), tokenizer, "vicuna_v1", N_IMAGE, 2048)
     ids, labels = list(enc.input_ids), list(enc.labels)
     image = Image.new("RGB", (32, 32), (90, 20, 20))
-    info = {"template": "vicuna_v1", "image_aspect": "pad"}
+    info = PromptSpec.choose(proc, families()["llava"], "vicuna_v1", None, "pad")
     history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     first = prepare(proc, info, history, [image])["input_ids"][0].tolist()
     history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Is there a fracture?"}]

@@ -203,8 +203,8 @@ def test_as_adapter_truncation_is_reported_and_vanishes_at_full_rank(tiny_base, 
     want = params(linear)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, want[k], atol=1e-5, rtol=0), k
-    _, _, info = load_for_inference(exact, device="cpu")  # kit finds the base from the card alone
-    assert info["kind"] == "adapter" and Path(info["base"]) == tiny_base.resolve()
+    loaded = load_for_inference(exact, device="cpu")  # kit finds the base from the card alone
+    assert loaded.kind == "adapter" and loaded.base_path.resolve() == tiny_base.resolve()
 
 
 def test_ties_and_dare_run_and_differ_from_linear(tiny_base, adapters, linear, tmp_path):

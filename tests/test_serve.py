@@ -31,7 +31,7 @@ KEY = "test-key-123"
 PROMPT = "What is in the picture?"
 
 
-_DIRECT: dict[str, tuple] = {}
+_DIRECT: dict = {}
 
 
 def direct_answer(path: Path, messages: list[dict], images: list, max_new_tokens: int) -> str:
@@ -44,8 +44,9 @@ def direct_answer(path: Path, messages: list[dict], images: list, max_new_tokens
 
     if str(path) not in _DIRECT:
         _DIRECT[str(path)] = load_for_inference(path)
-    model, proc, info = _DIRECT[str(path)]
-    inputs = to_model(prepare(proc, info, messages, images), model)
+    loaded = _DIRECT[str(path)]
+    model, proc = loaded.model, loaded.processor
+    inputs = to_model(prepare(proc, loaded.spec, messages, images), model)
     stops = stop_ids(model, proc.tokenizer)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,

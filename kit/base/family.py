@@ -171,7 +171,11 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def family_of(path: Path) -> Family:
     """The family of the checkpoint in `path` (from config.json); KitError for a folder kit cannot adapt."""
-    cfg = read_config(path)
+    return family_of_config(read_config(path), path)
+
+
+def family_of_config(cfg: dict[str, Any], path: Path) -> Family:
+    """The family a checkpoint's config.json (read from `path`) names; KitError for one kit cannot adapt."""
     if "vision_config" not in cfg or "text_config" not in cfg:
         raise KitError(
             f"base {path} is not a vision-language model (model_type '{cfg.get('model_type')}' has no vision tower); "

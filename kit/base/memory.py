@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
-from kit.base.family import family_for_type
+from kit.base.folder import Base
+from kit.base.load import model_config
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 from kit.core.strategies import STRATEGIES, check_strategy
@@ -65,13 +66,14 @@ def parse_gpu(spec: str) -> float:
     return float(m.group(1)) * GIB
 
 
-def model_parts(base: Path):
+def model_parts(base: Base | Path):
     """(parameter counts per part and of the largest block, the LLM's linear shapes, its text config):
     what every estimate of one base reads, from its config on the meta device."""
-    cfg = AutoConfig.from_pretrained(base)
+    base = Base.of(base)
+    cfg = model_config(base)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
-    family = family_for_type(cfg.model_type, f"base {base}")
+    family = base.family
     counts = {"vision": 0, "projector": 0, "llm_linear": 0, "llm_other": 0}
     linears: list[tuple[int, int]] = []
     for name, module in model.named_modules():
@@ -97,7 +99,7 @@ def _largest_block(model, family) -> int:
     return max((sum(p.numel() for p in b.parameters()) for blocks in family.block_lists(model).values() for b in blocks), default=0)
 
 
-def estimate(recipe: Recipe, base: Path, tokens: int, gpus: int = 1, strategy: str = STRATEGIES[0], parts=None) -> Estimate:
+def estimate(recipe: Recipe, base: Base | Path, tokens: int, gpus: int = 1, strategy: str = STRATEGIES[0], parts=None) -> Estimate:
     """Peak bytes per GPU for one training step at the recipe's batch size and `tokens` per sample,
     on `gpus` GPUs under `strategy` (kit.core.strategies). The formula is written out in
     docs/scale-out.md. `parts`: model_parts(base), when the caller has them already."""

@@ -46,10 +46,10 @@ def _on_mini(base: str, adapter: str | None) -> bool:
         return base in ("mini", "mini-raw")
     from pathlib import Path
 
-    from kit.base.load import ADAPTER_CONFIG, adapter_base
+    from kit.base.folder import ADAPTER_CONFIG, AdapterInfo
     from kit.base.mini import is_mini
 
-    return (Path(adapter) / ADAPTER_CONFIG).is_file() and is_mini(adapter_base(Path(adapter))[0])
+    return (Path(adapter) / ADAPTER_CONFIG).is_file() and is_mini(AdapterInfo.open(adapter).base.path)
 
 
 @app.command()

@@ -50,12 +50,17 @@ def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
 def describe_source(folder: Path) -> dict[str, Any]:
     """Path plus a cheap fingerprint (config bytes and weight file sizes) of a model folder."""
     folder = Path(folder)
+    config = folder / "config.json"
+    return {"path": str(folder.resolve()), "fingerprint": fingerprint_of(folder, config.read_bytes() if config.is_file() else b"")}
+
+
+def fingerprint_of(folder: Path, config_bytes: bytes) -> str:
+    """describe_source's fingerprint from config.json's bytes already read (b"" when there is none)."""
     h = hashlib.sha256()
-    if (folder / "config.json").is_file():
-        h.update((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")):
+    h.update(config_bytes)
+    for f in sorted(Path(folder).glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return {"path": str(folder.resolve()), "fingerprint": h.hexdigest()[:16]}
+    return h.hexdigest()[:16]
 
 
 class _Open(BaseModel):

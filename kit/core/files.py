@@ -136,18 +136,28 @@ def staged_folder(out: Path, *, replace: bool = False, keep_existing: bool = Fal
 
 
 def _decode(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
+    return decode_bytes(path.read_bytes(), path, what)
 
 
 def read_json(path: Path, what: str, *, expect: type | None = dict, fix: str = "fix the file") -> Any:
     """The JSON value in `path`. Raises KitError naming `file:line` for invalid JSON, and the file
     for non-UTF-8 text or a top-level value that is not an `expect` (None: anything)."""
     path = Path(path)
+    return parse_json(_decode(path, what), path, what, expect=expect, fix=fix)
+
+
+def decode_bytes(raw: bytes, path: Path, what: str) -> str:
+    """`raw` (read from `path`) as UTF-8 text; KitError naming the file otherwise."""
     try:
-        data = json.loads(_decode(path, what))
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
+
+
+def parse_json(text: str, path: Path, what: str, *, expect: type | None = dict, fix: str = "fix the file") -> Any:
+    """read_json for text already read from `path` (for files whose bytes are needed besides)."""
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise KitError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); {fix}") from None
     if expect is not None and not isinstance(data, expect):

@@ -76,8 +76,13 @@ TEMPLATES = ("plain", "vicuna_v1", "chat")
 PREFIX = "prefix"
 
 
-def template_for(template: str, prompt_style: str) -> str:
-    """The template a recipe's `template` becomes for a family (kit.base.family: `prompt`)."""
+def template_for(template: str | None, prompt_style: str, has_chat_template: bool = False) -> str:
+    """The one rule for the template a model's samples and prompts are rendered with, read by
+    training, inference, merge verification, serving and export (kit.data.prompt_spec): a recipe's
+    or card's `template` for a family (kit.base.family: `prompt`); where nothing says (a checkpoint
+    kit did not train), the model's own chat template when it has one, else LLaVA's vicuna_v1."""
+    if template is None:
+        template = "chat" if has_chat_template or prompt_style == "prefix" else "vicuna_v1"
     return PREFIX if template == "chat" and prompt_style == "prefix" else template
 
 

@@ -83,7 +83,7 @@ def eval_command(
         if judge_items is not None:
             echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")
             answers = free_answers(loaded, judge_items, batch_size=batch_size, max_new_tokens=judge_answer_tokens)
-            result["judge_notes"] = model_notes(loaded[2])
+            result["judge_notes"] = model_notes(loaded)
         return result, answers
 
     before = before_answers = None

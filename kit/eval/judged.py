@@ -10,6 +10,7 @@ from kit.core.errors import KitError
 from kit.data.vqa import Item, load_items
 from kit.eval.judge import JudgeItem, judge_answers, load_prompt
 from kit.eval.vqa import answer_batch
+from kit.infer.load import Loaded
 from kit.generate.backends import Backend
 
 
@@ -30,9 +31,9 @@ def load_judge_items(data: Path, image_folder: Path | None = None, limit: int | 
     return out
 
 
-def answer_free(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int) -> list[str]:
+def answer_free(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list[str]:
     """Greedy free-form answers: the question as asked, no "Answer yes or no." suffix."""
-    return answer_batch(model, processor, info, items, max_new_tokens, style="as-written")
+    return answer_batch(loaded, items, max_new_tokens, style="as-written")
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -63,15 +64,14 @@ def summarise_judged(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def free_answers(loaded: tuple[Any, Any, dict[str, Any]], items: list[JudgeItem], *, batch_size: int = 8,
+def free_answers(loaded: Loaded, items: list[JudgeItem], *, batch_size: int = 8,
                  max_new_tokens: int = 128) -> list[str]:
     """The loaded model's (kit.infer.load.load_for_inference) greedy free-form answer to each item."""
     if batch_size < 1 or max_new_tokens < 1:
         raise KitError("batch size and answer length must be at least 1")
-    model, processor, info = loaded
     answers: list[str] = []
     for start in range(0, len(items), batch_size):
-        answers += answer_free(model, processor, info, [j.item for j in items[start : start + batch_size]], max_new_tokens)
+        answers += answer_free(loaded, [j.item for j in items[start : start + batch_size]], max_new_tokens)
     return answers
 
 

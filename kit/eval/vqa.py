@@ -23,39 +23,41 @@ from kit.eval.hallucination import (chair, description_claims, format_hallucinat
                                     says_yes)
 from kit.eval.metrics import PROMPT_STYLE, change_interval, check_metric, interval, score
 from kit.infer.generation import pad_id, stop_ids
-from kit.infer.load import load_for_inference
-from kit.infer.prompts import build_prompt, encode, template_of
+from kit.data.prompt_spec import PromptSpec
+from kit.infer.load import Loaded, load_for_inference
+from kit.infer.prompts import build_prompt, encode
 
 
 # ---------------------------------------------------------------------------------------- model
 
 
-def _prompt(processor, text: str, info: dict[str, Any], image: bool = True) -> str:
-    """The prompt in the format the model was trained with (kit recipe template) else its chat template."""
+def _prompt(processor, text: str, spec: PromptSpec, image: bool = True) -> str:
+    """The prompt in the format the model was trained with (kit.data.prompt_spec)."""
     parts = [{"type": "image"}] if image else []
     messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-    return build_prompt(processor, messages, info)
+    return build_prompt(processor, messages, spec)
 
 
-def answer_batch(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *, style: str = "as-written") -> list[str]:
+def answer_batch(loaded: Loaded, items: list[Item], max_new_tokens: int, *, style: str = "as-written") -> list[str]:
     """Greedy answers for a batch (left padding); `style`: how the questions are asked (kit.data.vqa.ask)."""
-    return [text for text, _ in answer_batch_ids(model, processor, info, items, max_new_tokens, style=style)]
+    return [text for text, _ in answer_batch_ids(loaded, items, max_new_tokens, style=style)]
 
 
-def answer_batch_ids(model, processor, info: dict[str, Any], items: list[Item], max_new_tokens: int, *,
+def answer_batch_ids(loaded: Loaded, items: list[Item], max_new_tokens: int, *,
                      style: str = "as-written") -> list[tuple[str, list[int]]]:
     """Greedy answers for a batch: each answer's text and its token ids (padding dropped)."""
+    model, processor, spec = loaded.model, loaded.processor, loaded.spec
     tok = processor.tokenizer
     images = []
     for it in items:
         try:
             if it.image is not None:
-                images.append(prepare_image(it.image, info.get("image_aspect") or "pad", processor.image_processor))
+                images.append(prepare_image(it.image, spec.image_aspect, processor.image_processor))
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
-    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), info, it.image is not None)
+    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), spec, it.image is not None)
                for it in items]
-    inputs = to_model(encode(processor, prompts, images, template_of(processor, info)), model)
+    inputs = to_model(encode(processor, prompts, images, spec.template), model)
     stop = stop_ids(model, tok)
     with torch.no_grad():
         out = model.generate(
@@ -74,12 +76,12 @@ def answer_batch_ids(model, processor, info: dict[str, Any], items: list[Item], 
 class HfAnswerer:
     """A model or adapter folder answering through transformers, in batches."""
 
-    def __init__(self, loaded: tuple[Any, Any, dict[str, Any]], batch_size: int = 8):
-        self.model, self.processor, self.info = loaded
+    def __init__(self, loaded: Loaded, batch_size: int = 8):
+        self.loaded = loaded
         self.batch_size = batch_size
-        self.kind = self.info["kind"]
-        self.notes = model_notes(self.info)
-        self.tokenizer = self.processor.tokenizer
+        self.kind = loaded.kind
+        self.notes = model_notes(loaded)
+        self.tokenizer = loaded.processor.tokenizer
 
     def answers(self, items: list[Item], budget: int, style: str) -> list[tuple[str, list[int]]]:
         """In batches of questions with images and batches of text questions, in the items' order."""
@@ -88,7 +90,7 @@ class HfAnswerer:
             group = [i for i, it in enumerate(items) if (it.image is not None) == with_image]
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start:start + self.batch_size]
-                answers = answer_batch_ids(self.model, self.processor, self.info, [items[i] for i in chunk], budget, style=style)
+                answers = answer_batch_ids(self.loaded, [items[i] for i in chunk], budget, style=style)
                 out.update(zip(chunk, answers))
         return [out[i] for i in range(len(items))]
 
@@ -221,10 +223,10 @@ def _prediction(it: Item, pred: str, metric: str) -> dict[str, Any]:
     return out
 
 
-def model_notes(info: dict[str, Any]) -> list[str]:
+def model_notes(loaded: Loaded) -> list[str]:
     """What a report on this loaded model must say (load notes, a caption-only template)."""
-    notes = list(info["notes"])
-    if info.get("template") == "plain":
+    notes = list(loaded.notes)
+    if loaded.spec.template == "plain":
         notes.append("plain template: this model was trained to caption only and is not shown the questions; expect low scores")
     return notes
 

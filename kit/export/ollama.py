@@ -10,9 +10,10 @@ whose pieces depend on more than that is refused rather than approximated.
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import replace
 
 from kit.core.errors import KitError
+from kit.data.prompt_spec import PromptSpec
 from kit.infer.prompts import build_prompt
 
 MARKS = {"system": "\u27e6S\u27e7", "user1": "\u27e6U1\u27e7", "assistant": "\u27e6A\u27e7", "user2": "\u27e6U2\u27e7"}
@@ -28,15 +29,15 @@ def _cut(text: str, marks: list[str]) -> list[str]:
     return pieces + [text]
 
 
-def turn_pieces(processor, info: dict[str, Any]) -> dict[str, str]:
+def turn_pieces(processor, spec: PromptSpec) -> dict[str, str]:
     """What the prompt holds between messages: before a first system message (`system`), before a
     first user message without one (`first_user`), system->user, user->assistant,
     assistant->user, and after the last user message (`answer`: where generation starts)."""
-    info = {**info, "system_prompt": None}
+    spec = replace(spec, system_prompt=None)
     s, u1, a, u2 = (MARKS[k] for k in ("system", "user1", "assistant", "user2"))
     turns = [{"role": "user", "content": u1}, {"role": "assistant", "content": a}, {"role": "user", "content": u2}]
-    with_system = _cut(build_prompt(processor, [{"role": "system", "content": s}, *turns], info), [s, u1, a, u2])
-    alone = _cut(build_prompt(processor, turns, info), [u1, a, u2])
+    with_system = _cut(build_prompt(processor, [{"role": "system", "content": s}, *turns], spec), [s, u1, a, u2])
+    alone = _cut(build_prompt(processor, turns, spec), [u1, a, u2])
     if alone[1:] != with_system[2:]:
         raise KitError("the model's chat template writes turns differently with and without a system message; "
                        "it cannot be written as an Ollama template")
@@ -75,15 +76,15 @@ def stop_strings(pieces: dict[str, str], tokenizer) -> list[str]:
     return list(dict.fromkeys(s for s in stops if s))
 
 
-def modelfile(model_file: str, mmproj_file: str | None, processor, info: dict[str, Any]) -> str:
-    pieces = turn_pieces(processor, info)
+def modelfile(model_file: str, mmproj_file: str | None, processor, spec: PromptSpec) -> str:
+    pieces = turn_pieces(processor, spec)
     lines = [f"FROM ./{model_file}"]
     if mmproj_file:
         lines.append(f"FROM ./{mmproj_file}")
     lines.append(f'TEMPLATE """{go_template(pieces)}"""')
-    if info.get("system_prompt"):
-        if '"""' in info["system_prompt"]:
+    if spec.system_prompt:
+        if '"""' in spec.system_prompt:
             raise KitError('the recipe\'s data.system_prompt holds """, which an Ollama Modelfile cannot quote; remove it')
-        lines.append(f'SYSTEM """{info["system_prompt"]}"""')
+        lines.append(f'SYSTEM """{spec.system_prompt}"""')
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stop_strings(pieces, processor.tokenizer)]
     return "\n".join(lines) + "\n"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kit.data.prompt_spec import PromptSpec
 
-def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, Any], info: dict[str, Any],
+
+def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, Any], spec: PromptSpec,
            evaluation: dict[str, Any] | None = None) -> str:
     quant = export["quant"]
     lines = [
@@ -56,7 +58,7 @@ def readme(name: str, llm_file: str, mmproj_file: str | None, export: dict[str, 
         lines.append(f"- {quant} stores the LLM's matrices in fewer bits: answers can differ from f16's; the project's "
                      "llama.cpp test reports how often greedy answers agree.")
     lines += [f"- {note[0].upper()}{note[1:]}." for note in export["llm"].get("notes", [])]
-    if info.get("system_prompt"):
+    if spec.system_prompt:
         lines.append("- The system prompt the model was trained with is the Modelfile's SYSTEM; llama-server takes it as "
                      "a system message.")
     if evaluation:

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
-
+from kit.base.folder import Base
+from kit.base.load import load_model, load_processor, model_config
 from kit.core import options
-from kit.base.family import family_of
-from kit.base.load import load_model, load_processor
 from kit.core.cards import Card, describe_source
 from kit.core.errors import KitError
 from kit.core.files import staged_folder
@@ -33,10 +31,11 @@ from kit.export.vision import check_exportable, write_mmproj
 from kit.data.vqa import load_items
 from kit.eval.gguf import compare_export
 from kit.infer.llama_cpp import LLAMA_CPP_HINT, QUESTION, ExportFolder, ExportPrompt, require_llama_cpp
-from kit.infer.load import folder_kind, prompting
-from kit.infer.prompts import build_prompt, chat_template_of, template_of
+from kit.data.prompt_spec import PromptSpec
+from kit.infer.load import folder_kind
+from kit.infer.prompts import build_prompt
 from kit.merge.adapters import adapter_info, check_out
-from kit.merge.single import merge
+from kit.merge.single import merge_adapter
 from kit.merge.verify import DEFAULT_TOLERANCE
 
 FORMATS = options.EXPORT_FORMATS
@@ -53,18 +52,18 @@ def quantize_with_llama_cpp(src: Path, dst: Path, kind: str) -> None:
         raise KitError(f"llama.cpp could not quantize {src.name} to {kind}")
 
 
-def export_prompt(processor, info: dict[str, Any]) -> ExportPrompt:
+def export_prompt(processor, spec: PromptSpec) -> ExportPrompt:
     """The prompt format the card records for llama.cpp evaluation: one user turn rendered by the
     same builder training and `kit chat` use, around a question marker (kit.infer.llama_cpp)."""
     question = [{"type": "text", "text": QUESTION}]
-    with_image = build_prompt(processor, [{"role": "user", "content": [{"type": "image"}, *question]}], info)
+    with_image = build_prompt(processor, [{"role": "user", "content": [{"type": "image"}, *question]}], spec)
     try:
-        text_only = build_prompt(processor, [{"role": "user", "content": question}], info)
+        text_only = build_prompt(processor, [{"role": "user", "content": question}], spec)
     except KitError:  # a caption-only ('plain') or image-first format has no text-only turn
         text_only = ""
     return ExportPrompt(with_image=with_image, text_only=text_only, image_token=getattr(processor, "image_token", "<image>"),
-                        image_aspect=info.get("image_aspect") or "pad", pad_color=mean_colour(processor.image_processor),
-                        stops=tuple(stop_strings(turn_pieces(processor, info), processor.tokenizer)))
+                        image_aspect=spec.image_aspect, pad_color=mean_colour(processor.image_processor),
+                        stops=tuple(stop_strings(turn_pieces(processor, spec), processor.tokenizer)))
 
 
 def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant: str = options.EXPORT_QUANTS[0], text_only: bool = False, force: bool = False,
@@ -89,16 +88,17 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
     kind = folder_kind(source)
     inputs = [source]
     if kind == "adapter":
-        info = adapter_info(source)  # a missing or changed base fails here, before anything is written
-        inputs.append(info["base"])
-        family = family_of(info["base"])
+        adapter = adapter_info(source)  # a missing or changed base fails here, before anything is written
+        base = adapter.base
+        inputs.append(base.path)
     else:
-        family = family_of(source)
+        base = Base.open(source)
+    family = base.family
     if family.gguf is None:
         raise KitError(f"{source}: {family.label} checkpoints are not exported to GGUF by kit; llama.cpp export covers "
                        "the llava family (LLaVA-1.5 layout: CLIP or SigLIP tower, MLP projector, Llama/Mistral/Qwen2 LLM)")
     if not text_only:
-        check_exportable(AutoConfig.from_pretrained(inputs[-1]), family)  # the base's config: a merge does not change it
+        check_exportable(model_config(base), family)  # the base's config: a merge does not change it
     check_out(out, force, inputs)
     name = source.resolve().name
 
@@ -106,11 +106,14 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
         model_dir = source
         if kind == "adapter":
             model_dir = tmp / "merged"
-            merge(source, model_dir, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, echo=echo)
-        model = load_model(model_dir, torch.float32).eval()
-        processor = load_processor(model_dir)
-        card = Card.read(model_dir) or Card(kind="model")
-        info = prompting(card, None, model_dir)
+            merged = merge_adapter(adapter, model_dir, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, echo=echo)
+            model, processor, card = merged.model, merged.processor, merged.card
+            del merged
+        else:
+            model = load_model(base, torch.float32).eval()
+            processor = load_processor(source)
+            card = base.card or Card(kind="model")
+        spec = PromptSpec.of_card(card, processor, family, base.image_aspect)
 
         llm_file = f"{name}-{quant}.gguf"
         f16_file = tmp / f"{name}-f16.gguf"
@@ -118,7 +121,7 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
         echo(f"writing {llm_file} (LLM)")
         with torch.no_grad():
             text = write_text(model, family, model_dir, f16_file if quant == "q4_k_m" else tmp / llm_file, quant, name,
-                              chat_template_of(processor, info))
+                              spec.chat_template)
         if quant == "q4_k_m":
             quantize_with_llama_cpp(f16_file, tmp / llm_file, quant)
             f16_file.unlink()
@@ -131,10 +134,10 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
                 vision = write_mmproj(model, family, processor.image_processor, tmp / mmproj_file, name)
             written[mmproj_file] = size_of(tmp / mmproj_file)
         del model
-        (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, info), encoding="utf-8")
-        prompt = export_prompt(processor, info)
+        (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, spec), encoding="utf-8")
+        prompt = export_prompt(processor, spec)
         export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
-                       "image_aspect": info.get("image_aspect"), "template": template_of(processor, info),
+                       "image_aspect": spec.image_aspect, "template": spec.template,
                        "prompt": prompt.to_json()}
         extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
         if eval_data is not None:
@@ -149,7 +152,7 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
         for note in text["notes"]:
             echo(f"note: {note}")
         Card.new("export", made_by="kit export", recipe=card.recipe, notes=text["notes"], **extra).write(tmp)
-        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, info, extra.get("evaluation")),
+        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, spec, extra.get("evaluation")),
                                        encoding="utf-8")
     for f, size in written.items():
         echo(f"  {f}: {size}")

@@ -20,18 +20,20 @@ same BitsAndBytesConfig as training (kit.base.load.quantization_config) to repro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from kit.base.family import family_of
-from kit.base.load import ADAPTER_CONFIG, adapter_base, image_aspect_of, load_base, load_processor
+from kit.base.folder import ADAPTER_CONFIG, AdapterInfo, Base
+from kit.base.load import load_base, load_processor
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import read_json
 from kit.core.precision import compute_dtype, default_device
+from kit.data.prompt_spec import PromptSpec
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
@@ -56,23 +58,13 @@ def folder_kind(path: Path) -> str:
     raise KitError(f"{path} is neither a model folder (config.json) nor an adapter folder ({ADAPTER_CONFIG}){hint}")
 
 
-def processor_for(path: Path, base: Path | None):
+def processor_for(path: Path, base: Base | Path | None):
     """The processor saved with `path`, else its base's."""
     if any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
         return load_processor(path)
     if base is None:
         raise KitError(f"{path}: no processor files (processor_config.json); the folder is incomplete")
     return load_processor(base)
-
-
-def prompting(card: Card, base: Path | None, model_dir: Path | None = None) -> dict[str, Any]:
-    """How the model was prompted in training: template, system prompt, image aspect, and its
-    family's prompt style (chat template, or PaliGemma's prefix layout)."""
-    fmt = card.prompt_format()
-    aspect = fmt.image_aspect or (image_aspect_of(base) if base is not None else "pad")
-    family = family_of(base if base is not None else model_dir)
-    return {"template": fmt.template, "system_prompt": fmt.system_prompt, "image_aspect": aspect,
-            "prompt_style": family.prompt, "family": family.name}
 
 
 def base_form(quantization: str, device: torch.device) -> str:
@@ -84,30 +76,50 @@ NF4_ON_CPU_NOTE = ("trained against a 4-bit (nf4) base; without CUDA the base is
                    "so answers can differ slightly from the trained model's")
 
 
-def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=None) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, processor, info) from a full model folder or a PEFT adapter folder.
+@dataclass
+class Loaded:
+    """A model ready to answer, and everything known about how to prompt it.
 
-    info: kind ('model' | 'adapter'), path, base (adapter only), quantization ('none' | 'nf4'),
-    template / system_prompt / image_aspect (how training prompted it; None where unknown), notes
-    (things the caller should tell the user), card (a kit.core.cards.Card).
-    Raises KitError for a folder that is neither, a missing base, or a base whose fingerprint differs.
-    """
+    kind: 'model' (a full model folder) or 'adapter' (a PEFT adapter on `base`); `base` is the
+    adapter's base, or the model folder itself. quantization: 'none' | 'nf4' (how the adapter was
+    trained). notes: things the caller should tell the user."""
+
+    model: Any
+    processor: Any
+    spec: PromptSpec
+    card: Card
+    kind: str
+    path: Path
+    base: Base
+    quantization: str = "none"
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_path(self) -> Path | None:
+        """The adapter's base folder; None for a full model."""
+        return self.base.path if self.kind == "adapter" else None
+
+
+def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=None) -> Loaded:
+    """The model in eval mode from a full model folder or a PEFT adapter folder, with how training
+    prompted it. Raises KitError for a folder that is neither, a missing base, or a base whose
+    fingerprint differs."""
     path = Path(path)
     kind = folder_kind(path)
     notes: list[str] = []
     dev = default_device(device)
     if kind == "model":
-        card = Card.read(path) or Card(kind="model")
-        model = load_base(path, dtype, "full", dev)
+        base = Base.open(path)
+        card = base.card or Card(kind="model")
+        model = load_base(base, dtype, "full", dev)
         processor = processor_for(path, None)
-        info = {"kind": "model", "path": str(path), "base": None, "quantization": "none"}
-        settings = prompting(card, path, path)
+        quant = "none"
     else:
-        base, _, card = adapter_base(path)
-        if card is None:
+        adapter = AdapterInfo.open(path)
+        base, card, quant = adapter.base, adapter.card, adapter.quantization
+        if not adapter.has_card:
             notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
-            card = Card(kind="adapter")
-        quant = card.quantization
         form = base_form(quant, dev)
         if quant == "nf4" and form == "full":
             notes.append(f"this adapter was {NF4_ON_CPU_NOTE}")
@@ -115,14 +127,9 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
         model = load_base(base, compute_dtype(card.precision) if form == "nf4" else dtype, form, dev)
         model = PeftModel.from_pretrained(model, str(path))
         processor = processor_for(path, base)
-        info = {"kind": "adapter", "path": str(path), "base": str(base), "quantization": quant}
-        settings = prompting(card, base, path)
     model.eval()
-    info.update(settings)
-    info["notes"] = notes
-    info["card"] = card
-    info["device"] = str(dev)
-    return model, processor, info
+    spec = PromptSpec.of_card(card, processor, base.family, base.image_aspect)
+    return Loaded(model, processor, spec, card, kind, path, base, quant, str(dev), notes)
 
 
 def describe_folder(path: Path) -> dict[str, Any]:

@@ -8,55 +8,27 @@ from __future__ import annotations
 from typing import Any
 
 from kit.core.errors import KitError
-from kit.core.templates import IMAGE_TOKEN, PREFIX, VICUNA_TEMPLATE, prefix_prompt
+from kit.core.templates import IMAGE_TOKEN, PREFIX, prefix_prompt
 from kit.data.processing import processing_for
+from kit.data.prompt_spec import PromptSpec
 from kit.infer.images import fit_image
 
 
-def _is_vicuna(processor, info: dict[str, Any]) -> bool:
-    if info.get("template") == "vicuna_v1":
-        return True
-    return not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None)
-
-
-def template_of(processor, info: dict[str, Any]) -> str:
-    """The template a model's prompts are rendered and tokenized with (plain, vicuna_v1, chat, or
-    the prefix layout of a family without chat templates)."""
-    if info.get("template") == "plain":
-        return "plain"
-    if info.get("prompt_style") == "prefix":
-        return PREFIX
-    return "vicuna_v1" if _is_vicuna(processor, info) else "chat"
-
-
-def chat_template_of(processor, info: dict[str, Any]) -> str | None:
-    """The Jinja chat template a model's conversations are rendered with (None for the plain and
-    prefix layouts, which have none)."""
-    template = template_of(processor, info)
-    if template == "vicuna_v1":
-        return VICUNA_TEMPLATE
-    if template == "chat":
-        return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    return None
-
-
-def build_prompt(processor, messages: list[dict[str, Any]], info: dict[str, Any]) -> str:
+def build_prompt(processor, messages: list[dict[str, Any]], spec: PromptSpec) -> str:
     """The prompt text for a conversation, ending where the assistant's next answer starts.
 
     messages: [{"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text": ...},
-    {"type": "image"}]}]. info: template / system_prompt as kit.infer.load.load_for_inference gives them;
-    the card's system prompt is used unless the conversation starts with its own. A 'plain'
-    (stage-1, caption-only) model sees only one image token: it was never shown questions.
+    {"type": "image"}]}]. The spec's system prompt is used unless the conversation starts with its
+    own. A 'plain' (stage-1, caption-only) model sees only one image token: it was never shown questions.
     """
-    if info.get("template") == "plain":
+    if spec.template == "plain":
         return getattr(processor, "image_token", None) or IMAGE_TOKEN
-    if info.get("prompt_style") == "prefix":
+    if spec.template == PREFIX:
         return _prefix_prompt(processor, messages)
     messages = list(messages)
-    if info.get("system_prompt") and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": info["system_prompt"]})
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                         chat_template=chat_template_of(processor, info))
+    if spec.system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=spec.chat_template)
 
 
 def _prefix_prompt(processor, messages: list[dict[str, Any]]) -> str:
@@ -82,19 +54,18 @@ def encode(processor, prompts: list[str], images: list, template: str = "chat") 
     return processing_for(processor, template).prompt_inputs(prompts, images)
 
 
-def prepare(processor, info: dict[str, Any], messages: list[dict[str, Any]], images: list) -> dict[str, Any]:
+def prepare(processor, spec: PromptSpec, messages: list[dict[str, Any]], images: list) -> dict[str, Any]:
     """Model inputs (on CPU) for one conversation; `images` are PIL images in the order of the image parts.
 
     Raises KitError when the image parts and images disagree, or a 'plain' model gets no image.
     """
     if count_images(messages) != len(images):
         raise KitError(f"the conversation has {count_images(messages)} image parts but {len(images)} images were given")
-    if info.get("template") == "plain":
+    if spec.template == "plain":
         if not images:
             raise KitError("this model was trained with the 'plain' (caption-only) template: send an image to caption")
         images = images[-1:]
-    if info.get("prompt_style") == "prefix" and not images:
+    if spec.template == PREFIX and not images:
         raise KitError("this model's prompt format (an image, then a question) needs an image: attach one")
-    aspect = info.get("image_aspect") or "pad"
-    fitted = [fit_image(im, aspect, processor.image_processor) for im in images]
-    return encode(processor, [build_prompt(processor, messages, info)], fitted, template_of(processor, info))
+    fitted = [fit_image(im, spec.image_aspect, processor.image_processor) for im in images]
+    return encode(processor, [build_prompt(processor, messages, spec)], fitted, spec.template)

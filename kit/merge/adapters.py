@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kit.base.folder import AdapterInfo
 from kit.core import options
-from kit.core.cards import Card, describe_source, hash_files
+from kit.core.cards import CARD_NAME, describe_source, hash_files
 from kit.core.errors import KitError
-from kit.core.cards import CARD_NAME
-from kit.core.files import read_json
-from kit.core.precision import compute_dtype
-from kit.base.load import ADAPTER_CONFIG, adapter_base
 from kit.infer.load import folder_kind
 
 PRECISIONS = options.MERGE_PRECISIONS
@@ -35,8 +32,8 @@ def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
                            "output folders: choose another folder")
 
 
-def adapter_info(path: Path) -> dict[str, Any]:
-    """base, fingerprint, card, quantization, train dtype and peft config of an adapter folder.
+def adapter_info(path: Path) -> AdapterInfo:
+    """An adapter folder as a merge input (kit.base.folder.AdapterInfo), its weights file present.
 
     Raises KitError for a folder that is not an adapter, a missing/changed base, or broken files.
     """
@@ -45,23 +42,11 @@ def adapter_info(path: Path) -> dict[str, Any]:
         raise KitError(f"{path} is a full model, not an adapter; there is nothing to merge")
     if not any(path.glob("adapter_model.*")):
         raise KitError(f"adapter {path}: no adapter_model.safetensors; the folder is incomplete (copy it again from the run's output)")
-    config = read_json(path / ADAPTER_CONFIG, "adapter config", fix="restore the file")
-    base, fingerprint, card = adapter_base(path)
-    card = card or Card(kind="adapter")
-    return {
-        "path": path,
-        "base": base,
-        "fingerprint": fingerprint or describe_source(base)["fingerprint"],
-        "card": card,
-        "quantization": card.quantization,
-        "dtype": compute_dtype(card.precision),
-        "config": config,
-    }
+    return AdapterInfo.open(path)
 
 
-def source_entry(info: dict[str, Any]) -> dict[str, Any]:
+def source_entry(info: AdapterInfo) -> dict[str, Any]:
     """How a card names an input adapter: path, fingerprint, file hash, how it was trained."""
-    files = [p for p in Path(info["path"]).iterdir() if p.name.startswith("adapter_") and p.is_file()]
-    card: Card = info["card"]
-    return {**describe_source(info["path"]), "sha256": hash_files(files), "recipe": card.recipe.name if card.recipe else None,
-            "quantization": info["quantization"], "steps": card.steps}
+    files = [p for p in info.path.iterdir() if p.name.startswith("adapter_") and p.is_file()]
+    return {**describe_source(info.path), "sha256": hash_files(files), "recipe": info.card.recipe.name if info.card.recipe else None,
+            "quantization": info.quantization, "steps": info.card.steps}

@@ -38,15 +38,15 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.merge_utils import dare_linear, ties
 
-from kit.core import options
+from kit.base.folder import AdapterInfo, Base
 from kit.base.load import load_base
-from kit.core.cards import Card, describe_source
+from kit.core import options
+from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.files import staged_folder
 from kit.core.precision import dtype_name
 from kit.infer.load import processor_for
 from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
-from kit.merge.verify import check_drift, describe_numbers, logit_drift, logits_of, verification_inputs
+from kit.merge.verify import Reference, logit_drift, logits_of, verification_inputs, write_verified
 
 METHODS = options.MERGE_METHODS
 
@@ -75,7 +75,7 @@ class Delta:
 # ------------------------------------------------------------------------------------ checking
 
 
-def check_inputs(infos: list[dict[str, Any]], weights: list[float] | None, method: str, rank: int | None,
+def check_inputs(infos: list[AdapterInfo], weights: list[float] | None, *, method: str, rank: int | None,
                  as_adapter: bool, density: float, base_precision: str) -> list[float]:
     """The weights to use (default: equal, summing to 1). Raises one KitError listing every problem."""
     n = len(infos)
@@ -99,17 +99,17 @@ def check_inputs(infos: list[dict[str, Any]], weights: list[float] | None, metho
         problems.append(f"--weights {w}: every weight must be a finite number")
     elif sum(w) <= 0:
         problems.append(f"--weights {w} sum to {sum(w):g}; they must sum to a positive number (e.g. 0.6,0.4)")
-    elif any(x < 0 for x in w) and any(i["config"].get("modules_to_save") for i in infos):
+    elif any(x < 0 for x in w) and any(i.config.get("modules_to_save") for i in infos):
         problems.append(f"--weights {w}: negative weights cannot mix the projector the adapters save (a convex mix); use weights >= 0")
     first = infos[0]
     for info in infos[1:]:
-        if info["fingerprint"] != first["fingerprint"]:
+        if info.fingerprint != first.fingerprint:
             problems.append(
-                f"adapter {info['path']} was trained on base {info['base']} (fingerprint {info['fingerprint']}) but "
-                f"{first['path']} on {first['base']} ({first['fingerprint']}); merge only adapters of one base"
+                f"adapter {info.path} was trained on base {info.base.path} (fingerprint {info.fingerprint}) but "
+                f"{first.path} on {first.base.path} ({first.fingerprint}); merge only adapters of one base"
             )
     for info in infos:
-        cfg, where = info["config"], info["path"] / "adapter_config.json"
+        cfg, where = info.config, info.path / "adapter_config.json"
         if cfg.get("peft_type") != "LORA":
             problems.append(f"{where}: peft_type {cfg.get('peft_type')}; only LoRA adapters can be merged")
         for key, why in (("use_dora", "DoRA's magnitude vectors are not a ΔW"), ("fan_in_fan_out", "transposed (Conv1D) layers"),
@@ -125,7 +125,7 @@ def check_inputs(infos: list[dict[str, Any]], weights: list[float] | None, metho
 # ---------------------------------------------------------------------------------- extraction
 
 
-def extract(model, infos: list[dict[str, Any]]):
+def extract(model, infos: list[AdapterInfo]):
     """Load every adapter onto `model` with PEFT, read each one's scaled factors and saved modules,
     and give the model back unchanged.
 
@@ -133,9 +133,9 @@ def extract(model, infos: list[dict[str, Any]]):
     saved {module: [state dict or None per adapter]}, originals {module: base state dict}).
     """
     names = [f"a{i}" for i in range(len(infos))]
-    pm = PeftModel.from_pretrained(model, str(infos[0]["path"]), adapter_name=names[0])
+    pm = PeftModel.from_pretrained(model, str(infos[0].path), adapter_name=names[0])
     for name, info in zip(names[1:], infos[1:]):
-        pm.load_adapter(str(info["path"]), adapter_name=name)
+        pm.load_adapter(str(info.path), adapter_name=name)
     factors: dict[str, list] = {}
     saved: dict[str, list] = {}
     originals: dict[str, dict] = {}
@@ -236,7 +236,7 @@ def hooked(model, targets: dict[str, Delta]):
     return handles
 
 
-def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None, method: str = "linear",
+def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None, *, method: str = "linear",
                    rank: int | None = None, as_adapter: bool = False, density: float = 0.5, seed: int = 0,
                    base_precision: str = "dequantized", tolerance: float = 0.5, force: bool = False, echo=print) -> Path:
     """Combine adapters of one base; write a full model (or with `as_adapter` a rank-`rank` PEFT
@@ -247,20 +247,20 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     or an output whose logits drift past `tolerance` from the unmerged combination.
     """
     infos = [adapter_info(Path(a)) for a in adapters]
-    w = check_inputs(infos, weights, method, rank, as_adapter, density, base_precision)
+    w = check_inputs(infos, weights, method=method, rank=rank, as_adapter=as_adapter, density=density, base_precision=base_precision)
     if not tolerance >= 0:
         raise KitError(f"--tolerance {tolerance}: give a number >= 0 (max |Δlogit|)")
-    base = infos[0]["base"]
-    check_out(out, force, [i["path"] for i in infos] + [base])
+    base = infos[0].base
+    check_out(out, force, [i.path for i in infos] + [base.path])
     notes = []
-    quants = {i["quantization"] for i in infos}
+    quants = {i.quantization for i in infos}
     form = "dequantized" if base_precision == "dequantized" and "nf4" in quants else "full"
     if len(quants) > 1:
         notes.append(f"adapters were trained on differently quantized bases ({', '.join(sorted(quants))}); merging into {form} weights")
-    dtypes = {i["dtype"] for i in infos}
+    dtypes = {i.dtype for i in infos}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    processor = processor_for(infos[0]["path"], base)
-    inputs, samples = verification_inputs(processor, infos[0]["card"], base)
+    processor = processor_for(infos[0].path, base)
+    inputs, samples = verification_inputs(processor, infos[0].card, base)
 
     model, factors, saved, originals = extract(load_base(base, dtype, form), infos)
     target_sets = [{m for m, es in factors.items() if any(i == j for i, _, _ in es)} for j in range(len(infos))]
@@ -268,8 +268,53 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         notes.append(f"the adapters target different modules: the union ({len(factors)}) is merged, each adapter adding nothing where it has no LoRA")
     for note in notes:
         echo(f"note: {note}")
+    targets, deviation, truncation = combine_all(factors, w, method=method, density=density, rank=rank, seed=seed)
+    projector = combine_saved(saved, originals, w)
+    ref_logits, effect = combined_reference(model, inputs, projector, targets)
+    ref_name = "the base plus the combined ΔW applied unmerged" + (
+        f" (truncated to rank {rank})" if rank else " (exact Σ w_i ΔW_i)" if method == "linear" else "")
+    what = f"{len(infos)} adapters ({method}, weights {', '.join(f'{x:g}' for x in w)}{f', rank {rank}' if rank else ''})"
+    echo(f"merging {what} of base {base.path} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
+    if truncation:
+        echo(f"rank-{rank} truncation: relative Frobenius error max {max(truncation.values()):.3g} over {len(truncation)} modules")
+    if deviation:
+        echo(f"{method} vs the exact weighted sum: relative Frobenius deviation max {max(deviation.values()):.3g}")
+    pending = [model]
+    del model
 
-    # Combine module by module (sorted, so dare's seeded draws do not depend on load order).
+    def save(folder: Path) -> torch.Tensor:
+        model = pending.pop()
+        if as_adapter:
+            restore(model, originals)
+            model = write_adapter(model, targets, projector, rank, base.path, folder)
+            return logits_of(PeftModel.from_pretrained(model, str(folder)).eval(), inputs)
+        with torch.no_grad():
+            for mname, d in targets.items():
+                weight = model.get_submodule(mname).weight
+                weight.copy_((weight.float() + d.dense().to(weight.device)).to(weight.dtype))
+        model.save_pretrained(folder)
+        del model  # one model in memory at a time: the merged one goes before the reload
+        return logits_of(load_base(folder, dtype, "full"), inputs)
+
+    merge = {
+        "method": method, "weights": w, "saved_module_weights": [x / sum(w) for x in w], "rank": rank,
+        "density": density if method in ("ties", "dare") else None, "seed": seed if method == "dare" else None,
+        "base_precision": form, "dtype": dtype_name(dtype), "target_modules": len(targets),
+        "saved_modules": sorted(projector),
+        "adapters": [source_entry(i) for i in infos],
+        "truncation": _summary(truncation) if truncation else None,
+        "deviation_from_linear": _summary(deviation) if deviation else None,
+    }
+    reference = Reference(ref_logits, ref_name, samples, effect, "combination_effect_max_abs_logit", "the combination moves logits by up to")
+    return write_verified(out, save, processor, reference, tolerance,
+                          lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
+                          echo=echo)
+
+
+def combine_all(factors: dict[str, list], w: list[float], *, method: str, density: float, rank: int | None,
+                seed: int) -> tuple[dict[str, Delta], dict[str, float], dict[str, float]]:
+    """(combined ΔW per module, relative deviation of ties/dare from the exact sum, relative rank
+    truncation error), module by module in sorted order so dare's seeded draws do not depend on load order."""
     targets: dict[str, Delta] = {}
     deviation: dict[str, float] = {}
     truncation: dict[str, float] = {}
@@ -284,8 +329,14 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
             if method != "linear":
                 deviation[mname] = relative_deviation(d.dense(), exact)
             targets[mname] = d
-    projector = combine_saved(saved, originals, w)
+    return targets, deviation, truncation
 
+
+def combined_reference(model, inputs: dict[str, torch.Tensor], projector: dict[str, dict],
+                       targets: dict[str, Delta]) -> tuple[torch.Tensor, float]:
+    """The reference logits (the base with the combined projector and each ΔW applied unmerged by
+    forward hooks) and how far that combination moves the base's logits. `model` keeps the
+    combined projector."""
     dev = next(model.parameters()).device
     base_logits = logits_of(model, inputs)
     restore(model, projector)
@@ -293,43 +344,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     ref_logits = logits_of(model, inputs)
     for h in handles:
         h.remove()
-    effect = logit_drift(ref_logits, base_logits)["max_abs_logit_diff"]
-    ref_name = "the base plus the combined ΔW applied unmerged" + (
-        f" (truncated to rank {rank})" if rank else " (exact Σ w_i ΔW_i)" if method == "linear" else "")
-    what = f"{len(infos)} adapters ({method}, weights {', '.join(f'{x:g}' for x in w)}{f', rank {rank}' if rank else ''})"
-    echo(f"merging {what} of base {base} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
-    if truncation:
-        echo(f"rank-{rank} truncation: relative Frobenius error max {max(truncation.values()):.3g} over {len(truncation)} modules")
-    if deviation:
-        echo(f"{method} vs the exact weighted sum: relative Frobenius deviation max {max(deviation.values()):.3g}")
-
-    with staged_folder(out, replace=True) as tmp:
-        if as_adapter:
-            restore(model, originals)
-            model = write_adapter(model, targets, projector, rank, base, tmp)
-            got = logits_of(PeftModel.from_pretrained(model, str(tmp)).eval(), inputs)
-        else:
-            with torch.no_grad():
-                for mname, d in targets.items():
-                    weight = model.get_submodule(mname).weight
-                    weight.copy_((weight.float() + d.dense().to(weight.device)).to(weight.dtype))
-            model.save_pretrained(tmp)
-            del model
-            got = logits_of(load_base(tmp, dtype, "full"), inputs)
-        processor.save_pretrained(tmp)
-        numbers = logit_drift(ref_logits, got)
-        echo(f"verify: {describe_numbers(numbers)} vs {ref_name}; the combination moves logits by up to {effect:.3g}")
-        check_drift(numbers, tolerance, ref_name)
-        _card(infos, as_adapter, base, form, dtype, {
-            "method": method, "weights": w, "saved_module_weights": [x / sum(w) for x in w], "rank": rank,
-            "density": density if method in ("ties", "dare") else None, "seed": seed if method == "dare" else None,
-            "base_precision": form, "dtype": dtype_name(dtype), "target_modules": len(targets),
-            "saved_modules": sorted(projector),
-            "adapters": [source_entry(i) for i in infos],
-            "truncation": _summary(truncation) if truncation else None,
-            "deviation_from_linear": _summary(deviation) if deviation else None,
-        }, {"reference": ref_name, "samples": samples, "tolerance": tolerance, "combination_effect_max_abs_logit": effect, **numbers}, notes).write(tmp)
-    return Path(out)
+    return ref_logits, logit_drift(ref_logits, base_logits)["max_abs_logit_diff"]
 
 
 def write_adapter(model, targets: dict[str, Delta], projector: dict[str, dict], rank: int, base: Path, folder: Path):
@@ -358,11 +373,11 @@ def _summary(per_module: dict[str, float]) -> dict[str, Any]:
     return {"max": max(per_module.values()), "mean": sum(per_module.values()) / len(per_module), "per_module": per_module}
 
 
-def _card(infos, as_adapter: bool, base: Path, form: str, dtype, merge: dict, verification: dict, notes: list[str]) -> Card:
-    recipe = infos[0]["card"].recipe
+def _card(infos: list[AdapterInfo], as_adapter: bool, base: Base, *, merge: dict, verification: dict, notes: list[str]) -> Card:
+    recipe = infos[0].card.recipe
     if recipe is not None:
         # How kit loads the result: an adapter of nf4-trained sources is put on the 4-bit base again.
-        quantization = "nf4" if as_adapter and all(i["quantization"] == "nf4" for i in infos) else "none"
+        quantization = "nf4" if as_adapter and all(i.quantization == "nf4" for i in infos) else "none"
         recipe = recipe.model_copy(update={"quantization": quantization})
-    return Card.new("adapter" if as_adapter else "model", made_by="kit merge", base=describe_source(base),
+    return Card.new("adapter" if as_adapter else "model", made_by="kit merge", base=base.source(),
                     recipe=recipe, merge=merge, verification=verification, notes=notes)

@@ -33,5 +33,6 @@ def run(adapters: list[Path], out: Path, *, weights: list[str] | None = None, me
     if len(adapters) == 1:
         if parsed is not None or method != "linear" or rank is not None or as_adapter:
             raise KitError("--weights, --method, --rank and --as-adapter combine several adapters; give two or more adapter folders")
-        return merge(adapters[0], out, base_precision, tol, force, echo)
-    return merge_adapters(adapters, out, parsed, method, rank, as_adapter, density, seed, base_precision, tol, force, echo)
+        return merge(adapters[0], out, base_precision=base_precision, tolerance=tol, force=force, echo=echo)
+    return merge_adapters(adapters, out, parsed, method=method, rank=rank, as_adapter=as_adapter, density=density, seed=seed,
+                          base_precision=base_precision, tolerance=tol, force=force, echo=echo)

@@ -15,19 +15,31 @@ Several adapters: kit.merge.multi.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 
-from kit.core import options
 from kit.base.load import load_base
-from kit.core.cards import Card, describe_source
+from kit.core import options
+from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.files import staged_folder
 from kit.core.precision import dtype_name
 from kit.infer.load import processor_for
-from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
-from kit.merge.verify import DEFAULT_TOLERANCE, check_drift, describe_numbers, logit_drift, logits_of, verification_inputs
+from kit.merge.adapters import PRECISIONS, AdapterInfo, adapter_info, check_out, source_entry
+from kit.merge.verify import DEFAULT_TOLERANCE, Reference, logit_drift, logits_of, verification_inputs, write_verified
+
+
+@dataclass
+class Merged:
+    """A verified merge at `path`: the model as loaded back from it (for callers that go on with
+    it, as kit export does), its processor and card."""
+
+    path: Path
+    model: Any
+    processor: Any
+    card: Card
 
 
 def merge(adapter: Path, out: Path, base_precision: str = options.MERGE_PRECISIONS[0], tolerance: float = DEFAULT_TOLERANCE,
@@ -37,54 +49,67 @@ def merge(adapter: Path, out: Path, base_precision: str = options.MERGE_PRECISIO
     Raises KitError for a folder that is not an adapter, a missing or changed base, an `out` that
     exists (without `force`), or a merge whose logits drift past `tolerance` from the adapter model.
     """
+    check_options(base_precision, tolerance)
+    info = adapter_info(Path(adapter))
+    check_out(out, force, [info.path, info.base.path])
+    return merge_adapter(info, out, base_precision=base_precision, tolerance=tolerance, echo=echo).path
+
+
+def check_options(base_precision: str, tolerance: float) -> None:
     if base_precision not in PRECISIONS:
         raise KitError(f"--base-precision {base_precision}: choose {' or '.join(PRECISIONS)}")
     if not tolerance >= 0:
         raise KitError(f"--tolerance {tolerance}: give a number >= 0 (max |Δlogit|)")
-    info = adapter_info(Path(adapter))
-    check_out(out, force, [info["path"], info["base"]])
 
-    base, dtype, quantized = info["base"], info["dtype"], info["quantization"] == "nf4"
+
+def merge_adapter(info: AdapterInfo, out: Path, *, base_precision: str = options.MERGE_PRECISIONS[0],
+                  tolerance: float = DEFAULT_TOLERANCE, echo=print) -> Merged:
+    """merge() for an adapter already opened, `out` already checked."""
+    check_options(base_precision, tolerance)
+    base, dtype, quantized = info.base, info.dtype, info.quantization == "nf4"
     notes = []
     if not quantized and base_precision == "dequantized":
         notes.append("the adapter was not trained on a quantized base: dequantized and full are the same merge")
     precision = base_precision if quantized else "full"
-    processor = processor_for(info["path"], base)
-    inputs, samples = verification_inputs(processor, info["card"], base)
+    processor = processor_for(info.path, base)
+    inputs, samples = verification_inputs(processor, info.card, base)
 
     # The reference is the model as trained: the adapter unmerged on the base it saw (4-bit for QLoRA).
-    reference = PeftModel.from_pretrained(load_base(base, dtype, "nf4" if quantized else "full"), str(info["path"])).eval()
+    reference = PeftModel.from_pretrained(load_base(base, dtype, "nf4" if quantized else "full"), str(info.path)).eval()
     ref_logits = logits_of(reference, inputs)
     with reference.disable_adapter():
         effect = logit_drift(ref_logits, logits_of(reference, inputs))["max_abs_logit_diff"]
     ref_name = "the adapter on the 4-bit nf4 base it was trained on" if quantized else "the unmerged adapter on its base"
     if quantized:
         del reference
-        reference = PeftModel.from_pretrained(load_base(base, dtype, precision), str(info["path"]))
-    merged = reference.merge_and_unload()
+        reference = PeftModel.from_pretrained(load_base(base, dtype, precision), str(info.path))
+    pending = [reference.merge_and_unload()]
     del reference
     for note in notes:
         echo(f"note: {note}")
-    echo(f"merging {info['path']} into {base} ({'dequantized nf4' if precision == 'dequantized' else 'full-precision'} weights, {dtype_name(dtype)})")
+    echo(f"merging {info.path} into {base.path} ({'dequantized nf4' if precision == 'dequantized' else 'full-precision'} weights, {dtype_name(dtype)})")
+    loaded_back = []
 
-    with staged_folder(out, replace=True) as tmp:
-        merged.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        del merged
-        numbers = logit_drift(ref_logits, logits_of(load_base(tmp, dtype, "full"), inputs))
-        echo(f"verify: {describe_numbers(numbers)} vs {ref_name}; the adapter itself moves logits by up to {effect:.3g}")
-        hint = "; --base-precision dequantized merges into the weights the adapter was trained against" if quantized and precision == "full" else ""
-        check_drift(numbers, tolerance, ref_name, hint)
-        recipe = info["card"].recipe
-        if recipe is not None:
-            # The merged model is plain weights; the source's quantization is under merge.adapters.
-            recipe = recipe.model_copy(update={"quantization": "none"})
-        Card.new(
-            "model", made_by="kit merge", base=describe_source(base), recipe=recipe,
-            merge={"method": "single", "adapters": [source_entry(info)], "base_precision": precision,
-                   "dtype": dtype_name(dtype)},
-            verification={"reference": ref_name, "samples": samples, "tolerance": tolerance,
-                          "adapter_effect_max_abs_logit": effect, **numbers},
-            notes=notes,
-        ).write(tmp)
-    return Path(out)
+    def save(folder: Path):
+        pending.pop().save_pretrained(folder)  # one model in memory at a time: the merged one goes before the reload
+        loaded_back.append(load_base(folder, dtype, "full"))
+        return logits_of(loaded_back[0], inputs)
+
+    recipe = info.card.recipe
+    if recipe is not None:
+        # The merged model is plain weights; the source's quantization is under merge.adapters.
+        recipe = recipe.model_copy(update={"quantization": "none"})
+    cards = []
+
+    def card(verification: dict[str, Any]) -> Card:
+        cards.append(Card.new(
+            "model", made_by="kit merge", base=base.source(), recipe=recipe,
+            merge={"method": "single", "adapters": [source_entry(info)], "base_precision": precision, "dtype": dtype_name(dtype)},
+            verification=verification, notes=notes,
+        ))
+        return cards[0]
+
+    hint = "; --base-precision dequantized merges into the weights the adapter was trained against" if quantized and precision == "full" else ""
+    reference_of = Reference(ref_logits, ref_name, samples, effect, "adapter_effect_max_abs_logit", "the adapter itself moves logits by up to")
+    write_verified(out, save, processor, reference_of, tolerance, card, echo=echo, hint=hint)
+    return Merged(Path(out), loaded_back[0], processor, cards[0])

@@ -4,22 +4,24 @@ and how far an output's logits drift from the reference's."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kit.core import options
-from kit.base.family import family_of
-from kit.base.load import image_aspect_of
+from kit.base.folder import Base
 from kit.core.cards import Card
 from kit.core.errors import KitError
+from kit.core.files import staged_folder
 from kit.core.precision import to_model
-from kit.core.templates import IMAGE_TOKEN, TemplateError, render, template_for
+from kit.core.templates import IMAGE_TOKEN, TemplateError, render
 from kit.data.dataset import default_image_folder
 from kit.data.formats import load_samples, placement_for
 from kit.data.images import ImageProblem, prepare_image, resolve_image
-from kit.data.processing import Processing
+from kit.data.prompt_spec import PromptSpec
 from kit.infer.prompts import encode
 from kit.ingest.shapes import caption, draw_scene
 
@@ -32,15 +34,6 @@ _DRAWN_PROMPT = "Describe the image briefly."
 
 
 # -------------------------------------------------------------------------------- verification
-
-
-def _settings(card: Card, base: Path, processor) -> tuple[str, str | None, str]:
-    """(template, system prompt, image aspect) the adapter was trained with."""
-    fmt = card.prompt_format()
-    has_chat = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    prompt_style = family_of(base).prompt
-    template = template_for(fmt.template or ("chat" if has_chat or prompt_style == "prefix" else "vicuna_v1"), prompt_style)
-    return template, fmt.system_prompt, fmt.image_aspect or image_aspect_of(base)
 
 
 def _data_samples(card: Card, template: str, aspect: str, image_processor, n: int) -> list[tuple[Any, list[tuple[str, str]]]]:
@@ -64,12 +57,13 @@ def _data_samples(card: Card, template: str, aspect: str, image_processor, n: in
     return out
 
 
-def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -> tuple[dict[str, torch.Tensor], str]:
+def verification_inputs(processor, card: Card, base: Base | Path, n: int = N_SAMPLES) -> tuple[dict[str, torch.Tensor], str]:
     """A fixed batch of n image + conversation samples in the training format, and where they came
     from: the adapter's training data when its files are still there, else drawn shapes (seeded)."""
-    template, system, aspect = _settings(card, base, processor)
-    placeholder = Processing(processor, template).placeholder
-    samples = _data_samples(card, template, aspect, processor.image_processor, n)
+    base = Base.of(base)
+    spec = PromptSpec.of_card(card, processor, base.family, base.image_aspect)
+    template = spec.template
+    samples = _data_samples(card, template, spec.image_aspect, processor.image_processor, n)
     source = f"{len(samples)} samples of {card.data.path}" if samples else ""
     if len(samples) < n:
         rng = random.Random(0)
@@ -83,8 +77,8 @@ def verification_inputs(processor, card: Card, base: Path, n: int = N_SAMPLES) -
     texts = []
     for _, turns in samples:
         try:
-            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, system, getattr(processor, "chat_template", None),
-                                placeholder).text)
+            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, spec.system_prompt, spec.chat_template,
+                                spec.placeholder).text)
         except TemplateError as e:
             raise KitError(f"cannot render verification samples with template '{template}': {e}") from None
     return encode(processor, texts, [img for img, _ in samples], template), f"{source} ({template} template)"
@@ -120,3 +114,37 @@ def check_drift(numbers: dict[str, float], tolerance: float, reference: str, hin
 def describe_numbers(numbers: dict[str, float]) -> str:
     return (f"max |Δlogit| {numbers['max_abs_logit_diff']:.3g} (mean {numbers['mean_abs_logit_diff']:.2g}), "
             f"argmax agreement {numbers['argmax_agreement']:.3f} over {numbers['positions']} positions")
+
+
+# ------------------------------------------------------------------------------ verified write
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a merge's output must match: the reference's logits on the verification batch, what
+    the reference is (for messages and the card), where the batch came from, and how far the merged
+    thing itself moves the base's logits (`effect`, recorded under `effect_key`)."""
+
+    logits: torch.Tensor
+    name: str
+    samples: str
+    effect: float
+    effect_key: str
+    effect_words: str
+
+
+def write_verified(out: Path, save: Callable[[Path], torch.Tensor], processor, reference: Reference, tolerance: float,
+                   card: Callable[[dict[str, Any]], Card], echo=print, hint: str = "") -> Path:
+    """The one way a merge's output becomes visible: `save(folder)` writes the weights into a staged
+    folder beside `out` and returns the logits of what it wrote, loaded back; the processor goes
+    beside them; past `tolerance` from `reference` a KitError leaves nothing at `out`; else the card
+    made by `card(verification record)` is written and the folder renamed into place."""
+    with staged_folder(out, replace=True) as tmp:
+        got = save(tmp)
+        processor.save_pretrained(tmp)
+        numbers = logit_drift(reference.logits, got)
+        echo(f"verify: {describe_numbers(numbers)} vs {reference.name}; {reference.effect_words} {reference.effect:.3g}")
+        check_drift(numbers, tolerance, reference.name, hint)
+        card({"reference": reference.name, "samples": reference.samples, "tolerance": tolerance,
+              reference.effect_key: reference.effect, **numbers}).write(tmp)
+    return Path(out)

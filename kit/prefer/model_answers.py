@@ -34,7 +34,8 @@ def messages_of(prompt: list[dict], n_images: int) -> list[dict]:
 def model_answers(model_path: Path, answers, image_folder: Path, max_new_tokens: int = MAX_NEW_TOKENS, echo=print) -> list[str]:
     """The model's greedy answer to each Answer's prompt. KitError for a folder that is not a model
     or adapter kit can load, or an image that cannot be read."""
-    model, processor, info = load_for_inference(Path(model_path))
+    loaded = load_for_inference(Path(model_path))
+    model, processor = loaded.model, loaded.processor
     tok = processor.tokenizer
     stop = stop_ids(model, tok)
     out = []
@@ -44,7 +45,7 @@ def model_answers(model_path: Path, answers, image_folder: Path, max_new_tokens:
             images = [open_rgb(Path(image_folder) / r) for r in rel]
         except ImageProblem as e:
             raise KitError(f"answer '{a.id}': {e}") from None
-        inputs = to_model(prepare(processor, info, messages_of(a.prompt, len(images)), images), model)
+        inputs = to_model(prepare(processor, loaded.spec, messages_of(a.prompt, len(images)), images), model)
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stop or None, pad_token_id=pad_id(tok, stop))

@@ -18,7 +18,7 @@ from kit.core.errors import KitError
 from kit.core.network import go_offline
 from kit.infer.generation import Generation, Sampling
 from kit.infer.images import load_image_file
-from kit.infer.load import load_for_inference
+from kit.infer.load import Loaded, load_for_inference
 from kit.infer.prompts import prepare
 
 HELP = "/image PATH attaches an image to your next message, /reset forgets the conversation, /exit quits"
@@ -27,8 +27,8 @@ HELP = "/image PATH attaches an image to your next message, /reset forgets the c
 class Conversation:
     """The turns so far and the images they carry, answered by one loaded model."""
 
-    def __init__(self, model, processor, info: dict[str, Any], sampling, system: str | None = None):
-        self.model, self.processor, self.info, self.sampling = model, processor, info, sampling
+    def __init__(self, loaded: Loaded, sampling: Sampling, system: str | None = None):
+        self.loaded, self.sampling = loaded, sampling
         # A system message of the user's own replaces the one the model was trained with.
         self.start = [{"role": "system", "content": system}] if system else []
         self.reset()
@@ -45,7 +45,8 @@ class Conversation:
         content.append({"type": "text", "text": text})
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + ([image] if image is not None else [])
-        gen = Generation(self.model, self.processor.tokenizer, prepare(self.processor, self.info, messages, images), self.sampling)
+        processor = self.loaded.processor
+        gen = Generation(self.loaded.model, processor.tokenizer, prepare(processor, self.loaded.spec, messages, images), self.sampling)
         for piece in gen:
             out.write(piece)
             out.flush()
@@ -72,12 +73,12 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
     if prompt is not None and not prompt.strip():
         raise KitError("--prompt is empty; give a question, or leave --prompt out to chat")
     picture = load_image_file(image) if image is not None else None
-    loaded, processor, info = load_for_inference(Path(model))
-    for note in info["notes"]:
+    loaded = load_for_inference(Path(model))
+    for note in loaded.notes:
         echo(f"note: {note}")
-    if info.get("template") == "plain":
+    if loaded.spec.template == "plain":
         echo("note: this model was trained with the 'plain' (caption-only) template: it captions the image and ignores the text")
-    conv = Conversation(loaded, processor, info, Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+    conv = Conversation(loaded, Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
                         system=system)
     if prompt is not None:
         conv.ask(prompt, picture, stdout)

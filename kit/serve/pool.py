@@ -17,13 +17,14 @@ from typing import Any
 
 from peft import PeftModel
 
-from kit.core import options
+from kit.base.folder import AdapterInfo, Base
 from kit.base.load import load_base
-from kit.core.cards import Card, describe_source
+from kit.core import options
+from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype, default_device
-from kit.base.load import adapter_base
-from kit.infer.load import base_form, folder_kind, processor_for, prompting
+from kit.data.prompt_spec import PromptSpec
+from kit.infer.load import base_form, folder_kind, processor_for
 from kit.infer.prompts import prepare
 from kit.serve.batching import BatchedAnswer, Batcher
 
@@ -36,7 +37,7 @@ class Served:
     kind: str  # 'base' | 'model' | 'adapter'
     path: str
     processor: Any
-    info: dict[str, Any]  # template / system_prompt / image_aspect, as kit.infer.load gives them
+    spec: PromptSpec
     adapter: str | None = None  # the PEFT adapter name inside the shared model; None for the base
     notes: list[str] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class ModelPool:
         """Model inputs for a conversation (see kit.infer.prompts.prepare); KitError if it cannot be rendered."""
         s = self.served[name]
         with self.tokenize_lock:
-            return prepare(s.processor, s.info, messages, images)
+            return prepare(s.processor, s.spec, messages, images)
 
     def max_positions(self) -> int | None:
         cfg = getattr(self.model, "config", None)
@@ -114,30 +115,30 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     first = Path(model_or_adapter)
     specs = [parse_adapter_spec(a) for a in adapters]
     if folder_kind(first) == "adapter":
-        base, _, _ = adapter_base(first)
+        base = AdapterInfo.open(first).base
         specs.insert(0, (first.resolve().name, first))
     else:
-        base = first
-    base_name = base.resolve().name
-    base_fp = describe_source(base)["fingerprint"]
+        base = Base.open(first)
+    base_name = base.path.resolve().name
     names = [base_name]
-    plans = []
+    plans: list[tuple[str, AdapterInfo]] = []
     for name, path in specs:
         if folder_kind(path) != "adapter":
             raise KitError(f"{path} is a full model, not an adapter: one server holds one base; give adapters after the base")
         if name in names:
             raise KitError(f"two served models are named '{name}'; name them apart with NAME=PATH (e.g. {name}-2={path})")
         names.append(name)
-        trained_on, fingerprint, card = adapter_base(path)
-        same = fingerprint == base_fp if fingerprint else trained_on.resolve() == base.resolve()
+        adapter = AdapterInfo.open(path)
+        trained_on = adapter.base
+        same = trained_on.fingerprint == base.fingerprint if adapter.has_card else trained_on.path.resolve() == base.path.resolve()
         if not same:
             raise KitError(
-                f"adapter {path} was trained on base {trained_on} (fingerprint {fingerprint}), not on the served base {base} "
-                f"(fingerprint {base_fp}); serve it with its own base: kit serve {trained_on} {path}"
+                f"adapter {path} was trained on base {trained_on.path} (fingerprint {trained_on.fingerprint}), not on the served base "
+                f"{base.path} (fingerprint {base.fingerprint}); serve it with its own base: kit serve {trained_on.path} {path}"
             )
-        plans.append((name, path, card))
+        plans.append((name, adapter))
 
-    quants = {card.quantization if card else "none" for _, _, card in plans}
+    quants = {adapter.quantization for _, adapter in plans}
     device = default_device()
     # One base serves every adapter: 4-bit only when all of them were trained on the 4-bit base.
     form = base_form("nf4" if quants == {"nf4"} else "none", device)
@@ -145,23 +146,26 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     if "nf4" in quants and form == "full":
         notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
     model = load_base(base, torch_dtype, form, device)
-    base_card = Card.read(base) or Card(kind="model")
+    base_card = base.card or Card(kind="model")
     served = {}
-    for i, (name, path, card) in enumerate(plans):
+    for i, (name, adapter) in enumerate(plans):
         internal = f"adapter_{i}"  # folder names may hold characters PEFT's module names cannot
         if i == 0:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=internal)
+            model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name=internal)
         else:
-            model.load_adapter(str(path), adapter_name=internal)
-        s = Served(name, "adapter", str(path), processor_for(path, base), prompting(card or Card(kind="adapter"), base), adapter=internal)
-        if card is None:
-            s.notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")
+            model.load_adapter(str(adapter.path), adapter_name=internal)
+        processor = processor_for(adapter.path, base)
+        s = Served(name, "adapter", str(adapter.path), processor,
+                   PromptSpec.of_card(adapter.card, processor, base.family, base.image_aspect), adapter=internal)
+        if not adapter.has_card:
+            s.notes.append(f"{adapter.path} has no kit.json card: the base's fingerprint could not be checked")
         served[name] = s
-        echo(f"loaded adapter {name} from {path}")
+        echo(f"loaded adapter {name} from {adapter.path}")
     # The adapters come first (and a client's menu selects the first): serving an adapter means
     # talking to it, with the base one choice further down.
-    served[base_name] = Served(base_name, "base" if base_card.kind == "base" else "model", str(base),
-                               processor_for(base, None), prompting(base_card, base))
+    processor = processor_for(base.path, None)
+    served[base_name] = Served(base_name, "base" if base_card.kind == "base" else "model", str(base.path), processor,
+                               PromptSpec.of_card(base_card, processor, base.family, base.image_aspect))
     model.eval()
     for note in notes + [n for s in served.values() for n in s.notes]:
         echo(f"note: {note}")

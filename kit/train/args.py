@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
+from kit.base.folder import Base
 from kit.base.memory import GIB, estimate
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype, use_tf32
@@ -99,7 +100,7 @@ def close_tracker(recipe: Recipe) -> None:
 CHECKPOINTING_HEADROOM = 0.85  # the estimate is within ~6% of measured peaks; leave room for fragmentation
 
 
-def resolve_checkpointing(recipe: Recipe, base: Path, longest: int, echo=print) -> Recipe:
+def resolve_checkpointing(recipe: Recipe, base: Base, longest: int, echo=print) -> Recipe:
     """`gradient_checkpointing: auto` -> True/False for this GPU and this data (see TrainArgs)."""
     if not torch.cuda.is_available():
         on, why = True, "no CUDA device"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.base.family import family_of
+from kit.base.folder import Base
 from kit.base.memory import GIB, estimate, model_parts, parse_gpu
 from kit.core.errors import KitError
 from kit.data.reviewed import is_generated_folder
@@ -43,10 +43,9 @@ class GpuPlan:
         check_strategy(self.strategy)  # before the data checks, not after them
 
 
-def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, echo, memory: GpuPlan) -> None:
-    base_path = resolve_base(recipe, base)
-    parts = model_parts(base_path)
-    est = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=memory.strategy, parts=parts)
+def _memory_report(recipe: Recipe, base: Base, tokens: int, what: str, echo, memory: GpuPlan) -> None:
+    parts = model_parts(base)
+    est = estimate(recipe, base, tokens, gpus=memory.gpus, strategy=memory.strategy, parts=parts)
     spread = f", {memory.strategy} over {memory.gpus} GPUs" if memory.gpus > 1 else ""
     echo(f"GPU memory for {recipe.name} on this base (quantization {recipe.quantization}, {tokens} tokens per sample = {what}{spread}):")
     for line in est.lines():
@@ -60,7 +59,7 @@ def _memory_report(recipe: Recipe, base: str | None, tokens: int, what: str, ech
         echo(f"  per GPU on {memory.gpus} x {memory.gpu}, by strategy (launch with configs/accelerate/<config>):")
         for name in STRATEGIES:
             try:
-                total = estimate(recipe, base_path, tokens, gpus=memory.gpus, strategy=name, parts=parts).total
+                total = estimate(recipe, base, tokens, gpus=memory.gpus, strategy=name, parts=parts).total
             except KitError as e:
                 echo(f"    {name:6s} -          {e}")
                 continue
@@ -129,7 +128,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory
     if folder is not None:
         generated = check_manifest(recipe, folder, echo)
         if generated is None:
-            _memory_report(recipe, base, recipe.data.max_length, "max_length: conversations not generated yet", echo, memory)
+            _memory_report(recipe, resolve_base(recipe, base), recipe.data.max_length, "max_length: conversations not generated yet", echo, memory)
             return True
         echo(f"made by an earlier `kit adapt`: checking {generated}")
         data = str(generated)
@@ -143,7 +142,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory
     echo(f"data:     {plan.data} ({report.total} samples; {n_img} with images{several}, {len(dataset) - n_img} text-only)")
     if report.review is not None:
         echo(f"          {report.review.line()}")
-    echo(f"base:     {plan.base} ({family_of(plan.base).label}; one image = up to {report.image_tokens} tokens, "
+    echo(f"base:     {plan.base} ({plan.base.family.label}; one image = up to {report.image_tokens} tokens, "
          f"{report.image_total} image tokens in all)")
     echo(f"template: {recipe.data.template}, max_length {recipe.data.max_length}")
     if report.from_prompts:
@@ -158,7 +157,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory
             echo("  " + line)
     echo(f"text truncated to max_length: {report.truncated_text}")
     if lengths:
-        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
+        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
     return _problems(report, recipe, "samples", echo)
 
 
@@ -170,7 +169,7 @@ def _check_pairs(plan, echo, memory: GpuPlan) -> bool:
     echo(f"pairs:    {report.summary()} ({plan.data})")
     if report.edits:
         echo("edits:    " + ", ".join(f"{n} {k}" for k, n in sorted(report.edits.items(), key=lambda kv: -kv[1])))
-    echo(f"base:     {plan.base} ({family_of(plan.base).label}; one image = up to {report.image_tokens} tokens)")
+    echo(f"base:     {plan.base} ({plan.base.family.label}; one image = up to {report.image_tokens} tokens)")
     echo(f"template: {recipe.data.template}, max_length {recipe.data.max_length}; preference: {recipe.preference.loss_type}, "
          f"beta {recipe.preference.beta}, sft_weight {recipe.preference.sft_weight}")
     for side in ("chosen", "rejected"):
@@ -180,7 +179,7 @@ def _check_pairs(plan, echo, memory: GpuPlan) -> bool:
                  f"p95 {int(np.percentile(arr, 95))}, max {arr.max()}")
     lengths = report.lengths["chosen"] + report.lengths["rejected"]
     if lengths:
-        _memory_report(recipe, str(plan.base), int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
+        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
     return _problems(report, recipe, "pairs", echo)
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import re
 import types
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import set_seed
 
 from kit.base.family import Family, family_of_model
+from kit.base.folder import Base
 from kit.base.load import load_model
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype
@@ -47,7 +47,7 @@ def lora_target_regex(model, targets, family: Family | None = None) -> str:
     return rf"{re.escape(family.llm)}\.(?:.*\.)?(?:{alternatives})"
 
 
-def prepare_model(recipe: Recipe, base: Path):
+def prepare_model(recipe: Recipe, base: Base):
     """Load the base for training: dtype, quantization, frozen/trainable parts, LoRA."""
     # LoRA and any fresh weights are drawn here, before the Trainer seeds anything: without this two
     # runs of one command start from different adapters and a resumed run cannot match.
@@ -57,7 +57,7 @@ def prepare_model(recipe: Recipe, base: Path):
     # 4-bit weights are placed at load time: each process on its own GPU.
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if nf4 and torch.cuda.is_available() else None
     model = load_model(base, dtype=dtype, nf4=nf4, device_map=device_map)
-    family = family_of_model(model)
+    family = base.family
     model.config.use_cache = False
     trainable = set(recipe.train.trainable)
     # No prepare_model_for_kbit_training: it upcasts every weight that is not 4-bit (tower,

@@ -7,10 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.base.family import family_of
-from kit.base.load import ADAPTER_CONFIG, adapter_base
+from kit.base.folder import ADAPTER_CONFIG, AdapterInfo, Base
 from kit.base.mini import mini_base
-from kit.core.cards import CARD_NAME, Card, describe_source
+from kit.core.cards import CARD_NAME, Card
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
 from kit.data.reviewed import is_generated_folder
@@ -22,39 +21,38 @@ DEFAULT_OUT_ROOT = {"pretrain": "outputs", "finetune": "outputs", "adapt": "adap
 @dataclass
 class RunPlan:
     recipe: Recipe
-    base: Path
+    base: Base
     data: Path
     image_folder: Path | None
     out: Path
     resume: bool
 
 
-def resolve_base(recipe: Recipe, base: str | None) -> Path:
+def resolve_base(recipe: Recipe, base: str | None) -> Base:
     """--base, else the recipe's, else the mini base: raw for stage 1 (it aligns the projector),
     aligned for later stages. KitError for a missing or non-LLaVA folder."""
     if recipe.model.adapter:
         return _adapter_base(recipe.model.adapter, base)
     choice = base or recipe.model.base or ("mini-raw" if recipe.stage == "pretrain" else "mini")
     if choice in ("mini", "mini-raw"):
-        return mini_base(aligned=choice == "mini")
+        return Base.open(mini_base(aligned=choice == "mini"))
     path = Path(choice)
     if not path.is_dir():
         raise KitError(f"base {path} does not exist; pass --base with a model folder (or 'mini')")
-    family_of(path)
-    return path
+    return Base.open(path)
 
 
-def _adapter_base(adapter: str, base: str | None) -> Path:
+def _adapter_base(adapter: str, base: str | None) -> Base:
     """The base an adapter to start from was trained on; KitError when it is not an adapter or a
     --base given besides it is another model."""
     path = Path(adapter)
     if not (path / ADAPTER_CONFIG).is_file():
         raise KitError(f"--from {path}: not an adapter folder (no {ADAPTER_CONFIG}); give a LoRA adapter kit trained")
-    trained_on, _, _ = adapter_base(path)
+    trained_on = AdapterInfo.open(path).base
     if base is not None:
-        given = mini_base() if base == "mini" else Path(base)
-        if describe_source(given)["fingerprint"] != describe_source(trained_on)["fingerprint"]:
-            raise KitError(f"--from {path} was trained on {trained_on}, not on --base {base}; leave --base out (the adapter's base is used)")
+        given = Base.open(mini_base() if base == "mini" else Path(base))
+        if given.fingerprint != trained_on.fingerprint:
+            raise KitError(f"--from {path} was trained on {trained_on.path}, not on --base {base}; leave --base out (the adapter's base is used)")
     return trained_on
 
 

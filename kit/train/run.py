@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from kit.base.family import family_of, family_of_model
-from kit.base.load import image_aspect_of, load_processor
+from kit.base.load import load_processor
 from kit.base.memory import GIB, estimate
 from kit.core.recipes import Recipe
 from kit.core.stages import Stages
 from kit.data.collator import Collator, supervised_loss
 from kit.data.dataset import Report, build_dataset
 from kit.data.preference import build_preference_dataset
+from kit.data.prompt_spec import PromptSpec
 from kit.train.args import close_tracker, resolve_checkpointing, training_args
 from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
@@ -55,25 +55,15 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
     """(processor, dataset, report) of a run's data, tokenized for its base as the recipe says."""
     recipe = plan.recipe
     processor = load_processor(plan.base)
+    spec = PromptSpec.choose(processor, plan.base.family, recipe.data.template, recipe.data.system_prompt,
+                             recipe.data.image_aspect or plan.base.image_aspect)
+    common = dict(image_folder=plan.image_folder, on_bad_sample=on_bad_sample or recipe.data.on_bad_sample, system=spec.system_prompt,
+                  image_placement=recipe.data.image_placement, family=plan.base.family)
     if recipe.train.objective == "dpo":
-        dataset, report = build_preference_dataset(
-            plan.data, processor, recipe.data.template, recipe.data.max_length, recipe.data.image_aspect or image_aspect_of(plan.base),
-            image_folder=plan.image_folder, on_bad_sample=on_bad_sample or recipe.data.on_bad_sample, system=recipe.data.system_prompt,
-            image_placement=recipe.data.image_placement, family=family_of(plan.base))
+        dataset, report = build_preference_dataset(plan.data, processor, spec.template, recipe.data.max_length, spec.image_aspect, **common)
         return processor, dataset, report
-    dataset, report = build_dataset(
-        plan.data,
-        processor,
-        recipe.data.template,
-        recipe.data.max_length,
-        recipe.data.image_aspect or image_aspect_of(plan.base),
-        image_folder=plan.image_folder,
-        on_bad_sample=on_bad_sample or recipe.data.on_bad_sample,
-        system=recipe.data.system_prompt,
-        image_placement=recipe.data.image_placement,
-        family=family_of(plan.base),
-        undecided=recipe.data.undecided,
-    )
+    dataset, report = build_dataset(plan.data, processor, spec.template, recipe.data.max_length, spec.image_aspect,
+                                    undecided=recipe.data.undecided, **common)
     return processor, dataset, report
 
 
@@ -103,8 +93,8 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     model = prepare_model(recipe, plan.base)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    echo(f"model: {plan.base} — training {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters ({', '.join(recipe.train.trainable)}{' via LoRA' if recipe.lora else ''})")
-    wrapped = set_fsdp_wrap(model, family_of_model(model))
+    echo(f"model: {plan.base.path} — training {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters ({', '.join(recipe.train.trainable)}{' via LoRA' if recipe.lora else ''})")
+    wrapped = set_fsdp_wrap(model, plan.base.family)
     if wrapped:
         echo(f"fsdp: one shard unit per {', '.join(wrapped)} ({current_layout().describe()})")
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from kit.base.family import family_of_model
-from kit.core.cards import Card, describe_source, hash_files
+from kit.core.cards import Card, hash_files
 from kit.data.reviewed import review_inputs
 from kit.core.errors import KitError
 from kit.core.recipes import Recipe
@@ -131,7 +131,7 @@ def run_card(plan: RunPlan, kind: str, **extra: Any) -> Card:
         kind,
         made_by=f"kit {plan.recipe.stage}",
         recipe=plan.recipe,
-        base=describe_source(plan.base),
+        base=plan.base.source(),
         data={"path": str(plan.data.resolve()), "sha256": hash_files(review_inputs(plan.data))},
         **extra,
     )
