@@ -18,7 +18,8 @@ from kit.generate.replicas import backend_for
 from kit.generate.ledger import LEDGER
 from kit.generate.prompts import load_domain
 from kit.generate.report import Summary, failures_error
-from kit.generate.runner import run_generation, validate_types
+from kit.generate.runner import run_generation
+from kit.generate.settings import GenerationSettings, check_privacy
 from kit.ground.policy import resolve_grounding
 from kit.ingest.sources import SOURCES, load_records
 
@@ -64,17 +65,12 @@ def generate_command(
     """
     if source not in SOURCES:
         raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
-    type_list = validate_types(types)
-    load_domain(domain)
-    checks = resolve_grounding(grounding, vocab, domain)
-    if concurrency < 1:
-        raise KitError(f"--concurrency must be at least 1 (got {concurrency})")
-    if limit is not None and limit < 1:
-        raise KitError(f"--limit must be at least 1 (got {limit})")
-    if max_tokens < 1:
-        raise KitError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    if not 0 <= temperature <= 2:
-        raise KitError(f"--temperature must be between 0 and 2 (got {temperature})")
+    load_domain(domain)  # an unknown or incomplete prompt set fails before anything is read
+    settings = GenerationSettings(
+        types=types, domain=domain, concurrency=concurrency, timeout=timeout, limit=limit, seed=seed,
+        temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote, dry_run=dry_run, progress=progress,
+        grounding=resolve_grounding(grounding, vocab, domain),
+    )
     if source in ("coco", "figures") and images is None:
         raise KitError(f"--images is required for --source {source}: the folder the image paths are relative to")
     if source not in ("coco", "figures") and images is not None:
@@ -82,12 +78,9 @@ def generate_command(
     if instances is not None and source != "coco":
         raise KitError("--instances applies only to --source coco")
     engine = backend_for(backend, model, base_url, timeout=timeout)
-    if source == "dicom" and engine.is_remote and not allow_remote:
+    if source == "dicom":
         # DICOM records are always private; refuse before converting anything into `out`.
-        raise KitError(
-            f"DICOM records are private and --backend {backend} would send their text (metadata, captions, segment "
-            f"labels and boxes; never pixels) to {getattr(engine, 'host', engine.describe())}; use a local backend or pass --allow-remote"
-        )
+        check_privacy(engine, allow_remote, "DICOM records")
 
     input, out = Path(input), Path(out)
     if not dry_run:
@@ -97,11 +90,7 @@ def generate_command(
     records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public,
                            burned_in_checked=burned_in_checked, echo=echo, salt_for=out / "dicom")
     try:
-        summary = run_generation(
-            records, out, types=type_list, domain=domain, backend=engine, concurrency=concurrency, timeout=timeout,
-            limit=limit, seed=seed, temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote,
-            dry_run=dry_run, echo=echo, progress=progress, grounding=checks,
-        )
+        summary = run_generation(records, out, backend=engine, settings=settings, echo=echo)
     finally:
         if scratch is not None:
             scratch.cleanup()

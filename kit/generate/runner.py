@@ -20,14 +20,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kit.core import options
 from kit.core.errors import KitError
 from kit.generate import parse, prompts
 from kit.generate.backends import Backend, BackendError, Completion
 from kit.generate.ledger import LEDGER, Ledger, request_key
 from kit.generate.report import Summary, estimate_dry_run, finalise, price_for, summary_table, write_summary
-from kit.ground.policy import Grounding, resolve_grounding
-from kit.ingest.records import TYPES, Record, image_folder_for
+from kit.generate.settings import GenerationSettings, check_privacy, private_records
+from kit.ingest.records import Record, image_folder_for
 
 
 @dataclass
@@ -44,17 +43,6 @@ def _task_seed(seed: int, task_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(task_id.encode())) % (2**31 - 1)
 
 
-def _privacy_check(records: list[Record], backend: Backend, allow_remote: bool) -> None:
-    private = sum(1 for r in records if r.private)
-    if private and backend.is_remote and not allow_remote:
-        host = getattr(backend, "host", None) or backend.describe()
-        raise KitError(
-            f"{private} of {len(records)} records are private and the backend sends text to {host}: their captions, "
-            f"findings, box labels and coordinates and metadata text (never pixels) would leave this machine; "
-            f"use a local backend (--backend hf, or --base-url http://127.0.0.1:...) or pass --allow-remote"
-        )
-
-
 def _build_tasks(records: list[Record], types: list[str], seed: int) -> list[_Task]:
     seen: set[str] = set()
     tasks = []
@@ -68,71 +56,29 @@ def _build_tasks(records: list[Record], types: list[str], seed: int) -> list[_Ta
     return tasks
 
 
-def validate_types(types: Iterable[str] | str) -> list[str]:
-    """"a,b" or a list -> known response types in order, without repeats. Raises KitError naming an unknown type."""
-    if isinstance(types, str):
-        types = [t.strip() for t in types.split(",") if t.strip()]
-    out = []
-    for t in types:
-        if t not in TYPES:
-            raise KitError(f"unknown response type '{t}'; choose from: {', '.join(TYPES)}")
-        if t not in out:
-            out.append(t)
-    if not out:
-        raise KitError(f"no response types given; choose from: {', '.join(TYPES)}")
-    return out
-
-
-def run_generation(
-    records: Iterable[Record],
-    out_dir: Path,
-    *,
-    types: Iterable[str] | str = TYPES,
-    domain: str = options.GENERATE_DOMAIN,
-    backend: Backend,
-    concurrency: int = options.GENERATE_CONCURRENCY,
-    max_retries: int = 6,
-    timeout: float = 60,
-    limit: int | None = None,
-    seed: int = 0,
-    temperature: float = options.GENERATE_TEMPERATURE,
-    max_tokens: int = options.GENERATE_MAX_TOKENS,
-    allow_remote: bool = False,
-    dry_run: bool = False,
-    price: tuple[float, float] | None = None,
-    echo: Callable[[str], None] = print,
-    progress: bool = True,
-    backoff_base: float = 1.0,
-    backoff_cap: float = 60.0,
-    grounding: Grounding | None = None,
-) -> Summary:
+def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend, settings: GenerationSettings | None = None,
+                   echo: Callable[[str], None] = print, **fields: Any) -> Summary:
     """Generate one sample per (record, type), resuming from `out_dir/ledger.jsonl` if present.
+    `settings` (or its fields given as keywords) say how (kit.generate.settings).
 
     Raises KitError before any request when private records would go to a non-loopback backend
-    without `allow_remote`, for bad arguments, duplicate record ids or an unreadable ledger, and
+    without `allow_remote`, for bad settings, duplicate record ids or an unreadable ledger, and
     mid-run for problems no retry fixes (bad API key, unknown model); finished tasks stay in the
-    ledger, so rerunning the same command resumes. `grounding` (default: reject, with the
-    vocabulary of `domain`) decides what happens to conversations whose claims the record's
-    facts do not support (kit.ground).
+    ledger, so rerunning the same command resumes. The settings' `grounding` decides what happens
+    to conversations whose claims the record's facts do not support (kit.ground).
     """
+    settings = settings or GenerationSettings(**fields)
     records = list(records)
-    if limit is not None:
-        if limit < 1:
-            raise KitError(f"--limit must be at least 1 (got {limit})")
-        records = records[:limit]
+    if settings.limit is not None:
+        records = records[:settings.limit]
     # Privacy before anything else: no estimate, file or client exists yet.
-    _privacy_check(records, backend, allow_remote)
+    check_privacy(backend, settings.allow_remote, private_records(records))
     if not records:
         raise KitError("no records to generate from; check the input file and image folder")
-    types = validate_types(types)
-    grounding = grounding or resolve_grounding("reject", None, domain)
-    if concurrency < 1:
-        raise KitError(f"--concurrency must be at least 1 (got {concurrency})")
-    if max_retries < 0:
-        raise KitError(f"max_retries must be 0 or more (got {max_retries})")
+    domain, types, dry_run = settings.domain, list(settings.types), settings.dry_run
     out_dir = Path(out_dir)
-    tasks = _build_tasks(records, types, seed)
-    ppm = price_for(backend, price)
+    tasks = _build_tasks(records, types, settings.seed)
+    ppm = price_for(backend, settings.price)
 
     ledger = Ledger(out_dir / LEDGER)
     ledger.load(repair=not dry_run)
@@ -148,27 +94,23 @@ def run_generation(
         echo(f"{len(stale)} finished tasks were asked with other inputs (captions, findings, prompts or model changed): asked again")
 
     if dry_run:
-        return estimate_dry_run(tasks, pending, domain, backend, ppm, max_tokens, out_dir, echo)
+        return estimate_dry_run(tasks, pending, domain, backend, ppm, settings.max_tokens, out_dir, echo)
 
     backend.check()
     prompts.build_messages(tasks[0].record, tasks[0].rtype, domain)  # an unknown domain fails here, before out_dir exists
     out_dir.mkdir(parents=True, exist_ok=True)
     image_root = image_folder_for(records, out_dir)
-    run = _Run(
-        backend=backend, ledger=ledger, domain=domain,
-        concurrency=concurrency, max_retries=max_retries, timeout=timeout, temperature=temperature,
-        max_tokens=max_tokens, backoff_base=backoff_base, backoff_cap=backoff_cap,
-    )
+    run = _Run(backend=backend, ledger=ledger, settings=settings)
     for entry in ledger.entries.values():
         if entry["status"] == "ok" and entry.get("fingerprint"):
             run.fingerprints.setdefault(entry["fingerprint"], entry["task"])
     start = time.monotonic()
     try:
-        asyncio.run(run.run(pending, total=len(tasks), progress=progress))
+        asyncio.run(run.run(pending, total=len(tasks), progress=settings.progress))
     finally:
         ledger.close()
     summary = finalise(tasks, ledger, out_dir, backend, ppm, image_root, domain, types, run.requests, time.monotonic() - start,
-                       grounding)
+                       settings.grounding)
     summary.resumed = len(tasks) - len(pending)
     write_summary(out_dir, summary, tasks, ledger)
     extra = sum(1 for k in ledger.entries if k not in {t.id for t in tasks})
@@ -182,14 +124,7 @@ def run_generation(
 class _Run:
     backend: Backend
     ledger: Ledger
-    domain: str
-    concurrency: int
-    max_retries: int
-    timeout: float
-    temperature: float
-    max_tokens: int
-    backoff_base: float
-    backoff_cap: float
+    settings: GenerationSettings
     fingerprints: dict[str, str] = field(default_factory=dict)
     requests: int = 0
     _rng: random.Random = field(default_factory=random.Random)
@@ -204,7 +139,7 @@ class _Run:
         batch = max(1, self.backend.batch_size)
         units = [pending[i : i + batch] for i in range(0, len(pending), batch)]
         # A batched backend is one in-process model: more than one batch at a time only queues on it.
-        in_flight = self.concurrency * max(1, self.backend.servers)
+        in_flight = self.settings.concurrency * max(1, self.backend.servers)
         workers = 1 if batch > 1 else min(in_flight, max(1, len(units)))
         semaphore = asyncio.Semaphore(in_flight)
         queue: asyncio.Queue[list[_Task]] = asyncio.Queue()
@@ -244,9 +179,9 @@ class _Run:
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(self.backoff_cap, retry_after)
+            return min(self.settings.backoff_cap, retry_after)
         # Full jitter: spreads retries of many workers that failed together.
-        return self._rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+        return self._rng.uniform(0, min(self.settings.backoff_cap, self.settings.backoff_base * 2**attempt))
 
     async def _request(self, unit: list[_Task], messages: list[list[dict]]) -> list[Completion]:
         loop = asyncio.get_running_loop()
@@ -254,29 +189,29 @@ class _Run:
         if wait > 0:
             await asyncio.sleep(wait)
         self.requests += len(unit)
-        kwargs = dict(max_tokens=self.max_tokens, temperature=self.temperature, seed=unit[0].seed)
+        kwargs = dict(max_tokens=self.settings.max_tokens, temperature=self.settings.temperature, seed=unit[0].seed)
         if len(unit) == 1 and self.backend.batch_size == 1:
             try:
                 # Outer guard for backends without their own timeout; the OpenAI client times out first.
-                return [await asyncio.wait_for(self.backend.complete(messages[0], **kwargs), self.timeout + 1)]
+                return [await asyncio.wait_for(self.backend.complete(messages[0], **kwargs), self.settings.timeout + 1)]
             except asyncio.TimeoutError:
-                raise BackendError("timeout", f"timeout: no reply within {self.timeout:g}s", retryable=True) from None
+                raise BackendError("timeout", f"timeout: no reply within {self.settings.timeout:g}s", retryable=True) from None
         # A local model cannot be interrupted mid-batch, so no timeout here.
         return await self.backend.complete_batch(messages, **kwargs)
 
     async def _do_unit(self, unit: list[_Task]) -> None:
-        messages = [prompts.build_messages(t.record, t.rtype, self.domain) for t in unit]
+        messages = [prompts.build_messages(t.record, t.rtype, self.settings.domain) for t in unit]
         loop = asyncio.get_running_loop()
         reason, category = "not tried", "not tried"
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self.settings.max_retries + 1):
             try:
                 completions = await self._request(unit, messages)
             except BackendError as e:
                 reason, category = e.reason, e.category
-                if not e.retryable or attempt == self.max_retries:
+                if not e.retryable or attempt == self.settings.max_retries:
                     break
                 if e.retry_after is not None:
-                    self._not_before = max(self._not_before, loop.time() + min(self.backoff_cap, e.retry_after))
+                    self._not_before = max(self._not_before, loop.time() + min(self.settings.backoff_cap, e.retry_after))
                 await asyncio.sleep(self._delay(attempt, e.retry_after))
                 continue
             for task, c in zip(unit, completions):
@@ -296,7 +231,7 @@ class _Run:
             text = parse.complete_rounds(text) if task.rtype == "conversation" else ""
             if not text:
                 return {**entry, "status": "rejected", "category": "truncated",
-                        "reason": f"truncated: reply hit max_tokens ({self.max_tokens})", "raw": c.text}
+                        "reason": f"truncated: reply hit max_tokens ({self.settings.max_tokens})", "raw": c.text}
         if c.finish_reason == "content_filter":
             return {**entry, "status": "rejected", "category": "content filter", "reason": "content filter: the server cut the reply",
                     "raw": c.text}
