@@ -114,7 +114,7 @@ def vqa_samples(eval_file: Path, images: set[str], style: str = "as-written") ->
             "id": f"{item.get('id', lineno)}-vqa",
             "image": item["image"],
             "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{ask(str(item['question']), answer, kind, style)}"},
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{ask(str(item['question']), answer, kind, style=style)}"},
                 {"from": "gpt", "value": answer},
             ],
         })
@@ -161,7 +161,7 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     work = path / ".kit" / recipe.name
     work.mkdir(parents=True, exist_ok=True)
     if recipe.train.objective == "dpo":
-        return _prepare_pairs(recipe, path, records, train_records, held, work, echo)
+        return _prepare_pairs(recipe, path, records, train_records=train_records, held=held, work=work, echo=echo)
     g = recipe.generate
     if g is None:
         raise KitError(f"recipe '{recipe.name}' has no generate section; it cannot turn {path} into conversations")
@@ -173,7 +173,7 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     )
     generated = work / "generated"
     samples = read_json(generated / "data.json", "generated data", expect=list)
-    made = generation_line(len(samples), summary.rejected, summary.failed, summary.claims)
+    made = generation_line(len(samples), summary.rejected, summary.failed, claims=summary.claims)
     echo(made)
     failed = failures_error(summary)
     if failed is not None:  # training on what happened to finish would hide a broken backend
@@ -197,7 +197,7 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     train_file = work / "train.json"
     write_json_atomic(train_file, samples, indent=1)
     Card.new("data", made_by="kit adapt", image_folder=str(path.resolve()), samples=len(samples)).write(work)
-    return Prepared(train_file, _held_out_eval(recipe, path, records, held, work, echo), made, review)
+    return Prepared(train_file, _held_out_eval(recipe, path, records, held=held, work=work, echo=echo), made, review=review)
 
 
 def _held_out_eval(recipe: Recipe, path: Path, records: list[Record], held: set[str], work: Path, echo) -> Path | None:
@@ -207,10 +207,10 @@ def _held_out_eval(recipe: Recipe, path: Path, records: list[Record], held: set[
     eval_file = work / "eval" / "heldout.jsonl"
     eval_file.parent.mkdir(exist_ok=True)
     held_images = {str(Path(r.image)): "\n".join(r.captions + r.findings) for r in records if image_group(r.id) in held}
-    n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, path)
+    n = _write_eval_subset(path / recipe.eval.file, held_images, eval_file, data_root=path)
     echo(f"held out {len(held)} of {len({image_group(r.id) for r in records})} images for evaluation ({n} questions)")
     if recipe.eval.probes:
-        probed = _add_probes(eval_file, [r for r in records if image_group(r.id) in held], path, recipe)
+        probed = _add_probes(eval_file, [r for r in records if image_group(r.id) in held], path, recipe=recipe)
         if probed:
             echo(f"hallucination probes: {probed} yes/no questions and descriptions about the held-out images")
             n += probed
@@ -233,7 +233,7 @@ def _prepare_pairs(recipe: Recipe, path: Path, records: list[Record], train_reco
     write_json_atomic(pairs_file, result.pairs, indent=1)
     Card.new("data", made_by="kit adapt", image_folder=str(path.resolve()), files=[pairs_file.name],
              pairs={**result.summary(), "vocabulary": vocab.source}).write(work)
-    return Prepared(pairs_file, _held_out_eval(recipe, path, records, held, work, echo), made)
+    return Prepared(pairs_file, _held_out_eval(recipe, path, records, held=held, work=work, echo=echo), made)
 
 
 def gate_verdict(gate, before: dict, after: dict) -> dict | None:
@@ -278,23 +278,20 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
         base_path = resolve_base(recipe, base)
     # Output problems surface before minutes of generation, not after.
     out_path = plan_output(recipe, out, resume)
-    prepared = prepare_data(recipe, data, echo, stages)
+    prepared = prepare_data(recipe, data, echo, stages=stages)
     train_file, eval_file, made = prepared.train, prepared.eval, prepared.made
     before = None
     # A run that goes on from an adapter is measured against that adapter, not the bare base.
-    start = Path(recipe.model.adapter) if recipe.model.adapter else base_path
+    start = Path(recipe.model.adapter) if recipe.model.adapter else base_path.path
     labels = ("start", "after") if recipe.model.adapter else ("base", "adapted")
     if eval_file is not None:
         echo(f"evaluating the {'starting adapter' if recipe.model.adapter else 'base'} on the held-out images ...")
         with stages.stage("evaluation before"):
             before = evaluate(start, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
-    plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder(recipe), out_path, resume)
+    # Trained from the merged train.json: the card says what the review of its conversations decided.
+    reviewed = {"review": prepared.review.to_json()} if prepared.review is not None and prepared.train.is_file() else {}
+    plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder=image_folder(recipe), out=out_path, resume=resume, card_extra=reviewed)
     result = run(plan, max_steps, echo=echo, stages=stages)
-    if prepared.review is not None and prepared.train.is_file():
-        # Trained from the merged train.json: the card says what the review of its conversations decided.
-        card = Card.read(result)
-        card.review = prepared.review.to_json()
-        card.write(result)
     if eval_file is not None:
         echo("evaluating the adapted model ...")
         with stages.stage("evaluation after"):

@@ -71,6 +71,28 @@ def test_embedded_overrides_apply_only_on_request_and_user_overrides_win():
     assert load_recipe("medical", ["lora.r=8"], embedded=True).lora.r == 8
 
 
+def test_recipe_loading_owns_the_stage_check_and_the_embedded_rule_reading_the_file_once(monkeypatch, tmp_path):
+    """One read of the file per command: the stage check and the embedded settings are decided on
+    the recipe as loaded, not by loading it again; the rule sees the user's overrides."""
+    import kit.core.recipes as recipes
+    from kit.base.mini import embedded_rule
+
+    reads = []
+    real = recipes._read_yaml
+    monkeypatch.setattr(recipes, "_read_yaml", lambda path: reads.append(path) or real(path))
+    said = []
+    rule = embedded_rule(None, said.append)
+    r = load_recipe("medical", ["lora.r=8"], rule, stage="adapt")
+    assert len(reads) == 1
+    assert r.quantization == "none" and r.lora.r == 8  # CPU here, the mini base: embedded settings, the user's override wins
+    assert said == ["embedded mini base on CPU: applying the recipe's `embedded` settings"]
+    elsewhere = load_recipe("medical", [], embedded_rule(str(tmp_path), said.append), stage="adapt")
+    assert elsewhere.quantization == "nf4" and len(said) == 1  # another base: the recipe as written, nothing said
+    assert load_recipe("llava15-lora", [], embedded_rule(None, said.append)).lora.r == 128 and len(said) == 1  # no embedded section
+    with pytest.raises(KitError, match=r"recipe 'medical' is for `kit adapt`, not `kit finetune`; run it with `kit adapt`"):
+        load_recipe("medical", stage="finetune")
+
+
 def test_a_base_url_with_credentials_is_written_without_them():
     """recipe.yaml and the cards that embed the recipe never hold a URL's userinfo or query; the
     recipe in memory keeps them, so the run itself can authenticate."""

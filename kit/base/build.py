@@ -44,7 +44,7 @@ def build(out: Path, vision: Path | None, llm: Path | None, preset: str | None, 
         if preset == "mini":
             build_mini(tmp, ALIGNED_PROJECTOR if aligned else None)
         else:
-            build_from_parts(vision, llm, tmp, projector, vision_layer, image_aspect)
+            build_from_parts(vision, llm, tmp, projector=projector, vision_layer=vision_layer, image_aspect=image_aspect)
     return out
 
 
@@ -83,7 +83,7 @@ def build_from_parts(
     grow_embeddings(weights, "model.language_model.embed_tokens.weight", vocab)
     if "lm_head.weight" in weights:
         grow_embeddings(weights, "lm_head.weight", vocab)
-    weights.update(fresh_projector(vision_cfg.hidden_size, text_cfg.hidden_size, projector, dtype, seed))
+    weights.update(fresh_projector(vision_cfg.hidden_size, text_cfg.hidden_size, projector, dtype=dtype, seed=seed))
 
     is_siglip = "siglip" in vision_cfg.model_type
     config = LlavaConfig(
@@ -118,5 +118,5 @@ def build_from_parts(
         sources={"vision": describe_source(Path(vision_dir)), "llm": describe_source(Path(llm_dir))},
         settings={"projector": projector, "vision_layer": vision_layer, "image_aspect": image_aspect, "seed": seed},
     )
-    assemble(config, LlavaForConditionalGeneration, weights, Path(out), processor, card)
+    assemble(config, LlavaForConditionalGeneration, weights, out=Path(out), processor=processor, card=card)
     return Path(out)

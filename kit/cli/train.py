@@ -14,14 +14,10 @@ def _overrides(overrides: list[str] | None, start: str | None) -> list[str]:
 
 
 def _train(stage: str, recipe: str, base, data, out, max_steps, resume, overrides) -> None:
-    from kit.core.errors import KitError
     from kit.core.recipes import load_recipe
-
-    r = load_recipe(recipe, overrides)
-    if r.stage != stage:
-        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
     from kit.train.run import train
 
+    r = load_recipe(recipe, overrides, stage=stage)
     path = train(r, base=base, data=data, out=out, max_steps=max_steps, resume=resume, echo=echo_err)
     typer.echo(str(path))
 
@@ -30,26 +26,14 @@ def _train(stage: str, recipe: str, base, data, out, max_steps, resume, override
 def pretrain(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
              max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
     """Stage 1: align the projector on image-caption pairs (vision tower and LLM frozen)."""
-    _train("pretrain", recipe, base, data, out, max_steps, resume, set_ or [])
+    _train("pretrain", recipe, base, data=data, out=out, max_steps=max_steps, resume=resume, overrides=set_ or [])
 
 
 @app.command()
 def finetune(recipe: RecipeOpt, base: BaseOpt = None, data: DataOpt = None, out: OutOpt = None,
              max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None, start: FromOpt = None) -> None:
     """Stage 2: visual instruction tuning of projector + LLM (full or LoRA), or preference tuning (train.objective: dpo)."""
-    _train("finetune", recipe, base, data, out, max_steps, resume, _overrides(set_, start))
-
-
-def _on_mini(base: str, adapter: str | None) -> bool:
-    """Whether the run trains on the embedded mini base (given by name, or as the base of --from)."""
-    if adapter is None:
-        return base in ("mini", "mini-raw")
-    from pathlib import Path
-
-    from kit.base.folder import ADAPTER_CONFIG, AdapterInfo
-    from kit.base.mini import is_mini
-
-    return (Path(adapter) / ADAPTER_CONFIG).is_file() and is_mini(AdapterInfo.open(adapter).base.path)
+    _train("finetune", recipe, base, data=data, out=out, max_steps=max_steps, resume=resume, overrides=_overrides(set_, start))
 
 
 @app.command()
@@ -58,20 +42,11 @@ def adapt(recipe: RecipeOpt, base: BaseOpt = None,
           out: OutOpt = None, max_steps: StepsOpt = None, resume: ResumeOpt = False, set_: SetOpt = None,
           start: FromOpt = None) -> None:
     """Adapt a LLaVA to your domain: sample/ingest -> generate -> check -> QLoRA -> before/after evaluation."""
-    from kit.core.errors import KitError
+    from kit.adapt import adapt as run_adapt
+    from kit.base.mini import embedded_rule
     from kit.core.recipes import load_recipe
 
-    set_ = _overrides(set_, start)
-    r = load_recipe(recipe, set_)
-    if r.stage != "adapt":
-        raise KitError(f"recipe '{r.name}' is a {r.stage} recipe; run it with `kit {r.stage}`")
-    if _on_mini(base or r.model.base or "mini", r.model.adapter):
-        import torch
-
-        if not torch.cuda.is_available():
-            r = load_recipe(recipe, set_, embedded=True)
-            echo_err("embedded mini base on CPU: applying the recipe's `embedded` settings")
-    from kit.adapt import adapt as run_adapt
+    r = load_recipe(recipe, _overrides(set_, start), embedded_rule(base, echo_err), stage="adapt")
 
     path = run_adapt(r, base, data, out, max_steps, resume, echo=echo_err)
     echo_err(f"next: kit chat {path} --image IMG --prompt '...'  |  kit serve {path}  |  kit merge {path} --out DIR")

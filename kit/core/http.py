@@ -34,7 +34,7 @@ class HttpError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.code, self.param)
+        return error_body(self.status, self.message, self.code, param=self.param)
 
 
 def parse_json(raw: bytes) -> Any:

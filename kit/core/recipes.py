@@ -7,7 +7,9 @@ This module imports no torch so that `kit recipes list` and `kit --help` stay in
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,14 +285,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
+        set_dotted(data, *parse_override(item))
     return data
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
 
 
 def format_validation_error(source: str, err: ValidationError, what: str = "recipe") -> str:
@@ -316,14 +321,23 @@ def validate_recipe(data: dict[str, Any], source: str) -> Recipe:
         raise KitError(format_validation_error(source, e)) from None
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None, embedded: bool = False) -> Recipe:
-    """Load, override and validate a recipe. Raises KitError naming the file and key on any problem.
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, embedded: bool | Callable[[Recipe], bool] = False, *,
+                stage: str | None = None) -> Recipe:
+    """Read, override and validate a recipe, once. Raises KitError naming the file and key on any
+    problem, and (with `stage`) for a recipe of another stage.
 
-    With `embedded`, the recipe's own `embedded` overrides apply first (the user's still win).
+    `embedded`: whether the recipe's own `embedded` settings apply (first; the user's overrides still
+    win), or a rule deciding it from the recipe as overridden (e.g. kit.base.mini.runs_embedded).
     """
     path = resolve_recipe_path(name_or_path)
     raw = _read_yaml(path)
-    validate_recipe(dict(raw), str(path))  # the file itself must be valid, embedded section included
-    extra = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in (raw.get("embedded") or {}).items()] if embedded else []
-    data = apply_overrides(raw, extra + (overrides or []))
-    return validate_recipe(data, str(path))
+    validate_recipe(copy.deepcopy(raw), str(path))  # the file itself must be valid, embedded section included
+    recipe = validate_recipe(apply_overrides(copy.deepcopy(raw), overrides or []), str(path))
+    if stage is not None and recipe.stage != stage:
+        raise KitError(f"recipe '{recipe.name}' is for `kit {recipe.stage}`, not `kit {stage}`; run it with `kit {recipe.stage}`")
+    if embedded if isinstance(embedded, bool) else embedded(recipe):
+        data = copy.deepcopy(raw)
+        for key, value in (raw.get("embedded") or {}).items():
+            set_dotted(data, key.split("."), copy.deepcopy(value))
+        recipe = validate_recipe(apply_overrides(data, overrides or []), str(path))
+    return recipe

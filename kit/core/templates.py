@@ -224,11 +224,11 @@ def render_chat(turns: list[tuple[str, str]], tokenizer, system: str | None = No
     if not template:
         raise TemplateError("the model has no chat template (processor, tokenizer, chat_template.json/.jinja); use template plain or vicuna_v1")
     n_images = sum(t.count(image_token) for _, t in turns)
-    as_parts = _render_chat(turns, tokenizer, system, template, image_token, parts=True)
+    as_parts = _render_chat(turns, tokenizer, system, template=template, image_token=image_token, parts=True)
     if as_parts.text.count(placeholder) == n_images:
         return as_parts
     if placeholder == image_token:
-        as_strings = _render_chat(turns, tokenizer, system, template, image_token, parts=False)
+        as_strings = _render_chat(turns, tokenizer, system, template=template, image_token=image_token, parts=False)
         if as_strings.text.count(image_token) == n_images:
             return as_strings
     raise TemplateError(
@@ -242,9 +242,9 @@ class _NotPrefixes(TemplateError):
 
 def _render_chat(turns, tokenizer, system, template, image_token, parts: bool) -> Rendered:
     try:
-        return _render_chat_turns(turns, tokenizer, system, template, image_token, parts)
+        return _render_chat_turns(turns, tokenizer, system, template=template, image_token=image_token, parts=parts)
     except _NotPrefixes:
-        return _render_chat_prompts(turns, tokenizer, system, template, image_token, parts)
+        return _render_chat_prompts(turns, tokenizer, system, template=template, image_token=image_token, parts=parts)
 
 
 def _messages(system, image_token, parts: bool):
@@ -261,9 +261,9 @@ def _render_chat_turns(turns, tokenizer, system, template, image_token, parts: b
     done = ""
     for role, text in turns:
         if role == "assistant":
-            prompt = _apply(tokenizer, template, messages, True)
+            prompt = _apply(tokenizer, template, messages, generation_prompt=True)
             messages.append({"role": role, "content": content(role, text)})
-            full = _apply(tokenizer, template, messages, False)
+            full = _apply(tokenizer, template, messages, generation_prompt=False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise _NotPrefixes("the chat template does not render turns as prefixes of each other")
             turn = full[len(prompt):]
@@ -272,7 +272,7 @@ def _render_chat_turns(turns, tokenizer, system, template, image_token, parts: b
             done = full
         else:
             messages.append({"role": role, "content": content(role, text)})
-    full = _apply(tokenizer, template, messages, False) if messages else ""
+    full = _apply(tokenizer, template, messages, generation_prompt=False) if messages else ""
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return Rendered(tuple(pieces))
@@ -289,9 +289,9 @@ def _render_chat_prompts(turns, tokenizer, system, template, image_token, parts:
     done = ""  # the template's render of the messages so far (no generation prompt)
     for role, text in turns:
         if role == "assistant":
-            prompt = _apply(tokenizer, template, messages, True)
+            prompt = _apply(tokenizer, template, messages, generation_prompt=True)
             messages.append({"role": role, "content": content(role, text)})
-            full = _apply(tokenizer, template, messages, False)
+            full = _apply(tokenizer, template, messages, generation_prompt=False)
             answer = text.strip()
             turn = full[len(done):]
             # Search after what the finished turn shares with the prompt's header: a short answer
@@ -306,7 +306,7 @@ def _render_chat_prompts(turns, tokenizer, system, template, image_token, parts:
             pieces += [(prompt[len(done):], False), (body + _end_if_open(body, tokenizer), True), (after[len(end):], False)]
         else:
             messages.append({"role": role, "content": content(role, text)})
-            full = _apply(tokenizer, template, messages, False)
+            full = _apply(tokenizer, template, messages, generation_prompt=False)
             if not full.startswith(done):
                 raise TemplateError("the chat template does not render turns as prefixes of each other")
             pieces.append((full[len(done):], False))
@@ -332,7 +332,7 @@ def render(template: str, turns: list[tuple[str, str]], tokenizer, image_token: 
     if template == "vicuna_v1":
         return render_vicuna(turns, tokenizer.eos_token or "</s>", system)
     if template == "chat":
-        return render_chat(turns, tokenizer, system, chat_template, image_token, placeholder)
+        return render_chat(turns, tokenizer, system, chat_template=chat_template, image_token=image_token, placeholder=placeholder)
     if template == PREFIX:
-        return render_prefix(turns, tokenizer, image_token, placeholder)
+        return render_prefix(turns, tokenizer, image_token, placeholder=placeholder)
     raise TemplateError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")

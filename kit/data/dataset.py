@@ -104,11 +104,11 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
     if isinstance(image_tokens, int):
         image_tokens = [image_tokens if chunked else placeholder * image_tokens] * n_images
     try:
-        rendered = render(template, sample.turns, tokenizer, IMAGE_TOKEN, system, chat_template, placeholder)
+        rendered = render(template, sample.turns, tokenizer, image_token=IMAGE_TOKEN, system=system, chat_template=chat_template, placeholder=placeholder)
         expanded = rendered if chunked else rendered.expand_each(placeholder, image_tokens)
     except TemplateError as e:
         raise SampleProblem(str(e)) from None
-    tokens = tokenize(tokenizer, expanded.text, template, image_tokens if chunked else 0)
+    tokens = tokenize(tokenizer, expanded.text, template, n_image_tokens=image_tokens if chunked else 0)
     ids = tokens.ids
     labels = np.where(supervised_mask(tokens, expanded.spans), ids, IGNORE)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN if chunked else placeholder)
@@ -119,7 +119,7 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         raise SampleProblem(f"template produced {n_img} image tokens, expected {want}")
     if (labels != IGNORE).sum() == 0:
         raise SampleProblem("nothing to supervise (no assistant answer survives the template)")
-    if not supervised_text_matches(tokenizer, ids, labels, expanded.answers):
+    if not supervised_text_matches(tokenizer, ids, labels, answers=expanded.answers):
         raise SampleProblem("supervised tokens do not spell the answers (tokenizer/template mismatch)")
     truncated = False
     if len(ids) > max_length:
@@ -138,8 +138,8 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         if (labels != IGNORE).sum() == 0:
             raise SampleProblem(f"nothing left to supervise after truncation to max_length {max_length}")
     text, suffix = prefix_parts(rendered) if template == PREFIX else (rendered.text, None)
-    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), [], text, suffix, truncated,
-                   rendered.from_prompts)
+    return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), images=[], text=text, suffix=suffix, truncated=truncated,
+                   from_prompts=rendered.from_prompts)
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -245,10 +245,10 @@ def build_dataset(
                        "(--set train.objective=dpo), or give a LLaVA conversations file")
     samples = parse_samples(reviewed.items, placement) if reviewed else load_samples(data_path, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
-    encoded, processing, report = encode_samples(samples, folder, processor, template, max_length, image_aspect, system, family)
+    encoded, processing, report = encode_samples(samples, folder, processor, template=template, max_length=max_length, image_aspect=image_aspect, system=system, family=family)
     report.review = reviewed.counts if reviewed else None
     items = [e for e in encoded if e is not None]
-    check_usable(report, on_bad_sample, bool(items), data_path, "samples", "data")
+    check_usable(report, on_bad_sample, bool(items), path=data_path, what="samples", fix="data")
     return LlavaDataset(items, processing), report
 
 
@@ -269,7 +269,7 @@ def sample_features(processing, it, label: str) -> dict:
         images = [open_rgb(p) for p in it.images]
     except ImageProblem as e:
         raise KitError(f"{label} '{it.id}': {e}; fix or remove the image (kit data check lists all problems)") from None
-    out = processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, it.suffix)
+    out = processing.sample_inputs(it.text, it.input_ids.astype(np.int64), images, suffix=it.suffix)
     out["labels"] = torch.from_numpy(it.labels.astype(np.int64))
     return out
 
@@ -301,7 +301,7 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
             except KitError as e:
                 raise KitError(f"{s.where}: sample '{s.id}': {e}") from None
             try:
-                enc = encode_sample(s, processor.tokenizer, template, expansions, max_length, system=system,
+                enc = encode_sample(s, processor.tokenizer, template, image_tokens=expansions, max_length=max_length, system=system,
                                     chat_template=chat_template, placeholder=processing.placeholder)
             except SampleProblem as e:
                 s.problem = str(e)
@@ -314,7 +314,7 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
                 key = tuple(processing.fitted_size(z) for z in sizes)
                 if key not in checked:
                     checked.add(key)
-                    _agrees(processing, enc, sizes, s)
+                    _agrees(processing, enc, sizes, s=s)
                 report.truncated_text += enc.truncated
                 report.from_prompts += enc.from_prompts
                 report.lengths.append(len(enc.input_ids))
@@ -327,6 +327,6 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
 def _agrees(processing: Processing, enc: Encoded, sizes: list[tuple[int, int]], s: Sample) -> None:
     blanks = [Image.new("RGB", z, (127, 127, 127)) for z in sizes]
     try:
-        processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks, enc.suffix)
+        processing.sample_inputs(enc.text, enc.input_ids.astype(np.int64), blanks, suffix=enc.suffix)
     except KitError as e:
         raise KitError(f"{s.where}: sample '{s.id}': {e}") from None

@@ -67,7 +67,7 @@ def _parse(where: str, rec: Any, index: int, placement: str) -> Sample:
         if not isinstance(turn["value"], str):
             raise KitError(f"{where}: sample '{sid}': conversations[{j}].value must be a string")
         turns.append((role, turn["value"]))
-    sample = Sample(sid, images, turns, where, extra={k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
+    sample = Sample(sid, images, turns, where=where, extra={k: v for k, v in rec.items() if k not in ("id", "image", "conversations")})
     _normalise(sample, placement)
     return sample
 
@@ -148,7 +148,7 @@ def load_samples(path: Path, placement: str = "reference") -> list[Sample]:
 def parse_samples(records: list[tuple[str, Any]], placement: str) -> list[Sample]:
     """(where, raw sample) pairs -> checked Samples. KitError naming `where` for a structural error
     or a duplicate id."""
-    samples = [_parse(where, rec, i, placement) for i, (where, rec) in enumerate(records)]
+    samples = [_parse(where, rec, i, placement=placement) for i, (where, rec) in enumerate(records)]
     seen: dict[str, str] = {}
     for s in samples:
         if s.id in seen:

@@ -165,7 +165,7 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
                                      "conversations": [*p["prompt"], {"from": "gpt", "value": p[side]}]}))
     samples = parse_samples(raw, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(path)
-    encoded, processing, inner = encode_samples(samples, folder, processor, template, max_length, image_aspect, system, family)
+    encoded, processing, inner = encode_samples(samples, folder, processor, template=template, max_length=max_length, image_aspect=image_aspect, system=system, family=family)
     report = PairReport(total=len(pairs), image_tokens=inner.image_tokens)
     for p in pairs:
         if isinstance(p["edit"], dict) and isinstance(p["edit"].get("kind"), str):
@@ -190,5 +190,5 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
         report.lengths["chosen"].append(len(c.input_ids))
         report.lengths["rejected"].append(len(r.input_ids))
         usable.append((c, r))
-    check_usable(report, on_bad_sample, bool(usable), path, "pairs", "pairs")
+    check_usable(report, on_bad_sample, bool(usable), path=path, what="pairs", fix="pairs")
     return PreferenceDataset(usable, processing), report

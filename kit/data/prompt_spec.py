@@ -38,4 +38,4 @@ class PromptSpec:
         """How the model a card describes was trained to be prompted; `base_aspect`: its base's image
         handling, for cards whose recipe does not set one."""
         fmt = card.prompt_format(base_aspect)
-        return cls.choose(processor, family, fmt.template, fmt.system_prompt, fmt.image_aspect)
+        return cls.choose(processor, family, fmt.template, system_prompt=fmt.system_prompt, image_aspect=fmt.image_aspect)

@@ -104,7 +104,7 @@ def parse_decision(obj: Any, where: str) -> Decision:
     if decision != "edit" and turns is not None:
         raise KitError(f"{where}: only an edit carries 'conversations'; this decision is '{decision}'")
     stamp, of = obj.get("time") or "", obj.get("of") or ""
-    return Decision(sid, decision, turns if decision == "edit" else None, reason.strip(), str(stamp), str(of))
+    return Decision(sid, decision, turns if decision == "edit" else None, reason=reason.strip(), time=str(stamp), of=str(of))
 
 
 class ReviewLog:

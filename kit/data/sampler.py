@@ -26,7 +26,7 @@ def modality_length_order(lengths: list[int], batch_size: int, megabatch_batches
     leftovers: list[int] = []
     for want_image in (True, False):
         idx = [i for i, n in enumerate(lengths) if (n > 0) == want_image]
-        for chunk in _grouped(idx, lengths, mega, g):
+        for chunk in _grouped(idx, lengths, mega, g=g):
             for i in range(0, len(chunk), batch_size):
                 b = chunk[i : i + batch_size]
                 (batches.append(b) if len(b) == batch_size else leftovers.extend(b))
@@ -50,4 +50,4 @@ class ModalityLengthSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
     def __iter__(self):
-        return iter(modality_length_order(self.lengths, self.batch_size, self.megabatch_batches, self.seed + self.epoch))
+        return iter(modality_length_order(self.lengths, self.batch_size, self.megabatch_batches, seed=self.seed + self.epoch))

@@ -120,5 +120,5 @@ def load_items(data: Path, image_folder: Path | None = None, limit: int | None =
             except ImageProblem as e:
                 raise KitError(f"{where}: {e}; fix the path (relative to {folder}) or remove the line") from None
         extra = {k: v for k, v in rec.items() if k not in FIELDS}
-        items.append(Item(str(rec["id"]), path, rec["question"].strip(), rec["answer"], rec["answer_type"], where, extra))
+        items.append(Item(str(rec["id"]), path, rec["question"].strip(), answer=rec["answer"], answer_type=rec["answer_type"], where=where, extra=extra))
     return items

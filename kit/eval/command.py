@@ -70,15 +70,15 @@ def eval_command(
         if path in exports:
             answerer = GgufAnswerer(exports[path])
             try:
-                return evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, metric=metric,
+                return evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, metric=metric,
                                 answerer=answerer, text_only=text_only), None
             finally:
                 answerer.close()
         if text_only:
-            return evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, metric=metric,
+            return evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, metric=metric,
                             text_only=True), None
         loaded = load_for_inference(Path(path))
-        result = evaluate(Path(path), Path(data), limit, batch_size, max_new_tokens, echo=echo, loaded=loaded, metric=metric)
+        result = evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, loaded=loaded, metric=metric)
         answers = None
         if judge_items is not None:
             echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")

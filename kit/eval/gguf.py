@@ -37,7 +37,7 @@ class GgufAnswerer:
             "text-only export (no mmproj): only the questions without an image are evaluated"]
 
     def answers(self, items: list[Item], budget: int, style: str) -> list[tuple[str, list[int]]]:
-        return [self.runtime.answer(ask(it.question, it.answer, it.answer_type, style),
+        return [self.runtime.answer(ask(it.question, it.answer, it.answer_type, style=style),
                                     open_rgb(it.image) if it.image is not None else None, budget) for it in items]
 
     def pieces(self, ids: list[int]) -> list[str]:
@@ -70,7 +70,7 @@ def agreement(baseline: dict[str, Any], export: dict[str, Any], shown: int = 3) 
             continue
         if len(diffs) < shown:
             at = next((j for j, (x, y) in enumerate(zip(bt["ids"], et["ids"])) if x != y), min(len(bt["ids"]), len(et["ids"])))
-            diffs.append(Difference(b["id"], at, _piece(bt, at), _piece(et, at)))
+            diffs.append(Difference(b["id"], at, _piece(bt, at), export=_piece(et, at)))
     n = len(export["predictions"])
     return {"identical": same / n if n else None, "n": n, "differences": [d.to_json() for d in diffs]}
 

@@ -174,7 +174,7 @@ def hallucination_changes(before: dict[str, Any], after: dict[str, Any], samples
 
         whole = np.arange(len(rows))[None]
         out[f"pope_f1_{name}"] = {"change": float(f1(said_a, whole)[0] - f1(said_b, whole)[0]),
-                                  "ci": _paired(lambda idx: f1(said_a, idx) - f1(said_b, idx), len(rows), samples, seed)}
+                                  "ci": _paired(lambda idx: f1(said_a, idx) - f1(said_b, idx), len(rows), samples, seed=seed)}
     rows = [i for i, p in enumerate(b_preds) if p["answer_type"] == "describe"]
     if rows:
         (mb, bb), (ma, ba) = object_counts([b_preds[i] for i in rows]), object_counts([a_preds[i] for i in rows])
@@ -185,9 +185,9 @@ def hallucination_changes(before: dict[str, Any], after: dict[str, Any], samples
 
         whole = np.arange(len(rows))[None]
         out["chair_i"] = {"change": float(chair_i(ma, ba, whole)[0] - chair_i(mb, bb, whole)[0]),
-                          "ci": _paired(lambda idx: chair_i(ma, ba, idx) - chair_i(mb, bb, idx), len(rows), samples, seed)}
+                          "ci": _paired(lambda idx: chair_i(ma, ba, idx) - chair_i(mb, bb, idx), len(rows), samples, seed=seed)}
         out["chair_s"] = {"change": float((ba > 0).mean() - (bb > 0).mean()),
-                          "ci": _paired(lambda idx: (ba[idx] > 0).mean(-1) - (bb[idx] > 0).mean(-1), len(rows), samples, seed)}
+                          "ci": _paired(lambda idx: (ba[idx] > 0).mean(-1) - (bb[idx] > 0).mean(-1), len(rows), samples, seed=seed)}
     return out
 
 

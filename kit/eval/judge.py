@@ -208,7 +208,7 @@ def judge_answers(
     that fails after retries is `failed`. Raises KitError for problems no retry fixes (bad key).
     """
     prompt = prompt or load_prompt()
-    convs = [build_messages(prompt, j.item.question, j.item.answer, a, j.context) for j, a in zip(items, answers)]
+    convs = [build_messages(prompt, j.item.question, j.item.answer, candidate=a, context=j.context) for j, a in zip(items, answers)]
 
     async def run() -> list[dict[str, Any]]:
         try:

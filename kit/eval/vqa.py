@@ -55,9 +55,9 @@ def answer_batch_ids(loaded: Loaded, items: list[Item], max_new_tokens: int, *,
                 images.append(prepare_image(it.image, spec.image_aspect, processor.image_processor))
         except ImageProblem as e:
             raise KitError(f"{it.where}: {e}") from None
-    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style), spec, it.image is not None)
+    prompts = [_prompt(processor, ask(it.question, it.answer, it.answer_type, style=style), spec, image=it.image is not None)
                for it in items]
-    inputs = to_model(encode(processor, prompts, images, spec.template), model)
+    inputs = to_model(encode(processor, prompts, images, template=spec.template), model)
     stop = stop_ids(model, tok)
     with torch.no_grad():
         out = model.generate(
@@ -217,7 +217,7 @@ def _prediction(it: Item, pred: str, metric: str) -> dict[str, Any]:
     if it.answer_type == "describe":
         claims = description_claims(pred, it.extra["facts"], it.extra["vocab"])
         return {**out, "score": None, "claims": [c.to_json() for c in claims]}
-    out["score"] = score(pred, it.answer, it.answer_type, metric)
+    out["score"] = score(pred, it.answer, it.answer_type, metric=metric)
     if it.extra.get("probe"):
         out.update(probe=it.extra["probe"], said_yes=says_yes(pred))
     return out

@@ -113,15 +113,15 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
             model = load_model(base, torch.float32).eval()
             processor = load_processor(source)
             card = base.card or Card(kind="model")
-        spec = PromptSpec.of_card(card, processor, family, base.image_aspect)
+        spec = PromptSpec.of_card(card, processor, family, base_aspect=base.image_aspect)
 
         llm_file = f"{name}-{quant}.gguf"
         f16_file = tmp / f"{name}-f16.gguf"
         written = {}
         echo(f"writing {llm_file} (LLM)")
         with torch.no_grad():
-            text = write_text(model, family, model_dir, f16_file if quant == "q4_k_m" else tmp / llm_file, quant, name,
-                              spec.chat_template)
+            text = write_text(model, family, model_dir, path=f16_file if quant == "q4_k_m" else tmp / llm_file, quant=quant, name=name,
+                              chat_template=spec.chat_template)
         if quant == "q4_k_m":
             quantize_with_llama_cpp(f16_file, tmp / llm_file, quant)
             f16_file.unlink()
@@ -131,19 +131,19 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
             mmproj_file = f"mmproj-{name}-f16.gguf"
             echo(f"writing {mmproj_file} (vision tower + projector)")
             with torch.no_grad():
-                vision = write_mmproj(model, family, processor.image_processor, tmp / mmproj_file, name)
+                vision = write_mmproj(model, family, processor.image_processor, path=tmp / mmproj_file, name=name)
             written[mmproj_file] = size_of(tmp / mmproj_file)
         del model
-        (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, spec), encoding="utf-8")
+        (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, spec=spec), encoding="utf-8")
         prompt = export_prompt(processor, spec)
         export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
                        "image_aspect": spec.image_aspect, "template": spec.template,
                        "prompt": prompt.to_json()}
         extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
         if eval_data is not None:
-            folder = ExportFolder(tmp, tmp / llm_file, tmp / mmproj_file if mmproj_file else None, prompt,
-                                  Card(kind="export", export=export_info))
-            extra["evaluation"] = compare_export(model_dir, folder, Path(eval_data), max_drop, echo=echo)
+            folder = ExportFolder(tmp, tmp / llm_file, tmp / mmproj_file if mmproj_file else None, prompt=prompt,
+                                  card=Card(kind="export", export=export_info))
+            extra["evaluation"] = compare_export(model_dir, folder, Path(eval_data), max_drop=max_drop, echo=echo)
         if kind == "adapter":
             shutil.rmtree(model_dir)
         if kind == "adapter":
@@ -152,7 +152,7 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
         for note in text["notes"]:
             echo(f"note: {note}")
         Card.new("export", made_by="kit export", recipe=card.recipe, notes=text["notes"], **extra).write(tmp)
-        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export_info, spec, extra.get("evaluation")),
+        (tmp / "README.md").write_text(readme(name, llm_file, mmproj_file, export=export_info, spec=spec, evaluation=extra.get("evaluation")),
                                        encoding="utf-8")
     for f, size in written.items():
         echo(f"  {f}: {size}")

@@ -165,7 +165,7 @@ def write_text(model, family: Family, tok_dir: Path, path: Path, quant: str, nam
             tensor = _reorder_rope_rows(tensor, n_head)
         elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _reorder_rope_rows(tensor, n_kv)
-        add_tensor(w, mapped, tensor, quant)
+        add_tensor(w, mapped, tensor, quant=quant)
     finish(w)
     return {"arch": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok_model, "pre_tokenizer": pre, "tokens": n_rows,
             "tied_embeddings": tied, "notes": tokenizer_notes(tok_json)}

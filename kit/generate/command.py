@@ -87,7 +87,7 @@ def generate_command(
         prepare_out(out, force)
     # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
     scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
-    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images, instances, public=public,
+    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images=images, instances=instances, public=public,
                            burned_in_checked=burned_in_checked, echo=echo, salt_for=out / "dicom")
     try:
         summary = run_generation(records, out, backend=engine, settings=settings, echo=echo)

@@ -52,7 +52,7 @@ def _build_tasks(records: list[Record], types: list[str], seed: int) -> list[_Ta
         seen.add(r.id)
         for t in types:
             tid = f"{r.id}-{t}"
-            tasks.append(_Task(tid, r, t, _task_seed(seed, tid)))
+            tasks.append(_Task(tid, r, t, seed=_task_seed(seed, tid)))
     return tasks
 
 
@@ -94,7 +94,7 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
         echo(f"{len(stale)} finished tasks were asked with other inputs (captions, findings, prompts or model changed): asked again")
 
     if dry_run:
-        return estimate_dry_run(tasks, pending, domain, backend, ppm, settings.max_tokens, out_dir, echo)
+        return estimate_dry_run(tasks, pending, domain, backend=backend, ppm=ppm, max_tokens=settings.max_tokens, out_dir=out_dir, echo=echo)
 
     backend.check()
     prompts.build_messages(tasks[0].record, tasks[0].rtype, domain)  # an unknown domain fails here, before out_dir exists
@@ -109,10 +109,10 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
         asyncio.run(run.run(pending, total=len(tasks), progress=settings.progress))
     finally:
         ledger.close()
-    summary = finalise(tasks, ledger, out_dir, backend, ppm, image_root, domain, types, run.requests, time.monotonic() - start,
-                       settings.grounding)
+    summary = finalise(tasks, ledger, out_dir, backend=backend, ppm=ppm, image_root=image_root, domain=domain, types=types, requests=run.requests, seconds=time.monotonic() - start,
+                       grounding=settings.grounding)
     summary.resumed = len(tasks) - len(pending)
-    write_summary(out_dir, summary, tasks, ledger)
+    write_summary(out_dir, summary, tasks, ledger=ledger)
     extra = sum(1 for k in ledger.entries if k not in {t.id for t in tasks})
     if extra:
         echo(f"note: {extra} finished tasks in {ledger.path} are outside this run's records/types and are not in data.json")

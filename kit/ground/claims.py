@@ -78,27 +78,27 @@ def check_text(text: str, facts: Facts, vocab: Vocabulary, answer: int = 0) -> l
             continue
         if m.negated:
             status, why = _absence(m, facts)
-            claims.append(Claim(m.text, m.concept, "absence", status, answer, why, m.start, m.end))
+            claims.append(Claim(m.text, m.concept, "absence", status=status, answer=answer, why=why, start=m.start, end=m.end))
             continue
         status, why = _object(m, facts, vocab)
-        claims.append(Claim(m.text, m.concept, "object", status, answer, why, m.start, m.end))
+        claims.append(Claim(m.text, m.concept, "object", status=status, answer=answer, why=why, start=m.start, end=m.end))
         if status != SUPPORTED:
             continue
         known = facts.counts.get(m.concept)
         if m.count is not None and known is not None:
             ok = m.count == known
-            claims.append(Claim(m.text, m.concept, "count", SUPPORTED if ok else CONTRADICTED, answer,
-                                "" if ok else f"the source has {known}, the answer says {m.count}", m.start, m.end))
+            claims.append(Claim(m.text, m.concept, "count", status=SUPPORTED if ok else CONTRADICTED, answer=answer,
+                                why="" if ok else f"the source has {known}, the answer says {m.count}", start=m.start, end=m.end))
         centres = facts.centres.get(m.concept)
         for region in m.positions:
             if not centres:
                 continue
             ok = any(in_region(region, c) for c in centres)
-            claims.append(Claim(m.text, m.concept, "position", SUPPORTED if ok else CONTRADICTED, answer,
-                                "" if ok else f"no {m.concept} box has its centre in the {region} of the image", m.start, m.end))
+            claims.append(Claim(m.text, m.concept, "position", status=SUPPORTED if ok else CONTRADICTED, answer=answer,
+                                why="" if ok else f"no {m.concept} box has its centre in the {region} of the image", start=m.start, end=m.end))
     return claims
 
 
 def check_answers(answers: list[str], facts: Facts, vocab: Vocabulary) -> list[Claim]:
     """Claims of every answer of a conversation (`answer` numbers them in order)."""
-    return [c for i, a in enumerate(answers) for c in check_text(a, facts, vocab, i)]
+    return [c for i, a in enumerate(answers) for c in check_text(a, facts, vocab, answer=i)]

@@ -111,7 +111,7 @@ def _swap(answer: str, ms: list[Mention], facts: Facts, vocab: Vocabulary, alts:
             continue
         for c in alts.for_swap(m.concept, facts)[:1]:
             new = _written(vocab, c, _is_plural(m, vocab))
-            return Edit("modality" if modality else "swap", m.text, new, _replace(answer, m.start, m.end, new))
+            return Edit("modality" if modality else "swap", m.text, new, text=_replace(answer, m.start, m.end, new=new))
     return None
 
 
@@ -134,7 +134,7 @@ def _count(answer: str, ms: list[Mention], facts: Facts, vocab: Vocabulary) -> E
         if m.count == 1 and not _is_plural(m, vocab):  # "one dog" -> "two dogs"
             shift = len(new) - len(word)
             text = text[:m.start + shift] + plural(m.text) + text[m.end + shift:]
-        return Edit("count", word, new, text)
+        return Edit("count", word, new, text=text)
     return None
 
 
@@ -149,7 +149,7 @@ def _side(answer: str, ms: list[Mention], facts: Facts) -> Edit | None:
         old = w.group(1)
         new = OPPOSITE[old.lower()]
         new = new.capitalize() if old[:1].isupper() else new
-        return Edit("side", old, new, answer[:w.start()] + new + answer[w.end():])
+        return Edit("side", old, new, text=answer[:w.start()] + new + answer[w.end():])
     return None
 
 
@@ -165,8 +165,8 @@ def _negate(answer: str, ms: list[Mention], facts: Facts, vocab: Vocabulary) -> 
         if article:
             no = "No" if article.group(1)[:1].isupper() else "no"
             return Edit("negate", article.group(1) + article.group(2) + m.text, f"{no} {m.text}",
-                        head[:article.start(1)] + no + article.group(2) + answer[m.start:])
-        return Edit("negate", m.text, f"no {m.text}", head + "no " + answer[m.start:])
+                        text=head[:article.start(1)] + no + article.group(2) + answer[m.start:])
+        return Edit("negate", m.text, f"no {m.text}", text=head + "no " + answer[m.start:])
     return None
 
 
@@ -175,7 +175,7 @@ def _add(answer: str, facts: Facts, vocab: Vocabulary, alts: Alternatives) -> Ed
         name = _written(vocab, c, False)
         sentence = f"The image also shows {_article_for(name, 'a')} {name}."
         sep = "" if not answer or answer.endswith((" ", "\n")) else " "
-        return Edit("add", "", name, answer + sep + sentence)
+        return Edit("add", "", name, text=answer + sep + sentence)
     return None
 
 
@@ -183,8 +183,8 @@ def minimal_edits(answer: str, facts: Facts, vocab: Vocabulary, alts: Alternativ
     """At most one edit of each kind (EDIT_KINDS order) for a grounded answer; unchecked."""
     ms = find_mentions(answer, vocab)
     found = [
-        _swap(answer, ms, facts, vocab, alts, modality=False), _swap(answer, ms, facts, vocab, alts, modality=True),
-        _count(answer, ms, facts, vocab), _side(answer, ms, facts), _negate(answer, ms, facts, vocab),
-        _add(answer, facts, vocab, alts),
+        _swap(answer, ms, facts, vocab=vocab, alts=alts, modality=False), _swap(answer, ms, facts, vocab=vocab, alts=alts, modality=True),
+        _count(answer, ms, facts, vocab=vocab), _side(answer, ms, facts), _negate(answer, ms, facts, vocab=vocab),
+        _add(answer, facts, vocab, alts=alts),
     ]
     return [e for e in found if e is not None and e.text != answer]

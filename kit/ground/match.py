@@ -196,9 +196,9 @@ def find_mentions(text: str, vocab: Vocabulary) -> list[Mention]:
     for a, b, concept in spans:
         out.append(Mention(
             concept=concept, text=text[tokens[a][1]:tokens[b - 1][2]], start=tokens[a][1], end=tokens[b - 1][2],
-            negated=_negated(words, clause, a, b),
-            count=None if a in attribute_at else _count(words, clause, a, concept_at - attribute_at),
-            positions=_positions_for(a, b, clause, positions, spans),
+            negated=_negated(words, clause, a, b=b),
+            count=None if a in attribute_at else _count(words, clause, a, concept_at=concept_at - attribute_at),
+            positions=_positions_for(a, b, clause, positions=positions, spans=spans),
         ))
     return out
 

@@ -147,11 +147,11 @@ def load_vocab(ref: str) -> Vocabulary:
             if g.question is not None and "{concept}" not in g.question:
                 raise KitError(f"vocabulary {ref}: group '{g.name}': question must contain {{concept}}")
             question = g.question or (old.question if old else DEFAULT_QUESTION)
-            groups[g.name] = Group(g.name, g.kind, g.exclusive, tuple(dict.fromkeys((old.concepts if old else ()) + names)), question)
+            groups[g.name] = Group(g.name, g.kind, g.exclusive, concepts=tuple(dict.fromkeys((old.concepts if old else ()) + names)), question=question)
             for name, c in g.concepts.items():
                 c = c if isinstance(c, _ConceptSpec) else _ConceptSpec(terms=c)
                 terms = tuple(dict.fromkeys(" ".join(t.lower().split()) for t in c.terms if t.strip()))
-                concepts[name] = Concept(name, g.name, terms, tuple(c.implies))
+                concepts[name] = Concept(name, g.name, terms, implies=tuple(c.implies))
     where = chain[0].name if ref in PACKAGED else ref
     for c in concepts.values():
         for target in c.implies:
@@ -162,4 +162,4 @@ def load_vocab(ref: str) -> Vocabulary:
         for t in c.terms:
             if owner.setdefault(t, c.name) != c.name:
                 raise KitError(f"vocabulary {where}: the term '{t}' names both '{owner[t]}' and '{c.name}'; keep it in one")
-    return Vocabulary(chain[0].name, concepts, groups, where)
+    return Vocabulary(chain[0].name, concepts, groups, source=where)

@@ -218,7 +218,7 @@ class LlamaCppModel(LlamaCppRuntime):
 
     def __init__(self, folder: ExportFolder, n_ctx: int = 4096):
         self.folder = folder
-        super().__init__(folder.llm, folder.mmproj, folder.prompt.stops, n_ctx)
+        super().__init__(folder.llm, folder.mmproj, folder.prompt.stops, n_ctx=n_ctx)
 
     def prompt(self, question: str, with_image: bool) -> str:
         p = self.folder.prompt

@@ -112,7 +112,7 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
     if kind == "model":
         base = Base.open(path)
         card = base.card or Card(kind="model")
-        model = load_base(base, dtype, "full", dev)
+        model = load_base(base, dtype, "full", device=dev)
         processor = processor_for(path, None)
         quant = "none"
     else:
@@ -124,12 +124,12 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
         if quant == "nf4" and form == "full":
             notes.append(f"this adapter was {NF4_ON_CPU_NOTE}")
             dev = torch.device("cpu")
-        model = load_base(base, compute_dtype(card.precision) if form == "nf4" else dtype, form, dev)
+        model = load_base(base, compute_dtype(card.precision) if form == "nf4" else dtype, form, device=dev)
         model = PeftModel.from_pretrained(model, str(path))
         processor = processor_for(path, base)
     model.eval()
-    spec = PromptSpec.of_card(card, processor, base.family, base.image_aspect)
-    return Loaded(model, processor, spec, card, kind, path, base, quant, str(dev), notes)
+    spec = PromptSpec.of_card(card, processor, base.family, base_aspect=base.image_aspect)
+    return Loaded(model, processor, spec, card=card, kind=kind, path=path, base=base, quantization=quant, device=str(dev), notes=notes)
 
 
 def describe_folder(path: Path) -> dict[str, Any]:

@@ -68,4 +68,4 @@ def prepare(processor, spec: PromptSpec, messages: list[dict[str, Any]], images:
     if spec.template == PREFIX and not images:
         raise KitError("this model's prompt format (an image, then a question) needs an image: attach one")
     fitted = [fit_image(im, spec.image_aspect, processor.image_processor) for im in images]
-    return encode(processor, [build_prompt(processor, messages, spec)], fitted, spec.template)
+    return encode(processor, [build_prompt(processor, messages, spec)], fitted, template=spec.template)

@@ -88,7 +88,7 @@ def ingest(source: str, input: Path, out: Path, images: Path | None = None, inst
     # DICOM pixels are rendered next to the output; a failed read leaves no half-filled folder.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".ingest.") as scratch:
         staging = Path(scratch)
-        records = load_records(source, input, staging, images, instances, public=public, burned_in_checked=burned_in_checked,
+        records = load_records(source, input, staging, images=images, instances=instances, public=public, burned_in_checked=burned_in_checked,
                                echo=echo, salt_for=out.parent)
         if not any(r.captions for r in records):
             raise KitError(f"{input}: no record has a caption to pair with its image")

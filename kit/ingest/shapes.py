@@ -133,7 +133,7 @@ def draw_scene(rng: random.Random, size: int = 224) -> tuple[Image.Image, dict[s
     # Integer pixel sizes: PIL boxes are inclusive, so a float side would drift
     # a pixel past the 40% limit after rounding.
     side = rng.randint(math.ceil(_MIN_FRAC * size), math.floor(_MAX_FRAC * size))
-    cx, cy = _sample_centre(rng, position, size, side / 2)
+    cx, cy = _sample_centre(rng, position, size, half=side / 2)
     x0 = min(max(round(cx - (side - 1) / 2), 0), size - side)
     y0 = min(max(round(cy - (side - 1) / 2), 0), size - side)
     box = (x0, y0, x0 + side - 1, y0 + side - 1)

@@ -270,7 +270,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         echo(f"note: {note}")
     targets, deviation, truncation = combine_all(factors, w, method=method, density=density, rank=rank, seed=seed)
     projector = combine_saved(saved, originals, w)
-    ref_logits, effect = combined_reference(model, inputs, projector, targets)
+    ref_logits, effect = combined_reference(model, inputs, projector, targets=targets)
     ref_name = "the base plus the combined ΔW applied unmerged" + (
         f" (truncated to rank {rank})" if rank else " (exact Σ w_i ΔW_i)" if method == "linear" else "")
     what = f"{len(infos)} adapters ({method}, weights {', '.join(f'{x:g}' for x in w)}{f', rank {rank}' if rank else ''})"
@@ -286,7 +286,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         model = pending.pop()
         if as_adapter:
             restore(model, originals)
-            model = write_adapter(model, targets, projector, rank, base.path, folder)
+            model = write_adapter(model, targets, projector, rank=rank, base=base.path, folder=folder)
             return logits_of(PeftModel.from_pretrained(model, str(folder)).eval(), inputs)
         with torch.no_grad():
             for mname, d in targets.items():
@@ -305,9 +305,9 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         "truncation": _summary(truncation) if truncation else None,
         "deviation_from_linear": _summary(deviation) if deviation else None,
     }
-    reference = Reference(ref_logits, ref_name, samples, effect, "combination_effect_max_abs_logit", "the combination moves logits by up to")
-    return write_verified(out, save, processor, reference, tolerance,
-                          lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
+    reference = Reference(ref_logits, ref_name, samples, effect=effect, effect_key="combination_effect_max_abs_logit", effect_words="the combination moves logits by up to")
+    return write_verified(out, save, processor, reference=reference, tolerance=tolerance,
+                          card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
                           echo=echo)
 
 
@@ -321,9 +321,9 @@ def combine_all(factors: dict[str, list], w: list[float], *, method: str, densit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for mname in sorted(factors):
-            d = combine(factors[mname], w, method, density)
+            d = combine(factors[mname], w, method, density=density)
             if method != "linear":
-                exact = combine(factors[mname], w, "linear", density).dense()
+                exact = combine(factors[mname], w, "linear", density=density).dense()
             if rank is not None:
                 d, truncation[mname] = truncate(d, rank)
             if method != "linear":

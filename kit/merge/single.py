@@ -110,6 +110,6 @@ def merge_adapter(info: AdapterInfo, out: Path, *, base_precision: str = options
         return cards[0]
 
     hint = "; --base-precision dequantized merges into the weights the adapter was trained against" if quantized and precision == "full" else ""
-    reference_of = Reference(ref_logits, ref_name, samples, effect, "adapter_effect_max_abs_logit", "the adapter itself moves logits by up to")
-    write_verified(out, save, processor, reference_of, tolerance, card, echo=echo, hint=hint)
-    return Merged(Path(out), loaded_back[0], processor, cards[0])
+    reference_of = Reference(ref_logits, ref_name, samples, effect=effect, effect_key="adapter_effect_max_abs_logit", effect_words="the adapter itself moves logits by up to")
+    write_verified(out, save, processor, reference=reference_of, tolerance=tolerance, card=card, echo=echo, hint=hint)
+    return Merged(Path(out), loaded_back[0], processor, card=cards[0])

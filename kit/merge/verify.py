@@ -61,9 +61,9 @@ def verification_inputs(processor, card: Card, base: Base | Path, n: int = N_SAM
     """A fixed batch of n image + conversation samples in the training format, and where they came
     from: the adapter's training data when its files are still there, else drawn shapes (seeded)."""
     base = Base.of(base)
-    spec = PromptSpec.of_card(card, processor, base.family, base.image_aspect)
+    spec = PromptSpec.of_card(card, processor, base.family, base_aspect=base.image_aspect)
     template = spec.template
-    samples = _data_samples(card, template, spec.image_aspect, processor.image_processor, n)
+    samples = _data_samples(card, template, spec.image_aspect, image_processor=processor.image_processor, n=n)
     source = f"{len(samples)} samples of {card.data.path}" if samples else ""
     if len(samples) < n:
         rng = random.Random(0)
@@ -77,11 +77,11 @@ def verification_inputs(processor, card: Card, base: Base | Path, n: int = N_SAM
     texts = []
     for _, turns in samples:
         try:
-            texts.append(render(template, turns, processor.tokenizer, IMAGE_TOKEN, spec.system_prompt, spec.chat_template,
-                                spec.placeholder).text)
+            texts.append(render(template, turns, processor.tokenizer, image_token=IMAGE_TOKEN, system=spec.system_prompt, chat_template=spec.chat_template,
+                                placeholder=spec.placeholder).text)
         except TemplateError as e:
             raise KitError(f"cannot render verification samples with template '{template}': {e}") from None
-    return encode(processor, texts, [img for img, _ in samples], template), f"{source} ({template} template)"
+    return encode(processor, texts, [img for img, _ in samples], template=template), f"{source} ({template} template)"
 
 
 @torch.no_grad()
@@ -144,7 +144,7 @@ def write_verified(out: Path, save: Callable[[Path], torch.Tensor], processor, r
         processor.save_pretrained(tmp)
         numbers = logit_drift(reference.logits, got)
         echo(f"verify: {describe_numbers(numbers)} vs {reference.name}; {reference.effect_words} {reference.effect:.3g}")
-        check_drift(numbers, tolerance, reference.name, hint)
+        check_drift(numbers, tolerance, reference.name, hint=hint)
         card({"reference": reference.name, "samples": reference.samples, "tolerance": tolerance,
               reference.effect_key: reference.effect, **numbers}).write(tmp)
     return Path(out)

@@ -45,7 +45,7 @@ def model_answers(model_path: Path, answers, image_folder: Path, max_new_tokens:
             images = [open_rgb(Path(image_folder) / r) for r in rel]
         except ImageProblem as e:
             raise KitError(f"answer '{a.id}': {e}") from None
-        inputs = to_model(prepare(processor, loaded.spec, messages_of(a.prompt, len(images)), images), model)
+        inputs = to_model(prepare(processor, loaded.spec, messages_of(a.prompt, len(images)), images=images), model)
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stop or None, pad_token_id=pad_id(tok, stop))

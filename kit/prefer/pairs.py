@@ -132,7 +132,7 @@ def record_answers(records: list[Record], vocab: Vocabulary, prompts: dict[str, 
                  ("objects", objects_answer(r, vocab))]
         for kind, text in texts:
             if text:
-                out.append(Answer(f"{r.id}-{kind}", r.image, [{"from": "human", "value": prompts[kind]}], text, r))
+                out.append(Answer(f"{r.id}-{kind}", r.image, [{"from": "human", "value": prompts[kind]}], text=text, record=r))
     return out
 
 
@@ -153,7 +153,7 @@ def folder_answers(folder: Path, undecided: str) -> tuple[list[Answer], list[Rec
         for j, turn in enumerate(turns):
             if turn.get("from") == "gpt" and j > 0 and turns[j - 1].get("from") == "human":
                 out.append(Answer(f"{sid}-a{j}", str(sample.get("image") or record.image), [dict(t) for t in turns[:j]],
-                                  str(turn["value"]), record))
+                                  text=str(turn["value"]), record=record))
     return out, list(records.values()), orphans
 
 
@@ -175,7 +175,7 @@ def build_pairs(answers: list[Answer], vocab: Vocabulary, per_answer: int = 2, s
             out.dropped[CHOSEN_UNGROUNDED] += 1
             continue
         out.answers += 1
-        edits = minimal_edits(a.text, f, vocab, alts)
+        edits = minimal_edits(a.text, f, vocab, alts=alts)
         rng.shuffle(edits)
         edits.sort(key=lambda e: out.made[e.kind])
         kept = 0
@@ -253,7 +253,7 @@ def write_pairs(source: Path, out: Path, *, vocab: str | None = None, seed: int 
     result = build_pairs(answers, words, per_answer=per_answer, seed=seed, records=records)
     if from_model is not None:
         echo(f"asking {from_model} the {len(answers)} prompts (greedy) ...")
-        add_model_pairs(result, answers, model_answers(from_model, answers, folder, echo=echo), words)
+        add_model_pairs(result, answers, model_answers(from_model, answers, folder, echo=echo), vocab=words)
     if orphans:
         result.dropped[NO_SOURCE] += orphans
     if not result.pairs:

@@ -140,7 +140,7 @@ class ReviewFolder:
                     image, problem = None, f"image {rel} is not in {self.image_folder}"
             except ImageProblem as e:
                 problem = str(e)
-        item = Item(index, sid, sample, origin, record, image, problem)
+        item = Item(index, sid, sample, origin=origin, record=record, image=image, image_problem=problem)
         item.claims = self.claims(item, sample["conversations"])
         if origin == KEPT and any(c.bad for c in item.claims):
             item.origin = FLAGGED  # generated with the check off, or with another vocabulary
@@ -179,7 +179,7 @@ class ReviewFolder:
         if item is None:
             raise KitError(f"decision: no conversation with id '{d.id}' in {self.folder}")
         turns = self.edited_turns(item, d.conversations) if d.decision == "edit" else None
-        d = Decision(d.id, d.decision, turns, d.reason, stamp, fingerprint(item.sample["conversations"]))
+        d = Decision(d.id, d.decision, turns, reason=d.reason, time=stamp, of=fingerprint(item.sample["conversations"]))
         self.log.append(d)
         self.decisions[d.id] = d
         return d

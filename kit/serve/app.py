@@ -152,7 +152,7 @@ def create_app(pool, *, log=None, **settings):
     app.state.pixels = completions.pixels
     auth = Depends(bearer_auth(config.api_key))
     app.include_router(v1_routes(completions, auth))
-    add_page_routes(app, pool, config.web_dir, auth)
+    add_page_routes(app, pool, config.web_dir, auth=auth)
     return app
 
 
@@ -214,7 +214,7 @@ class Completions:
 
     def served(self, name: Any):
         if not isinstance(name, str) or name not in self.pool.served:
-            raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(self.pool.names)}", "model_not_found", "model")
+            raise ApiError(404, f"model {name!r} is not served here; available: {', '.join(self.pool.names)}", "model_not_found", param="model")
         return self.pool.get(name)
 
     async def answer(self, request: Request):
@@ -230,7 +230,7 @@ class Completions:
             cid = completion_id()
             if conv.stream:
                 streaming = True
-                events = _events(gen, cid, conv.model, conv.include_usage, self.admission.leave, self.log, self.in_thread)
+                events = _events(gen, cid, conv.model, include_usage=conv.include_usage, done=self.admission.leave, log=self.log, in_thread=self.in_thread)
                 return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             try:
                 text = await self.in_thread(gen.result)
@@ -239,7 +239,7 @@ class Completions:
                 raise ApiError(500, GENERATION_FAILED, "generation_failed") from None
             finally:
                 gen.cancel()
-            return JSONResponse(completion(cid, conv.model, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens))
+            return JSONResponse(completion(cid, conv.model, text, finish_reason=gen.finish_reason, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens))
         finally:
             if not streaming:
                 self.admission.leave()
@@ -261,9 +261,9 @@ class Completions:
         context = self.pool.max_positions()
         if context and prompt_tokens >= context:
             raise ApiError(400, f"the conversation is {prompt_tokens} tokens; this model reads at most {context}",
-                           "context_length_exceeded", "messages")
+                           "context_length_exceeded", param="messages")
         max_new = min(conv.max_tokens, context - prompt_tokens) if context else conv.max_tokens
-        return self.pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, conv.seed, conv.stop)), conv
+        return self.pool.start(conv.model, inputs, Sampling(max_new, conv.temperature, conv.top_p, seed=conv.seed, stop=conv.stop)), conv
 
     def prepared(self, conv):
         """Model inputs, with the request's images decoded only inside the pixel budget and
@@ -327,12 +327,12 @@ async def _events(gen, cid: str, model: str, include_usage: bool, done, log, in_
     created = int(time.time())
     pieces = iter(gen)
     try:
-        yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        yield _event(chunk(cid, model, created, delta={"role": "assistant", "content": ""}))
         while (piece := await in_thread(next, pieces, None)) is not None:
-            yield _event(chunk(cid, model, created, {"content": piece}))
-        yield _event(chunk(cid, model, created, {}, gen.finish_reason))
+            yield _event(chunk(cid, model, created, delta={"content": piece}))
+        yield _event(chunk(cid, model, created, delta={}, finish_reason=gen.finish_reason))
         if include_usage:
-            yield _event(chunk(cid, model, created, None, usage_=usage(gen.prompt_tokens, gen.completion_tokens)))
+            yield _event(chunk(cid, model, created, delta=None, usage_=usage(gen.prompt_tokens, gen.completion_tokens)))
     except Exception as e:  # noqa: BLE001 - headers are sent: the error travels as an event the client raises
         log(f"kit serve: generation failed: {type(e).__name__}: {e}")
         yield _event({"error": {"message": GENERATION_FAILED, "type": "server_error", "param": None, "code": "generation_failed"}})

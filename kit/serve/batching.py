@@ -298,8 +298,8 @@ class Batcher:
         if not paddable(cache):
             self.joinable = False
         idx = torch.tensor(keep, device=mask.device)
-        self.live.join([rows[i] for i in keep], cache, mask[idx], positions[idx],
-                       torch.tensor(tokens, device=mask.device)[idx])
+        self.live.join([rows[i] for i in keep], cache, mask[idx], positions=positions[idx],
+                       tokens=torch.tensor(tokens, device=mask.device)[idx])
         self.largest = max(self.largest, len(self.live))
 
     def _rope_offsets(self, n: int) -> torch.Tensor | None:

@@ -46,7 +46,7 @@ class Conversation:
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + ([image] if image is not None else [])
         processor = self.loaded.processor
-        gen = Generation(self.loaded.model, processor.tokenizer, prepare(processor, self.loaded.spec, messages, images), self.sampling)
+        gen = Generation(self.loaded.model, processor.tokenizer, prepare(processor, self.loaded.spec, messages, images=images), sampling=self.sampling)
         for piece in gen:
             out.write(piece)
             out.flush()
@@ -83,7 +83,7 @@ def chat(model: Path, image: Path | None = None, prompt: str | None = None, max_
     if prompt is not None:
         conv.ask(prompt, picture, stdout)
         return
-    _repl(conv, picture, stdin, stdout, echo, Path(model).name)
+    _repl(conv, picture, stdin, stdout=stdout, echo=echo, name=Path(model).name)
 
 
 def _repl(conv: Conversation, picture, stdin: TextIO, stdout: TextIO, echo, name: str) -> None:

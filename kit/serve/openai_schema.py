@@ -72,7 +72,7 @@ def decode_images(images: list[PendingImage]) -> list:
         try:
             out.append(im.encoded.decode())
         except ImageProblem as e:
-            raise ApiError(400, f"{im.where}: {e}", "invalid_image", im.where) from None
+            raise ApiError(400, f"{im.where}: {e}", "invalid_image", param=im.where) from None
     return out
 
 
@@ -107,35 +107,35 @@ def _text(content: Any, where: str) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
-    raise ApiError(400, f"{where}: content must be a string or a list of text parts", "invalid_content", where)
+    raise ApiError(400, f"{where}: content must be a string or a list of text parts", "invalid_content", param=where)
 
 
 def _image(url: str, where: str, limits: Limits) -> PendingImage:
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise ApiError(400, f"{where}: a data URL must look like data:image/png;base64,<base64 bytes>", "invalid_image_url", where)
+            raise ApiError(400, f"{where}: a data URL must look like data:image/png;base64,<base64 bytes>", "invalid_image_url", param=where)
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: the data URL's payload is not valid base64", "invalid_base64", where) from None
+            raise ApiError(400, f"{where}: the data URL's payload is not valid base64", "invalid_base64", param=where) from None
         try:
             return PendingImage(EncodedImage(data, "the image"), where)
         except ImageProblem as e:
-            raise ApiError(400, f"{where}: {e}", "invalid_image", where) from None
+            raise ApiError(400, f"{where}: {e}", "invalid_image", param=where) from None
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         raise ApiError(400, f"{where}: kit serve works offline and does not fetch {scheme} URLs; "
-                            "send the image inline as data:image/png;base64,...", "remote_image_url", where)
+                            "send the image inline as data:image/png;base64,...", "remote_image_url", param=where)
     if scheme == "file":
         path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
     elif scheme and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise ApiError(400, f"{where}: unsupported image URL scheme '{scheme}'; use a data: URL", "invalid_image_url", where)
+        raise ApiError(400, f"{where}: unsupported image URL scheme '{scheme}'; use a data: URL", "invalid_image_url", param=where)
     else:
         path = url
     if limits.image_root is None:
         raise ApiError(400, f"{where}: local image paths are refused: the server was started without --image-root; "
-                            "send the image as a data: URL", "image_path_refused", where)
+                            "send the image as a data: URL", "image_path_refused", param=where)
     resolved = None
     try:
         resolved = resolve_image(limits.image_root, path)
@@ -147,14 +147,14 @@ def _image(url: str, where: str, limits: Limits) -> PendingImage:
         reason = str(e)
         for local in filter(None, (str(resolved) if resolved else None, str(limits.image_root))):
             reason = reason.replace(local, repr(path) if local != str(limits.image_root) else "the image root")
-        raise ApiError(400, f"{where}: {reason}", "invalid_image", where) from None
+        raise ApiError(400, f"{where}: {reason}", "invalid_image", param=where) from None
 
 
 def _user_parts(content: Any, where: str, limits: Limits, images: list) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ApiError(400, f"{where}: content must be a string or a list of parts", "invalid_content", where)
+        raise ApiError(400, f"{where}: content must be a string or a list of parts", "invalid_content", param=where)
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         pw = f"{where}[{j}]"
@@ -165,13 +165,13 @@ def _user_parts(content: Any, where: str, limits: Limits, images: list) -> str |
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str) or not url:
-                raise ApiError(400, f"{pw}: image_url needs a url", "invalid_image_url", pw)
+                raise ApiError(400, f"{pw}: image_url needs a url", "invalid_image_url", param=pw)
             if len(images) >= limits.max_images:
-                raise ApiError(400, f"too many images: at most {limits.max_images} per request", "too_many_images", pw)
+                raise ApiError(400, f"too many images: at most {limits.max_images} per request", "too_many_images", param=pw)
             images.append(_image(url, f"{pw}.image_url", limits))
             parts.append({"type": "image"})
         else:
-            raise ApiError(400, f"{pw}: unsupported content part type {kind!r}; use 'text' or 'image_url'", "invalid_content", pw)
+            raise ApiError(400, f"{pw}: unsupported content part type {kind!r}; use 'text' or 'image_url'", "invalid_content", param=pw)
     return parts
 
 
@@ -184,20 +184,20 @@ def parse_request(body: Any, limits: Limits) -> ParsedRequest:
     except ValidationError as e:
         raise ApiError(400, _pydantic_message(e), "invalid_request") from None
     if req.n not in (None, 1):
-        raise ApiError(400, "n > 1 is not supported: ask once per answer", "unsupported", "n")
+        raise ApiError(400, "n > 1 is not supported: ask once per answer", "unsupported", param="n")
     if req.logprobs:
-        raise ApiError(400, "logprobs are not supported by kit serve", "unsupported", "logprobs")
+        raise ApiError(400, "logprobs are not supported by kit serve", "unsupported", param="logprobs")
     if req.tools:
-        raise ApiError(400, "tools / function calling are not supported by kit serve", "unsupported", "tools")
+        raise ApiError(400, "tools / function calling are not supported by kit serve", "unsupported", param="tools")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
-        raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", "invalid_request", "max_tokens")
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", "invalid_request", param="max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens} "
-                            "(set with kit serve --max-tokens-limit)", "max_tokens_too_large", "max_tokens")
+                            "(set with kit serve --max-tokens-limit)", "max_tokens_too_large", param="max_tokens")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > 4:
-        raise ApiError(400, "at most 4 stop strings", "invalid_request", "stop")
+        raise ApiError(400, "at most 4 stop strings", "invalid_request", param="stop")
 
     systems: list[str] = []
     messages: list[dict[str, Any]] = []
@@ -208,13 +208,13 @@ def parse_request(body: Any, limits: Limits) -> ParsedRequest:
         if role in ("system", "developer"):
             systems.append(_text(m.get("content"), f"{where}.content"))
         elif role == "user":
-            messages.append({"role": "user", "content": _user_parts(m.get("content"), f"{where}.content", limits, images)})
+            messages.append({"role": "user", "content": _user_parts(m.get("content"), f"{where}.content", limits, images=images)})
         elif role == "assistant":
             messages.append({"role": "assistant", "content": _text(m.get("content") or "", f"{where}.content")})
         else:
-            raise ApiError(400, f"{where}.role: {role!r} is not supported; use system, user or assistant", "invalid_role", f"{where}.role")
+            raise ApiError(400, f"{where}.role: {role!r} is not supported; use system, user or assistant", "invalid_role", param=f"{where}.role")
     if not messages or messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be from the user", "invalid_request", "messages")
+        raise ApiError(400, "the last message must be from the user", "invalid_request", param="messages")
     if systems:
         # Templates take one system message, first: several are joined in their order.
         messages.insert(0, {"role": "system", "content": "\n".join(systems)})

@@ -60,7 +60,7 @@ class ModelPool:
         self.device = device
         self.lock = threading.Lock()  # one generate call at a time: one model, one active adapter
         self.tokenize_lock = threading.Lock()  # fast tokenizers refuse concurrent use
-        self.batcher = Batcher(model, lambda name: self.served[name].processor.tokenizer, self.selected, self.lock,
+        self.batcher = Batcher(model, lambda name: self.served[name].processor.tokenizer, self.selected, lock=self.lock,
                                max_batch=max_batch)
 
     @property
@@ -87,7 +87,7 @@ class ModelPool:
         """Model inputs for a conversation (see kit.infer.prompts.prepare); KitError if it cannot be rendered."""
         s = self.served[name]
         with self.tokenize_lock:
-            return prepare(s.processor, s.spec, messages, images)
+            return prepare(s.processor, s.spec, messages, images=images)
 
     def max_positions(self) -> int | None:
         cfg = getattr(self.model, "config", None)
@@ -102,7 +102,7 @@ class ModelPool:
         """The answer to prepared inputs (a kit.infer.generation.Answer), generated in the next
         batch of requests for `name`."""
         s = self.served[name]
-        return self.batcher.submit(BatchedAnswer(name, s.processor.tokenizer, inputs, sampling))
+        return self.batcher.submit(BatchedAnswer(name, s.processor.tokenizer, inputs, sampling=sampling))
 
 
 def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = options.MAX_BATCH) -> ModelPool:
@@ -145,7 +145,7 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     notes = []
     if "nf4" in quants and form == "full":
         notes.append("some adapters were trained against a 4-bit (nf4) base; it is loaded unquantized here, so answers can differ slightly")
-    model = load_base(base, torch_dtype, form, device)
+    model = load_base(base, torch_dtype, form, device=device)
     base_card = base.card or Card(kind="model")
     served = {}
     for i, (name, adapter) in enumerate(plans):
@@ -155,8 +155,8 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
         else:
             model.load_adapter(str(adapter.path), adapter_name=internal)
         processor = processor_for(adapter.path, base)
-        s = Served(name, "adapter", str(adapter.path), processor,
-                   PromptSpec.of_card(adapter.card, processor, base.family, base.image_aspect), adapter=internal)
+        s = Served(name, "adapter", str(adapter.path), processor=processor,
+                   spec=PromptSpec.of_card(adapter.card, processor, base.family, base_aspect=base.image_aspect), adapter=internal)
         if not adapter.has_card:
             s.notes.append(f"{adapter.path} has no kit.json card: the base's fingerprint could not be checked")
         served[name] = s
@@ -164,8 +164,8 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     # The adapters come first (and a client's menu selects the first): serving an adapter means
     # talking to it, with the base one choice further down.
     processor = processor_for(base.path, None)
-    served[base_name] = Served(base_name, "base" if base_card.kind == "base" else "model", str(base.path), processor,
-                               PromptSpec.of_card(base_card, processor, base.family, base.image_aspect))
+    served[base_name] = Served(base_name, "base" if base_card.kind == "base" else "model", str(base.path), processor=processor,
+                               spec=PromptSpec.of_card(base_card, processor, base.family, base_aspect=base.image_aspect))
     model.eval()
     for note in notes + [n for s in served.values() for n in s.notes]:
         echo(f"note: {note}")

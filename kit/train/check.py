@@ -128,7 +128,7 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory
     if folder is not None:
         generated = check_manifest(recipe, folder, echo)
         if generated is None:
-            _memory_report(recipe, resolve_base(recipe, base), recipe.data.max_length, "max_length: conversations not generated yet", echo, memory)
+            _memory_report(recipe, resolve_base(recipe, base), recipe.data.max_length, what="max_length: conversations not generated yet", echo=echo, memory=memory)
             return True
         echo(f"made by an earlier `kit adapt`: checking {generated}")
         data = str(generated)
@@ -157,8 +157,8 @@ def check(recipe: Recipe, base: str | None, data: str | None, echo=print, memory
             echo("  " + line)
     echo(f"text truncated to max_length: {report.truncated_text}")
     if lengths:
-        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
-    return _problems(report, recipe, "samples", echo)
+        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), what="p95 length", echo=echo, memory=memory)
+    return _problems(report, recipe, "samples", echo=echo)
 
 
 def _check_pairs(plan, echo, memory: GpuPlan) -> bool:
@@ -179,8 +179,8 @@ def _check_pairs(plan, echo, memory: GpuPlan) -> bool:
                  f"p95 {int(np.percentile(arr, 95))}, max {arr.max()}")
     lengths = report.lengths["chosen"] + report.lengths["rejected"]
     if lengths:
-        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), "p95 length", echo, memory)
-    return _problems(report, recipe, "pairs", echo)
+        _memory_report(recipe, plan.base, int(np.percentile(np.asarray(lengths), 95)), what="p95 length", echo=echo, memory=memory)
+    return _problems(report, recipe, "pairs", echo=echo)
 
 
 def _problems(report, recipe, what: str, echo) -> bool:

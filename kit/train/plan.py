@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kit.base.folder import ADAPTER_CONFIG, AdapterInfo, Base
 from kit.base.mini import mini_base
@@ -26,6 +27,7 @@ class RunPlan:
     image_folder: Path | None
     out: Path
     resume: bool
+    card_extra: dict[str, Any] = field(default_factory=dict)  # more for the final card (kit adapt: the review it trained under)
 
 
 def resolve_base(recipe: Recipe, base: str | None) -> Base:
@@ -102,7 +104,7 @@ def plan_run(recipe: Recipe, base: str | None, data: str | None, out: str | None
     """Everything checked, nothing written."""
     data_path = data_file(recipe, data)
     out_path = plan_output(recipe, out, resume)
-    return RunPlan(recipe, resolve_base(recipe, base), data_path, image_folder(recipe), out_path, resume)
+    return RunPlan(recipe, resolve_base(recipe, base), data_path, image_folder=image_folder(recipe), out=out_path, resume=resume)
 
 
 def image_folder(recipe: Recipe) -> Path | None:

@@ -37,7 +37,7 @@ def train(recipe: Recipe, base: str | None = None, data: str | None = None, out:
           echo=print) -> Path:
     """Plan (kit.train.plan.plan_run) and run one stage. Raises KitError for bad recipes, bases, data
     or resume requests, before anything is written."""
-    return run(plan_run(recipe, base, data, out, resume), max_steps, callbacks, echo)
+    return run(plan_run(recipe, base, data, out=out, resume=resume), max_steps, callbacks, echo=echo)
 
 
 def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCallback] | None = None, echo=print,
@@ -48,21 +48,21 @@ def run(plan: RunPlan, max_steps: int | None = None, callbacks: list[TrainerCall
     with stages.stage("checks"):
         processor, dataset, report = _checked_data(plan, echo)
     with stages.stage("training"):
-        return _train(plan, processor, dataset, report, max_steps, callbacks, echo)
+        return _train(plan, processor, dataset, report=report, max_steps=max_steps, callbacks=callbacks, echo=echo)
 
 
 def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any, Report]:
     """(processor, dataset, report) of a run's data, tokenized for its base as the recipe says."""
     recipe = plan.recipe
     processor = load_processor(plan.base)
-    spec = PromptSpec.choose(processor, plan.base.family, recipe.data.template, recipe.data.system_prompt,
-                             recipe.data.image_aspect or plan.base.image_aspect)
+    spec = PromptSpec.choose(processor, plan.base.family, recipe.data.template, system_prompt=recipe.data.system_prompt,
+                             image_aspect=recipe.data.image_aspect or plan.base.image_aspect)
     common = dict(image_folder=plan.image_folder, on_bad_sample=on_bad_sample or recipe.data.on_bad_sample, system=spec.system_prompt,
                   image_placement=recipe.data.image_placement, family=plan.base.family)
     if recipe.train.objective == "dpo":
-        dataset, report = build_preference_dataset(plan.data, processor, spec.template, recipe.data.max_length, spec.image_aspect, **common)
+        dataset, report = build_preference_dataset(plan.data, processor, spec.template, max_length=recipe.data.max_length, image_aspect=spec.image_aspect, **common)
         return processor, dataset, report
-    dataset, report = build_dataset(plan.data, processor, spec.template, recipe.data.max_length, spec.image_aspect,
+    dataset, report = build_dataset(plan.data, processor, spec.template, max_length=recipe.data.max_length, image_aspect=spec.image_aspect,
                                     undecided=recipe.data.undecided, **common)
     return processor, dataset, report
 
@@ -82,7 +82,7 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     recipe = plan.recipe
     lengths = report.lengths if isinstance(report, Report) else report.lengths["chosen"] + report.lengths["rejected"]
     if recipe.train.gradient_checkpointing == "auto":
-        recipe = resolve_checkpointing(recipe, plan.base, max(lengths, default=recipe.data.max_length), echo)
+        recipe = resolve_checkpointing(recipe, plan.base, max(lengths, default=recipe.data.max_length), echo=echo)
         plan = replace(plan, recipe=recipe)
     lengths = report.lengths if isinstance(report, Report) else report.lengths["chosen"] + report.lengths["rejected"]
     if torch.cuda.is_available() and lengths:
@@ -103,15 +103,15 @@ def _train(plan: RunPlan, processor, dataset, report: Report, max_steps: int | N
     if recipe.train.objective == "dpo":
         from kit.train.dpo import preference_trainer  # trl only for preference runs (GPU images may lack it)
 
-        trainer = preference_trainer(model, recipe, plan.out, max_steps, dataset, processor,
-                                     [CsvLogger(plan.out / "log.csv", extra=LOGGED), CheckpointCardCallback(plan), *(callbacks or [])])
+        trainer = preference_trainer(model, recipe, plan.out, max_steps=max_steps, dataset=dataset, processor=processor,
+                                     callbacks=[CsvLogger(plan.out / "log.csv", extra=LOGGED), CheckpointCardCallback(plan), *(callbacks or [])])
     else:
-        trainer = _sft_trainer(model, recipe, plan, dataset, processor, max_steps, callbacks)
+        trainer = _sft_trainer(model, recipe, plan, dataset=dataset, processor=processor, max_steps=max_steps, callbacks=callbacks)
     try:
         result = trainer.train(resume_from_checkpoint=str(last_checkpoint(plan.out)) if plan.resume else None)
     finally:
         close_tracker(recipe)
-    save_final(trainer, plan, report, result.metrics)
+    save_final(trainer, plan, report, metrics=result.metrics)
     return plan.out
 
 
@@ -153,7 +153,9 @@ def save_final(trainer: KitTrainer, plan: RunPlan, report: Report, metrics: dict
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and recipe.yaml say the same
     plot_loss(out / "log.csv", out / "loss.png", title=f"{plan.recipe.name} ({plan.recipe.stage})")
     data_report = {"summary": report.summary(), "problems": len(report.problems)}
-    extra = {"review": report.review.to_json()} if isinstance(report, Report) and report.review is not None else {}
+    extra = dict(plan.card_extra)
+    if isinstance(report, Report) and report.review is not None:
+        extra["review"] = report.review.to_json()
     if plan.recipe.train.objective == "dpo":
         extra["preference"] = preference_record(plan.recipe, report, trainer.state.log_history)
     run_card(plan, kind, steps=trainer.state.global_step, metrics=metrics, data_report=data_report, **extra).write(staging)

@@ -169,7 +169,7 @@ def write_sample(domain: str, out: Path) -> Card:
         except Skip as e:
             skipped.append(f"{source}: {e}")
             continue
-        bases.append(sample_image(rid, entries[rid], built, versions | built.fields))
+        bases.append(sample_image(rid, entries[rid], built, fields=versions | built.fields))
     if not bases:
         raise KitError(f"no sample source is available in this installation: {'; '.join(skipped)}")
     # Short values (sex codes, single digits) occur everywhere by chance and identify no one.
@@ -188,7 +188,7 @@ def write_sample(domain: str, out: Path) -> Card:
                 variants[base.id].append((rid, aug.note))
             for rid, pixels, boxes, oriented in rows:
                 (staging / "images" / f"{rid}.png").write_bytes(_encode_png(pixels, phi_bytes))
-                manifest.append(_manifest_line(rid, base, boxes, oriented))
+                manifest.append(_manifest_line(rid, base, boxes, oriented=oriented))
 
         questions: list[dict[str, str]] = []
         for base in bases:
@@ -201,7 +201,7 @@ def write_sample(domain: str, out: Path) -> Card:
         texts = {
             "manifest.jsonl": "".join(json.dumps(m, ensure_ascii=True) + "\n" for m in manifest),
             "eval.jsonl": "".join(json.dumps(q, ensure_ascii=True) + "\n" for q in questions),
-            "README.md": _readme(bases, variants, skipped, len(manifest), n_closed, len(questions) - n_closed, n_yes),
+            "README.md": _readme(bases, variants, skipped, n_records=len(manifest), n_closed=n_closed, n_open=len(questions) - n_closed, n_yes=n_yes),
         }
         for name, text in texts.items():
             leaked = _leaks(text.encode("utf-8"), phi_bytes)

@@ -153,7 +153,7 @@ def _coco_boxes(file: Path, data: dict[str, Any]) -> dict[Any, list[Box]]:
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[iid])):
             x, y, w, h = (float(v) for v in ann["bbox"])
             try:
-                bbox = pixel_box(x, y, x + w, y + h, img["width"], img["height"])
+                bbox = pixel_box(x, y, x + w, y2=y + h, width=img["width"], height=img["height"])
             except BoxError as e:
                 raise KitError(
                     f"{file}: annotation id {ann['id']} (image id {iid}, {img['width']} x {img['height']} px): bbox "

@@ -90,5 +90,5 @@ def segments(ds: Any, frame_index: int, frame: np.ndarray) -> tuple[list[str], l
     if number in labels and mask.any():
         rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
         h, w = mask.shape
-        boxes.append(Box(labels[number], pixel_box(cols[0], rows[0], cols[-1] + 1, rows[-1] + 1, w, h)))
+        boxes.append(Box(labels[number], pixel_box(cols[0], rows[0], cols[-1] + 1, y2=rows[-1] + 1, width=w, height=h)))
     return list(labels.values()), boxes

@@ -90,7 +90,7 @@ def dicom_codes() -> DicomCodes:
     names = {k: frozenset(str(v) for v in raw.pop(k)) for k in ("integers", "decimals")}
     where = {k: frozenset(str(v).strip().upper() for v in raw.pop(k)) for k in ("burned_in_modalities", "burned_in_sop_classes")}
     terms = {k: frozenset(" ".join(str(v).upper().split()) for v in vals) for k, vals in raw.items()}
-    return DicomCodes(terms, names["integers"], names["decimals"], where["burned_in_modalities"], where["burned_in_sop_classes"])
+    return DicomCodes(terms, names["integers"], names["decimals"], burned_in_modalities=where["burned_in_modalities"], burned_in_sop_classes=where["burned_in_sop_classes"])
 
 
 _TOKEN = re.compile(r"[^\W_]+")

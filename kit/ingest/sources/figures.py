@@ -33,7 +33,7 @@ def from_figures(file: Path, images_dir: Path, private: bool = True) -> list[Rec
     if not images_dir.is_dir():
         raise KitError(f"figure images folder {images_dir} does not exist")
     records: list[Record] = []
-    for where, lineno, obj, rel, _, rid in checked_lines(file, "figure-caption file", _FIGURE_FIELDS, images_dir):
+    for where, lineno, obj, rel, _, rid in checked_lines(file, "figure-caption file", _FIGURE_FIELDS, root=images_dir):
         caption = obj.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise KitError(f"{where}: 'caption' must be a non-empty string")

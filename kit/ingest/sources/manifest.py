@@ -41,7 +41,7 @@ def _parse_box(raw: Any, size: tuple[int, int], where: str) -> Box:
     elif fmt == "xywh_pixels":
         c, d = a + c, b + d
     try:
-        return Box(label.strip(), pixel_box(a, b, c, d, width, height))
+        return Box(label.strip(), pixel_box(a, b, c, y2=d, width=width, height=height))
     except BoxError as e:
         raise KitError(f"{where}: box '{label}' {nums} ({fmt}) {e}; check the coordinates and 'format'") from None
 
@@ -92,7 +92,7 @@ def from_manifest(folder: Path) -> list[Record]:
     if not manifest.is_file():
         raise KitError(f"{manifest} does not exist; put a {MANIFEST_NAME} (one JSON object per image) in {folder}")
     records: list[Record] = []
-    for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, folder):
+    for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, root=folder):
         if "caption" in obj and "captions" in obj:
             raise KitError(f"{where}: give either 'caption' or 'captions', not both")
         captions = text_list(obj["captions"], "captions", where) if "captions" in obj else []
@@ -148,7 +148,7 @@ def checked_lines(file: Path, what: str, allowed: set[str], root: Path) -> Itera
         if unknown:
             raise KitError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))} ({file})")
         rel, size = _checked_image(obj.get("image"), root, where)
-        yield where, lineno, obj, rel, size, _record_id(obj, rel, where, seen, lineno)
+        yield where, lineno, obj, rel, size, _record_id(obj, rel, where, seen=seen, lineno=lineno)
 
 
 def _record_id(obj: dict[str, Any], rel: str, where: str, seen: dict[str, int], lineno: int) -> str:
