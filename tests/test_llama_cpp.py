@@ -141,7 +141,8 @@ def table(tmp_path_factory) -> Path:
 def test_siglip_llava_f16_answers_token_for_token(siglip_base, tmp_path, table):
     images = _images(tmp_path / "img")
     export = _export(siglip_base, tmp_path / "gguf", "f16")
-    model, processor, _ = _reference(siglip_base)
+    loaded = _reference(siglip_base)
+    model, processor = loaded.model, loaded.processor
     runtime = LlamaCpp(export / f"{siglip_base.name}-f16.gguf", export / f"mmproj-{siglip_base.name}-f16.gguf")
     try:
         for image in images:
@@ -181,7 +182,8 @@ def test_clip_llava_matches_llama_cpp_graph(clip_base, tmp_path, table):
     llama.cpp is fixed, the features equal transformers' and the answers must then agree."""
     images = _images(tmp_path / "img")
     export = _export(clip_base, tmp_path / "gguf", "f16")
-    model, processor, _ = _reference(clip_base)
+    loaded = _reference(clip_base)
+    model, processor = loaded.model, loaded.processor
     runtime = LlamaCpp(export / f"{clip_base.name}-f16.gguf", export / f"mmproj-{clip_base.name}-f16.gguf")
     try:
         feats, pv = _hf_features(model, processor, images[0])
@@ -235,7 +237,8 @@ def test_text_only_export_answers_token_for_token(tiny_base, tmp_path):
     r = _kit("export", tiny_base, "--out", tmp_path / "t", "--text-only", cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert not list((tmp_path / "t").glob("mmproj-*"))
-    model, processor, _ = _reference(tiny_base)
+    loaded = _reference(tiny_base)
+    model, processor = loaded.model, loaded.processor
     _text_agrees(model, processor.tokenizer, tmp_path / "t" / f"{tiny_base.name}-f16.gguf", TEXTS)
 
 

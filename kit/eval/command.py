@@ -4,6 +4,7 @@ folder through llama.cpp (kit.eval.gguf), optionally against a baseline, optiona
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,63 +52,96 @@ def eval_command(
     check_metric(metric)
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
-    judge_backend = judge_items = None
-    if judge is not None:
-        judge_backend = resolve_judge(judge, judge_model, allow_remote)
-        judge_items = load_judge_items(Path(data), None, limit)  # a bad context/category line fails before any model loads
-    elif judge_model is not None:
-        raise KitError("--judge-model needs --judge")
+    judge_backend, judge_items = judge_setup(judge, judge_model, allow_remote, Path(data), limit)
 
     exports = {p: ExportFolder.read(Path(p)) for p in (model, baseline) if p is not None and is_export(Path(p))}
     if exports and judge is not None:
         raise KitError("--judge evaluates a transformers model or adapter; judge the folder the export came from")
     if exports:
         require_llama_cpp("kit eval on an export folder")
-    text_only = any(f.mmproj is None for f in exports.values())
-
-    def run(path: Path) -> tuple[dict[str, Any], list[str] | None]:
-        """VQA result and, for the judge, free-form answers: one load of the model for both."""
-        if path in exports:
-            answerer = GgufAnswerer(exports[path])
-            try:
-                return evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, metric=metric,
-                                answerer=answerer, text_only=text_only), None
-            finally:
-                answerer.close()
-        if text_only:
-            return evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, metric=metric,
-                            text_only=True), None
-        loaded = load_for_inference(Path(path))
-        result = evaluate(Path(path), Path(data), limit, batch_size=batch_size, max_new_tokens=max_new_tokens, echo=echo, loaded=loaded, metric=metric)
-        answers = None
-        if judge_items is not None:
-            echo(f"{path}: answering {len(judge_items)} questions freely (up to {judge_answer_tokens} tokens) for the judge")
-            answers = free_answers(loaded, judge_items, batch_size=batch_size, max_new_tokens=judge_answer_tokens)
-            result["judge_notes"] = model_notes(loaded)
-        return result, answers
-
-    before = before_answers = None
-    if baseline is not None:
-        before, before_answers = run(baseline)
-    result, answers = run(model)  # the baseline's model is gone by now: one model in memory at a time
+    run = EvalRun(Path(data), limit, batch_size, max_new_tokens, metric, exports, judge_items, judge_answer_tokens, echo)
+    before = run.one(baseline) if baseline is not None else None
+    after = run.one(model)  # the baseline's model is gone by now: one model in memory at a time
+    result = after.result
     if before is not None and exports:
         labels = tuple("export" if p in exports else "baseline" if p == baseline else "model" for p in (baseline, model))
-        echo(before_after_table(before, result, labels=labels))
-        result["agreement"] = agreement(before, result)
-        echo(format_agreement(result["agreement"], (before["seconds_per_item"], result["seconds_per_item"])))
+        echo(before_after_table(before.result, result, labels=labels))
+        result["agreement"] = agreement(before.result, result)
+        echo(format_agreement(result["agreement"], (before.result["seconds_per_item"], result["seconds_per_item"])))
     else:
-        echo(before_after_table(before, result) if before is not None else format_result(result))
+        echo(before_after_table(before.result, result) if before is not None else format_result(result))
     if judge_backend is not None:
-        echo(f"judge: {judge_backend.describe()}")
-        for res, ans, path in ((before, before_answers, baseline), (result, answers, model)):
-            if res is not None:
-                res["judged"] = judge_run(judge_backend, judge_items, ans, model=str(path), data=Path(data), notes=res.pop("judge_notes"))
-        echo(compare_judged(before["judged"], result["judged"]) if before is not None else format_judged(result["judged"]))
-        for pred, row in zip(result["predictions"], result["judged"]["predictions"]):
-            pred["judged"] = {k: v for k, v in row.items() if k not in ("id", "question", "answer")}
+        run.judge(judge_backend, before, after)
     if out is not None:
         write_predictions(result, Path(out))
         echo(f"predictions -> {out}")
     if before is not None:
-        result["baseline"] = before
+        result["baseline"] = before.result
     return result
+
+
+def judge_setup(judge: str | None, judge_model: str | None, allow_remote: bool, data: Path, limit: int | None) -> tuple[Any, list | None]:
+    """(judge backend, items it judges), or (None, None) without --judge; KitError before any model
+    loads for a remote judge without `allow_remote` or a bad context / category line."""
+    if judge is None:
+        if judge_model is not None:
+            raise KitError("--judge-model needs --judge")
+        return None, None
+    return resolve_judge(judge, judge_model, allow_remote), load_judge_items(data, None, limit)
+
+
+@dataclass
+class Evaluated:
+    """One folder's VQA result and, for the judge, its free-form answers and the notes its report carries."""
+
+    path: Path
+    result: dict[str, Any]
+    answers: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """The questions and settings every folder of one `kit eval` is asked with."""
+
+    data: Path
+    limit: int | None
+    batch_size: int
+    max_new_tokens: int
+    metric: str
+    exports: dict[Path, ExportFolder]
+    judge_items: list | None
+    judge_answer_tokens: int
+    echo: Callable[[str], None]
+
+    def one(self, path: Path) -> Evaluated:
+        """One load of the folder for the VQA scores and the judge's answers both."""
+        asked = dict(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, echo=self.echo, metric=self.metric)
+        text_only = any(f.mmproj is None for f in self.exports.values())
+        if path in self.exports:
+            answerer = GgufAnswerer(self.exports[path])
+            try:
+                return Evaluated(path, evaluate(Path(path), self.data, self.limit, answerer=answerer, text_only=text_only, **asked))
+            finally:
+                answerer.close()
+        if text_only:
+            return Evaluated(path, evaluate(Path(path), self.data, self.limit, text_only=True, **asked))
+        loaded = load_for_inference(Path(path))
+        result = evaluate(Path(path), self.data, self.limit, loaded=loaded, **asked)
+        if self.judge_items is None:
+            return Evaluated(path, result)
+        self.echo(f"{path}: answering {len(self.judge_items)} questions freely (up to {self.judge_answer_tokens} tokens) for the judge")
+        answers = free_answers(loaded, self.judge_items, batch_size=self.batch_size, max_new_tokens=self.judge_answer_tokens)
+        return Evaluated(path, result, answers, model_notes(loaded))
+
+    def judge(self, backend, before: Evaluated | None, after: Evaluated) -> None:
+        """Judge both folders' answers; the results go under "judged", each prediction its row."""
+        self.echo(f"judge: {backend.describe()}")
+        for one in (before, after):
+            if one is not None:
+                one.result["judged"] = judge_run(backend, self.judge_items, one.answers, model=str(one.path), data=self.data,
+                                                 notes=one.notes)
+        self.echo(compare_judged(before.result["judged"], after.result["judged"]) if before is not None
+                  else format_judged(after.result["judged"]))
+        for pred, row in zip(after.result["predictions"], after.result["judged"]["predictions"]):
+            pred["judged"] = {k: v for k, v in row.items() if k not in ("id", "question", "answer")}

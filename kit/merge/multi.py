@@ -268,47 +268,93 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         notes.append(f"the adapters target different modules: the union ({len(factors)}) is merged, each adapter adding nothing where it has no LoRA")
     for note in notes:
         echo(f"note: {note}")
-    targets, deviation, truncation = combine_all(factors, w, method=method, density=density, rank=rank, seed=seed)
-    projector = combine_saved(saved, originals, w)
-    ref_logits, effect = combined_reference(model, inputs, projector, targets=targets)
-    ref_name = "the base plus the combined ΔW applied unmerged" + (
-        f" (truncated to rank {rank})" if rank else " (exact Σ w_i ΔW_i)" if method == "linear" else "")
-    what = f"{len(infos)} adapters ({method}, weights {', '.join(f'{x:g}' for x in w)}{f', rank {rank}' if rank else ''})"
-    echo(f"merging {what} of base {base.path} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
-    if truncation:
-        echo(f"rank-{rank} truncation: relative Frobenius error max {max(truncation.values()):.3g} over {len(truncation)} modules")
-    if deviation:
-        echo(f"{method} vs the exact weighted sum: relative Frobenius deviation max {max(deviation.values()):.3g}")
+    combination = Combination.of(factors, saved, originals, w, method=method, rank=rank, density=density, seed=seed)
+    ref_logits, effect = combined_reference(model, inputs, combination.projector, targets=combination.targets)
+    echo(f"merging {combination.describe(len(infos))} of base {base.path} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
+    for line in combination.quality_lines():
+        echo(line)
     pending = [model]
     del model
 
     def save(folder: Path) -> torch.Tensor:
-        model = pending.pop()
+        return combination.write(pending.pop(), folder, as_adapter=as_adapter, base=base, dtype=dtype, inputs=inputs)
+
+    merge = combination.record(infos, form=form, dtype=dtype)
+    reference = Reference(ref_logits, combination.reference_name(), samples, effect=effect,
+                          effect_key="combination_effect_max_abs_logit", effect_words="the combination moves logits by up to")
+    return write_verified(out, save, processor, reference=reference, tolerance=tolerance,
+                          card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
+                          echo=echo)
+
+
+@dataclass
+class Combination:
+    """Several adapters' updates combined: ΔW per target module, the saved modules' mix (and the
+    base's originals of them), and what the method changed against the exact weighted sum."""
+
+    weights: list[float]
+    method: str
+    rank: int | None
+    density: float
+    seed: int
+    targets: dict[str, Delta]
+    projector: dict[str, dict]
+    originals: dict[str, dict]
+    deviation: dict[str, float]
+    truncation: dict[str, float]
+
+    @classmethod
+    def of(cls, factors: dict[str, list], saved: dict[str, list], originals: dict[str, dict], weights: list[float], *,
+           method: str, rank: int | None, density: float, seed: int) -> Combination:
+        targets, deviation, truncation = combine_all(factors, weights, method=method, density=density, rank=rank, seed=seed)
+        return cls(weights, method, rank, density, seed, targets, combine_saved(saved, originals, weights), originals,
+                   deviation, truncation)
+
+    def describe(self, n: int) -> str:
+        rank = f", rank {self.rank}" if self.rank else ""
+        return f"{n} adapters ({self.method}, weights {', '.join(f'{x:g}' for x in self.weights)}{rank})"
+
+    def reference_name(self) -> str:
+        how = f" (truncated to rank {self.rank})" if self.rank else " (exact Σ w_i ΔW_i)" if self.method == "linear" else ""
+        return "the base plus the combined ΔW applied unmerged" + how
+
+    def quality_lines(self) -> list[str]:
+        out = []
+        if self.truncation:
+            out.append(f"rank-{self.rank} truncation: relative Frobenius error max {max(self.truncation.values()):.3g} "
+                       f"over {len(self.truncation)} modules")
+        if self.deviation:
+            out.append(f"{self.method} vs the exact weighted sum: relative Frobenius deviation max {max(self.deviation.values()):.3g}")
+        return out
+
+    def write(self, model, folder: Path, *, as_adapter: bool, base: Base, dtype: torch.dtype,
+              inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Write the combination into `folder` (one LoRA adapter, or merged into `model`'s weights) and
+        return the logits of what was written, loaded back."""
         if as_adapter:
-            restore(model, originals)
-            model = write_adapter(model, targets, projector, rank=rank, base=base.path, folder=folder)
+            restore(model, self.originals)
+            model = write_adapter(model, self.targets, self.projector, rank=self.rank, base=base.path, folder=folder)
             return logits_of(PeftModel.from_pretrained(model, str(folder)).eval(), inputs)
         with torch.no_grad():
-            for mname, d in targets.items():
+            for mname, d in self.targets.items():
                 weight = model.get_submodule(mname).weight
                 weight.copy_((weight.float() + d.dense().to(weight.device)).to(weight.dtype))
         model.save_pretrained(folder)
         del model  # one model in memory at a time: the merged one goes before the reload
         return logits_of(load_base(folder, dtype, "full"), inputs)
 
-    merge = {
-        "method": method, "weights": w, "saved_module_weights": [x / sum(w) for x in w], "rank": rank,
-        "density": density if method in ("ties", "dare") else None, "seed": seed if method == "dare" else None,
-        "base_precision": form, "dtype": dtype_name(dtype), "target_modules": len(targets),
-        "saved_modules": sorted(projector),
-        "adapters": [source_entry(i) for i in infos],
-        "truncation": _summary(truncation) if truncation else None,
-        "deviation_from_linear": _summary(deviation) if deviation else None,
-    }
-    reference = Reference(ref_logits, ref_name, samples, effect=effect, effect_key="combination_effect_max_abs_logit", effect_words="the combination moves logits by up to")
-    return write_verified(out, save, processor, reference=reference, tolerance=tolerance,
-                          card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
-                          echo=echo)
+    def record(self, infos: list[AdapterInfo], *, form: str, dtype: torch.dtype) -> dict[str, Any]:
+        """The card's `merge` entry."""
+        w = self.weights
+        return {
+            "method": self.method, "weights": w, "saved_module_weights": [x / sum(w) for x in w], "rank": self.rank,
+            "density": self.density if self.method in ("ties", "dare") else None, "seed": self.seed if self.method == "dare" else None,
+            "base_precision": form, "dtype": dtype_name(dtype), "target_modules": len(self.targets),
+            "saved_modules": sorted(self.projector),
+            "adapters": [source_entry(i) for i in infos],
+            "truncation": _summary(self.truncation) if self.truncation else None,
+            "deviation_from_linear": _summary(self.deviation) if self.deviation else None,
+        }
 
 
 def combine_all(factors: dict[str, list], w: list[float], *, method: str, density: float, rank: int | None,
