@@ -26,7 +26,8 @@ from kit.eval.hallucination import hallucination_changes
 from kit.generate.replicas import backend_for
 from kit.generate.report import failures_error
 from kit.generate.runner import run_generation
-from kit.ground.policy import resolve_grounding, resolve_vocab
+from kit.generate.settings import GenerationSettings
+from kit.ground.policy import resolve_vocab
 from kit.ground.probes import build_probes
 from kit.ground.vocab import load_vocab
 from kit.ingest.pairs import write_caption_pairs
@@ -166,11 +167,9 @@ def _prepare_folder(recipe: Recipe, path: Path, echo) -> Prepared:
     if g is None:
         raise KitError(f"recipe '{recipe.name}' has no generate section; it cannot turn {path} into conversations")
     backend = backend_for(g.backend, g.model, g.base_url)
-    summary = run_generation(
-        train_records, work / "generated", types=g.types, domain=g.domain, backend=backend, concurrency=g.concurrency,
-        max_tokens=g.max_tokens, temperature=g.temperature, seed=recipe.train.seed, echo=echo,
-        grounding=resolve_grounding(g.grounding, g.vocab, g.domain),
-    )
+    settings = GenerationSettings(types=g.types, domain=g.domain, concurrency=g.concurrency, max_tokens=g.max_tokens,
+                                  temperature=g.temperature, seed=recipe.train.seed, grounding=g.grounding, vocab=g.vocab)
+    summary = run_generation(train_records, work / "generated", backend=backend, settings=settings, echo=echo)
     generated = work / "generated"
     samples = read_json(generated / "data.json", "generated data", expect=list)
     made = generation_line(len(samples), summary.rejected, summary.failed, claims=summary.claims)

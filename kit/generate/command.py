@@ -6,56 +6,34 @@ records and runs the resumable engine (kit.generate.runner).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kit.core import options
 from kit.core.errors import KitError
 from kit.data.reviewed import SOURCES_FILE
 from kit.generate.replicas import backend_for
 from kit.generate.ledger import LEDGER
-from kit.generate.prompts import load_domain
 from kit.generate.report import Summary, failures_error
 from kit.generate.runner import run_generation
 from kit.generate.settings import GenerationSettings, check_privacy
-from kit.ground.policy import resolve_grounding
+from kit.ingest.records import Record
 from kit.ingest.sources import SOURCES, load_records
 
 
-def generate_command(
-    source: str,
-    input: Path,
-    out: Path,
-    images: Path | None = None,
-    instances: Path | None = None,
-    types: str = ",".join(options.GENERATE_TYPES),
-    domain: str = options.GENERATE_DOMAIN,
-    backend: str = options.GENERATE_BACKEND,
-    model: str | None = None,
-    base_url: list[str] | str | None = None,
-    concurrency: int = options.GENERATE_CONCURRENCY,
-    limit: int | None = None,
-    seed: int = 0,
-    dry_run: bool = False,
-    allow_remote: bool = False,
-    max_tokens: int = options.GENERATE_MAX_TOKENS,
-    temperature: float = options.GENERATE_TEMPERATURE,
-    *,
-    timeout: float = 60,
-    echo: Callable[[str], None] = print,
-    progress: bool = True,
-    public: bool = False,
-    burned_in_checked: bool = False,
-    force: bool = False,
-    grounding: str = options.GROUNDING[0],
-    vocab: str | None = None,
-) -> Summary:
+def generate_command(source: str, input: Path, out: Path, *, backend: str = options.GENERATE_BACKEND, model: str | None = None,
+                     base_url: list[str] | str | None = None, force: bool = False, echo: Callable[[str], None] = print,
+                     **choices: Any) -> Summary:
     """Read records from `source`, generate, and write data.json, rejects.jsonl, summary.json,
     ledger.jsonl and kit.json into `out`; rerunning the same command resumes. `force` replaces
-    what an earlier kit generate wrote into `out` instead of resuming it. `grounding` and `vocab`
-    set the claim check (kit.ground.policy.resolve_grounding).
+    what an earlier kit generate wrote into `out` instead of resuming it. `choices`: where the
+    records come from (SourceInput's images, instances, public, burned_in_checked) and how the run
+    goes (GenerationSettings' fields, `grounding` and `vocab` included).
 
     Raises KitError, before `out` is created, for an unknown source, type, domain or backend, a
     flag that does not fit the source, an `out` that holds files but is not a kit generate folder,
@@ -63,41 +41,58 @@ def generate_command(
     and `run_generation` raise; and, after writing what finished, when any task failed for good
     (exit status 1: rerunning the same command retries those).
     """
-    if source not in SOURCES:
-        raise KitError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
-    load_domain(domain)  # an unknown or incomplete prompt set fails before anything is read
-    settings = GenerationSettings(
-        types=types, domain=domain, concurrency=concurrency, timeout=timeout, limit=limit, seed=seed,
-        temperature=temperature, max_tokens=max_tokens, allow_remote=allow_remote, dry_run=dry_run, progress=progress,
-        grounding=resolve_grounding(grounding, vocab, domain),
-    )
-    if source in ("coco", "figures") and images is None:
-        raise KitError(f"--images is required for --source {source}: the folder the image paths are relative to")
-    if source not in ("coco", "figures") and images is not None:
-        raise KitError(f"--images applies only to --source coco and figures; {source} input names its own images")
-    if instances is not None and source != "coco":
-        raise KitError("--instances applies only to --source coco")
-    engine = backend_for(backend, model, base_url, timeout=timeout)
-    if source == "dicom":
+    where = SourceInput(source, Path(input), **{k: choices.pop(k) for k in SOURCE_OPTIONS if k in choices})
+    settings = GenerationSettings(**choices)
+    engine = backend_for(backend, model, base_url, timeout=settings.timeout)
+    if where.kind == "dicom":
         # DICOM records are always private; refuse before converting anything into `out`.
-        check_privacy(engine, allow_remote, "DICOM records")
-
-    input, out = Path(input), Path(out)
-    if not dry_run:
+        check_privacy(engine, settings.allow_remote, "DICOM records")
+    out = Path(out)
+    if not settings.dry_run:
         prepare_out(out, force)
-    # A DICOM dry run leaves nothing behind: the converted PNGs go to a temporary folder.
-    scratch = tempfile.TemporaryDirectory(prefix="kit-generate-dry-") if source == "dicom" and dry_run else None
-    records = load_records(source, input, Path(scratch.name) if scratch else out / "dicom", images=images, instances=instances, public=public,
-                           burned_in_checked=burned_in_checked, echo=echo, salt_for=out / "dicom")
-    try:
+    with where.records(out, dry_run=settings.dry_run, echo=echo) as records:
         summary = run_generation(records, out, backend=engine, settings=settings, echo=echo)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    failed = None if dry_run else failures_error(summary)
+    failed = None if settings.dry_run else failures_error(summary)
     if failed is not None:
         raise failed
     return summary
+
+
+SOURCE_OPTIONS = ("images", "instances", "public", "burned_in_checked")
+
+
+@dataclass(frozen=True)
+class SourceInput:
+    """Where `kit generate` reads its records: the source kind, its input, and the options only some
+    sources take (checked when made)."""
+
+    kind: str
+    input: Path
+    images: Path | None = None
+    instances: Path | None = None
+    public: bool = False
+    burned_in_checked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCES:
+            raise KitError(f"unknown source '{self.kind}'; choose one of: {', '.join(SOURCES)}")
+        if self.kind in ("coco", "figures") and self.images is None:
+            raise KitError(f"--images is required for --source {self.kind}: the folder the image paths are relative to")
+        if self.kind not in ("coco", "figures") and self.images is not None:
+            raise KitError(f"--images applies only to --source coco and figures; {self.kind} input names its own images")
+        if self.instances is not None and self.kind != "coco":
+            raise KitError("--instances applies only to --source coco")
+
+    @contextlib.contextmanager
+    def records(self, out: Path, *, dry_run: bool, echo: Callable[[str], None]) -> Iterator[list[Record]]:
+        """The records; DICOM images rendered into out/dicom, or for a dry run into a temporary
+        folder that is gone afterwards (a dry run leaves nothing behind)."""
+        with contextlib.ExitStack() as stack:
+            work = out / "dicom"
+            if self.kind == "dicom" and dry_run:
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kit-generate-dry-")))
+            yield load_records(self.kind, self.input, work, self.images, instances=self.instances, public=self.public,
+                               burned_in_checked=self.burned_in_checked, echo=echo, salt_for=out / "dicom")
 
 
 # What kit generate writes into --out; --force removes these and nothing else.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kit.core import options
 from kit.core.errors import KitError
 from kit.generate.backends import Backend
+from kit.generate.prompts import load_domain
 from kit.ground.policy import Grounding, resolve_grounding
 from kit.ingest.records import TYPES, Record
 
@@ -48,10 +49,12 @@ class GenerationSettings:
     progress: bool = True
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
-    grounding: Grounding | None = field(default=None)
+    grounding: Grounding | str | None = field(default=None)  # a mode name is resolved with `vocab` (kit.ground.policy)
+    vocab: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", tuple(validate_types(self.types)))
+        load_domain(self.domain)  # an unknown or incomplete prompt set fails before anything is read
         if self.concurrency < 1:
             raise KitError(f"--concurrency must be at least 1 (got {self.concurrency})")
         if self.limit is not None and self.limit < 1:
@@ -62,8 +65,8 @@ class GenerationSettings:
             raise KitError(f"--temperature must be between 0 and 2 (got {self.temperature})")
         if self.max_retries < 0:
             raise KitError(f"max_retries must be 0 or more (got {self.max_retries})")
-        if self.grounding is None:
-            object.__setattr__(self, "grounding", resolve_grounding("reject", None, self.domain))
+        if not isinstance(self.grounding, Grounding):
+            object.__setattr__(self, "grounding", resolve_grounding(self.grounding or "reject", self.vocab, self.domain))
 
 
 def check_privacy(backend: Backend, allow_remote: bool, private: str | None) -> None:
