@@ -142,15 +142,18 @@ def test_text_filter_gives_the_same_text_however_pieces_are_split(split):
 
 
 def test_prompt_follows_the_template_the_model_was_trained_with(tiny_base):
-    from kit.infer.prompts import build_prompt
+    from kit.base.family import family_for_type
     from kit.base.load import load_processor
     from kit.core.templates import VICUNA_SYSTEM
+    from kit.data.prompt_spec import PromptSpec
+    from kit.infer.prompts import build_prompt
 
     proc = load_processor(tiny_base)
+    llava = family_for_type("llava")
     turns = [_user("Hi"), {"role": "assistant", "content": "Hello."}, _user("Colour?", True)]
-    chat = build_prompt(proc, turns, {"template": None, "system_prompt": "Be brief."})
+    chat = build_prompt(proc, turns, PromptSpec.choose(proc, llava, None, "Be brief.", "pad"))
     assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
     assert "<|im_start|>assistant\nHello.<|im_end|>" in chat and chat.endswith("<image>\nColour?<|im_end|>\n<|im_start|>assistant\n")
-    vicuna = build_prompt(proc, turns, {"template": "vicuna_v1"})
+    vicuna = build_prompt(proc, turns, PromptSpec.choose(proc, llava, "vicuna_v1", None, "pad"))
     assert vicuna == f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello.{proc.tokenizer.eos_token}USER: <image>\nColour? ASSISTANT:"
-    assert build_prompt(proc, turns, {"template": "plain"}) == "<image>"
+    assert build_prompt(proc, turns, PromptSpec.choose(proc, llava, "plain", None, "pad")) == "<image>"

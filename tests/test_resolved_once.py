@@ -64,3 +64,37 @@ def test_finetune_and_export_read_the_base_config_once(tiny_base, shapes, tmp_pa
     assert len(reads.by_kit) == 1, reads.by_kit
     assert reads.by_libraries == [], reads.by_libraries  # before: kit 6, transformers 2
     print(f"config.json reads (kit, libraries): finetune {finetune}, export ADAPTER {(len(reads.by_kit), len(reads.by_libraries))}")
+
+
+def test_one_prompt_rule_for_training_inference_merge_and_serving(tiny_base, tmp_path, monkeypatch):
+    """kit.core.templates.template_for is the only rule: every stage asks PromptSpec, and for one
+    adapter inference, merge verification and serving get the same spec."""
+    from kit.base.family import family_for_type
+    from kit.base.folder import AdapterInfo
+    from kit.core.templates import PREFIX, template_for
+    from kit.data.prompt_spec import PromptSpec
+    from kit.infer.load import load_for_inference, processor_for
+    from kit.merge import verify
+    from kit.serve.pool import load_pool
+    from tests.helpers import make_adapter
+
+    assert template_for(None, "chat", has_chat_template=True) == "chat"  # a checkpoint kit did not train: its own template
+    assert template_for(None, "chat", has_chat_template=False) == "vicuna_v1"
+    assert template_for(None, "prefix") == template_for("chat", "prefix") == PREFIX
+    assert template_for("vicuna_v1", "prefix") == "vicuna_v1" and template_for("plain", "chat") == "plain"  # as trained
+
+    adapter = make_adapter(tiny_base, tmp_path / "a", seed=1, template="vicuna_v1")
+    loaded = load_for_inference(adapter)
+    assert loaded.spec.template == "vicuna_v1" and loaded.spec.chat_template and loaded.spec.image_aspect == "pad"
+    info = AdapterInfo.open(adapter)
+    seen = []
+    real = PromptSpec.of_card
+    monkeypatch.setattr(PromptSpec, "of_card", classmethod(lambda cls, *a, **k: seen.append(real(*a, **k)) or seen[-1]))
+    verify.verification_inputs(processor_for(adapter, info.base), info.card, info.base)
+    monkeypatch.undo()
+    assert seen == [loaded.spec]
+    pool = load_pool(adapter, echo=lambda m: None)
+    assert pool.served["a"].spec == loaded.spec
+    base_spec = pool.served[tiny_base.name].spec
+    assert base_spec == PromptSpec.choose(loaded.processor, family_for_type("llava"), None, None, "pad")
+    assert base_spec.template == "chat"  # the base's card names no recipe: its own chat template

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import types
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -47,8 +48,9 @@ def lora_target_regex(model, targets, family: Family | None = None) -> str:
     return rf"{re.escape(family.llm)}\.(?:.*\.)?(?:{alternatives})"
 
 
-def prepare_model(recipe: Recipe, base: Base):
+def prepare_model(recipe: Recipe, base: Base | Path):
     """Load the base for training: dtype, quantization, frozen/trainable parts, LoRA."""
+    base = Base.of(base)
     # LoRA and any fresh weights are drawn here, before the Trainer seeds anything: without this two
     # runs of one command start from different adapters and a resumed run cannot match.
     set_seed(recipe.train.seed)
