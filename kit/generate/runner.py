@@ -80,19 +80,7 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
     tasks = _build_tasks(records, types, settings.seed)
     ppm = price_for(backend, settings.price)
 
-    ledger = Ledger(out_dir / LEDGER)
-    ledger.load(repair=not dry_run)
-    for t in tasks:
-        t.request = request_key(prompts.build_messages(t.record, t.rtype, domain), backend)
-    # A finished task is kept only while its request is unchanged: a corrected caption, another
-    # prompt set or another model is asked again (the old reply may quote what was corrected).
-    stale = {t.id for t in tasks if t.id in ledger.entries and ledger.entries[t.id].get("request") != t.request}
-    for tid in stale:
-        ledger.entries.pop(tid)
-    pending = [t for t in tasks if t.id not in ledger.entries]
-    if stale and not dry_run:
-        echo(f"{len(stale)} finished tasks were asked with other inputs (captions, findings, prompts or model changed): asked again")
-
+    ledger, pending = _resume(out_dir, tasks, backend, settings, echo)
     if dry_run:
         return estimate_dry_run(tasks, pending, domain, backend=backend, ppm=ppm, max_tokens=settings.max_tokens, out_dir=out_dir, echo=echo)
 
@@ -109,8 +97,8 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
         asyncio.run(run.run(pending, total=len(tasks), progress=settings.progress))
     finally:
         ledger.close()
-    summary = finalise(tasks, ledger, out_dir, backend=backend, ppm=ppm, image_root=image_root, domain=domain, types=types, requests=run.requests, seconds=time.monotonic() - start,
-                       grounding=settings.grounding)
+    summary = finalise(tasks, ledger, out_dir, backend=backend, ppm=ppm, image_root=image_root, domain=domain, types=types,
+                       requests=run.requests, seconds=time.monotonic() - start, grounding=settings.grounding)
     summary.resumed = len(tasks) - len(pending)
     write_summary(out_dir, summary, tasks, ledger=ledger)
     extra = sum(1 for k in ledger.entries if k not in {t.id for t in tasks})
@@ -118,6 +106,23 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
         echo(f"note: {extra} finished tasks in {ledger.path} are outside this run's records/types and are not in data.json")
     echo(summary_table(summary))
     return summary
+
+
+def _resume(out_dir: Path, tasks: list[_Task], backend: Backend, settings: GenerationSettings,
+            echo: Callable[[str], None]) -> tuple[Ledger, list[_Task]]:
+    """The run's ledger, loaded, and the tasks it has not finished. A finished task is kept only
+    while its request is unchanged: a corrected caption, another prompt set or another model is
+    asked again (the old reply may quote what was corrected)."""
+    ledger = Ledger(out_dir / LEDGER)
+    ledger.load(repair=not settings.dry_run)
+    for t in tasks:
+        t.request = request_key(prompts.build_messages(t.record, t.rtype, settings.domain), backend)
+    stale = {t.id for t in tasks if t.id in ledger.entries and ledger.entries[t.id].get("request") != t.request}
+    for tid in stale:
+        ledger.entries.pop(tid)
+    if stale and not settings.dry_run:
+        echo(f"{len(stale)} finished tasks were asked with other inputs (captions, findings, prompts or model changed): asked again")
+    return ledger, [t for t in tasks if t.id not in ledger.entries]
 
 
 @dataclass(eq=False)

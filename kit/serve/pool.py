@@ -105,6 +105,29 @@ class ModelPool:
         return self.batcher.submit(BatchedAnswer(name, s.processor.tokenizer, inputs, sampling=sampling))
 
 
+def adapters_on(base: Base, specs: list[tuple[str, Path]], opened: AdapterInfo | None = None) -> list[tuple[str, AdapterInfo]]:
+    """Each (name, folder) opened as an adapter of `base` (`opened`: one already open). KitError for
+    a full model, a name taken (the base's folder name included), or an adapter trained on another base."""
+    names = [base.path.resolve().name]
+    plans: list[tuple[str, AdapterInfo]] = []
+    for name, path in specs:
+        if folder_kind(path) != "adapter":
+            raise KitError(f"{path} is a full model, not an adapter: one server holds one base; give adapters after the base")
+        if name in names:
+            raise KitError(f"two served models are named '{name}'; name them apart with NAME=PATH (e.g. {name}-2={path})")
+        names.append(name)
+        adapter = opened if opened is not None and opened.path == path else AdapterInfo.open(path)
+        trained_on = adapter.base
+        same = trained_on.fingerprint == base.fingerprint if adapter.has_card else trained_on.path.resolve() == base.path.resolve()
+        if not same:
+            raise KitError(
+                f"adapter {path} was trained on base {trained_on.path} (fingerprint {trained_on.fingerprint}), not on the served base "
+                f"{base.path} (fingerprint {base.fingerprint}); serve it with its own base: kit serve {trained_on.path} {path}"
+            )
+        plans.append((name, adapter))
+    return plans
+
+
 def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "auto", echo=print, max_batch: int = options.MAX_BATCH) -> ModelPool:
     """Load the base (MODEL_OR_ADAPTER itself, or the base an adapter names) once and attach every adapter.
 
@@ -114,29 +137,14 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     torch_dtype = compute_dtype(dtype, option="--dtype")
     first = Path(model_or_adapter)
     specs = [parse_adapter_spec(a) for a in adapters]
-    if folder_kind(first) == "adapter":
-        base = AdapterInfo.open(first).base
+    opened = AdapterInfo.open(first) if folder_kind(first) == "adapter" else None
+    if opened is not None:
+        base = opened.base
         specs.insert(0, (first.resolve().name, first))
     else:
         base = Base.open(first)
     base_name = base.path.resolve().name
-    names = [base_name]
-    plans: list[tuple[str, AdapterInfo]] = []
-    for name, path in specs:
-        if folder_kind(path) != "adapter":
-            raise KitError(f"{path} is a full model, not an adapter: one server holds one base; give adapters after the base")
-        if name in names:
-            raise KitError(f"two served models are named '{name}'; name them apart with NAME=PATH (e.g. {name}-2={path})")
-        names.append(name)
-        adapter = AdapterInfo.open(path)
-        trained_on = adapter.base
-        same = trained_on.fingerprint == base.fingerprint if adapter.has_card else trained_on.path.resolve() == base.path.resolve()
-        if not same:
-            raise KitError(
-                f"adapter {path} was trained on base {trained_on.path} (fingerprint {trained_on.fingerprint}), not on the served base "
-                f"{base.path} (fingerprint {base.fingerprint}); serve it with its own base: kit serve {trained_on.path} {path}"
-            )
-        plans.append((name, adapter))
+    plans = adapters_on(base, specs, opened)
 
     quants = {adapter.quantization for _, adapter in plans}
     device = default_device()
