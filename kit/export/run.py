@@ -12,11 +12,12 @@ import ctypes
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from kit.base.folder import Base
+from kit.base.folder import AdapterInfo, Base
 from kit.base.load import load_model, load_processor, model_config
 from kit.core import options
 from kit.core.cards import Card, describe_source
@@ -66,12 +67,8 @@ def export_prompt(processor, spec: PromptSpec) -> ExportPrompt:
                         stops=tuple(stop_strings(turn_pieces(processor, spec), processor.tokenizer)))
 
 
-def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant: str = options.EXPORT_QUANTS[0], text_only: bool = False, force: bool = False,
-           tolerance: float | None = None, echo=print, eval_data: Path | None = None, max_drop: float | None = None) -> Path:
-    """Write the export folder (see the module doc). With `eval_data`, evaluate the HF model and the
-    written GGUF on those items before anything is moved into place, record both in the card and
-    README, and with `max_drop` refuse (nothing written) an export that scores lower beyond it."""
-    source = Path(source)
+def check_options(fmt: str, quant: str, *, eval_data: Path | None, max_drop: float | None) -> None:
+    """KitError, before anything is merged or written, for an option kit export cannot carry out."""
     if max_drop is not None and eval_data is None:
         raise KitError("--max-drop needs --eval FILE (the items to compare the export and the HF model on)")
     if max_drop is not None and max_drop < 0:
@@ -85,21 +82,67 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
     check_quant(quant)
     if quant == "q4_k_m" and importlib.util.find_spec("llama_cpp") is None:
         raise KitError(f"--quant q4_k_m is made by llama.cpp's own quantizer: {LLAMA_CPP_HINT}, or use f16 or q8_0")
-    kind = folder_kind(source)
-    inputs = [source]
-    if kind == "adapter":
-        adapter = adapter_info(source)  # a missing or changed base fails here, before anything is written
-        base = adapter.base
-        inputs.append(base.path)
-    else:
-        base = Base.open(source)
+
+
+def open_source(source: Path, text_only: bool) -> tuple[AdapterInfo | None, Base]:
+    """(the adapter, or None for a full model; the base it is exported from). KitError for a folder
+    kit cannot load, a missing or changed base, or a family or tower llama.cpp does not run."""
+    adapter = adapter_info(source) if folder_kind(source) == "adapter" else None
+    base = adapter.base if adapter is not None else Base.open(source)
     family = base.family
     if family.gguf is None:
         raise KitError(f"{source}: {family.label} checkpoints are not exported to GGUF by kit; llama.cpp export covers "
                        "the llava family (LLaVA-1.5 layout: CLIP or SigLIP tower, MLP projector, Llama/Mistral/Qwen2 LLM)")
     if not text_only:
         check_exportable(model_config(base), family)  # the base's config: a merge does not change it
-    check_out(out, force, inputs)
+    return adapter, base
+
+
+@dataclass
+class GgufFiles:
+    """What write_gguf wrote: file names, their sizes, and what each writer reports."""
+
+    llm_file: str
+    mmproj_file: str | None
+    sizes: dict[str, str]
+    text: dict[str, Any]
+    vision: dict[str, Any] | None
+
+
+def write_gguf(model, processor, spec: PromptSpec, folder: Path, *, family, model_dir: Path, name: str, quant: str,
+               text_only: bool, echo=print) -> GgufFiles:
+    """The LLM as `<name>-<quant>.gguf` (k-quants by llama.cpp's quantizer from an f16 file) and,
+    unless `text_only`, the tower + projector as `mmproj-<name>-f16.gguf`, into `folder`."""
+    llm_file = f"{name}-{quant}.gguf"
+    f16_file = folder / f"{name}-f16.gguf"
+    echo(f"writing {llm_file} (LLM)")
+    with torch.no_grad():
+        text = write_text(model, family, model_dir, path=f16_file if quant == "q4_k_m" else folder / llm_file, quant=quant, name=name,
+                          chat_template=spec.chat_template)
+    if quant == "q4_k_m":
+        quantize_with_llama_cpp(f16_file, folder / llm_file, quant)
+        f16_file.unlink()
+    sizes = {llm_file: size_of(folder / llm_file)}
+    if text_only:
+        return GgufFiles(llm_file, None, sizes, text, None)
+    mmproj_file = f"mmproj-{name}-f16.gguf"
+    echo(f"writing {mmproj_file} (vision tower + projector)")
+    with torch.no_grad():
+        vision = write_mmproj(model, family, processor.image_processor, path=folder / mmproj_file, name=name)
+    sizes[mmproj_file] = size_of(folder / mmproj_file)
+    return GgufFiles(llm_file, mmproj_file, sizes, text, vision)
+
+
+def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant: str = options.EXPORT_QUANTS[0], text_only: bool = False, force: bool = False,
+           tolerance: float | None = None, echo=print, eval_data: Path | None = None, max_drop: float | None = None) -> Path:
+    """Write the export folder (see the module doc). With `eval_data`, evaluate the HF model and the
+    written GGUF on those items before anything is moved into place, record both in the card and
+    README, and with `max_drop` refuse (nothing written) an export that scores lower beyond it."""
+    source = Path(source)
+    check_options(fmt, quant, eval_data=eval_data, max_drop=max_drop)
+    adapter, base = open_source(source, text_only)
+    kind, family = "adapter" if adapter is not None else "model", base.family
+    check_out(out, force, [source] + ([base.path] if adapter is not None else []))
     name = source.resolve().name
 
     with staged_folder(out, replace=force) as tmp:
@@ -115,28 +158,13 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
             card = base.card or Card(kind="model")
         spec = PromptSpec.of_card(card, processor, family, base_aspect=base.image_aspect)
 
-        llm_file = f"{name}-{quant}.gguf"
-        f16_file = tmp / f"{name}-f16.gguf"
-        written = {}
-        echo(f"writing {llm_file} (LLM)")
-        with torch.no_grad():
-            text = write_text(model, family, model_dir, path=f16_file if quant == "q4_k_m" else tmp / llm_file, quant=quant, name=name,
-                              chat_template=spec.chat_template)
-        if quant == "q4_k_m":
-            quantize_with_llama_cpp(f16_file, tmp / llm_file, quant)
-            f16_file.unlink()
-        written[llm_file] = size_of(tmp / llm_file)
-        mmproj_file, vision = None, None
-        if not text_only:
-            mmproj_file = f"mmproj-{name}-f16.gguf"
-            echo(f"writing {mmproj_file} (vision tower + projector)")
-            with torch.no_grad():
-                vision = write_mmproj(model, family, processor.image_processor, path=tmp / mmproj_file, name=name)
-            written[mmproj_file] = size_of(tmp / mmproj_file)
+        files = write_gguf(model, processor, spec, tmp, family=family, model_dir=model_dir, name=name, quant=quant,
+                           text_only=text_only, echo=echo)
         del model
+        llm_file, mmproj_file, written, text = files.llm_file, files.mmproj_file, files.sizes, files.text
         (tmp / "Modelfile").write_text(modelfile(llm_file, mmproj_file, processor, spec=spec), encoding="utf-8")
         prompt = export_prompt(processor, spec)
-        export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": vision,
+        export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": files.vision,
                        "image_aspect": spec.image_aspect, "template": spec.template,
                        "prompt": prompt.to_json()}
         extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
@@ -146,7 +174,6 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
             extra["evaluation"] = compare_export(model_dir, folder, Path(eval_data), max_drop=max_drop, echo=echo)
         if kind == "adapter":
             shutil.rmtree(model_dir)
-        if kind == "adapter":
             extra["merge"] = card.model_extra.get("merge")
             extra["verification"] = card.model_extra.get("verification")
         for note in text["notes"]:
