@@ -78,15 +78,9 @@ class SampleProblem(ValueError):
     """Why a sample cannot train (its text is the reason a report lists)."""
 
 
-def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | list, max_length: int, system: str | None = None,
-                  chat_template: str | None = None, placeholder: str = IMAGE_TOKEN):
-    """The sample tokenised with exact labels; SampleProblem (saying what is wrong) when it cannot
-    train. Never produces an all-masked sample.
-
-    image_tokens: per image, in order, what it becomes (kit.data.processing.Processing.expansions):
-    a token count for plain / vicuna_v1, the expanded text for chat; one int for every image means
-    that many `placeholder`s. chat_template: the processor's template for `chat` (default: the
-    tokenizer's). placeholder: what the chat template writes for an image (the processor's token)."""
+def check_trainable(sample: Sample, tokenizer, template: str) -> None:
+    """SampleProblem for a sample no tokenization can train: a special token's text in a turn, no
+    image where the template needs one."""
     specials = special_texts(tokenizer)
     for j, (role, text) in enumerate(sample.turns):
         special = next((t for t in specials if t in text), None)
@@ -97,10 +91,36 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
             )
     if template == "plain" and sample.image is None:
         raise SampleProblem("template plain trains caption pairs and this sample has no image; give it one or use another template")
+    if template == PREFIX and not sample.images:
+        raise SampleProblem("this model's prompt format (an image, then a question) needs an image in every sample")
+
+
+def truncate(ids: np.ndarray, labels: np.ndarray, *, max_length: int, image_end: int, n_img: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids and labels cut to max_length; SampleProblem when that would cut an image's tokens (they
+    end at `image_end`) or leave nothing supervised."""
+    if image_end > max_length:
+        raise SampleProblem(
+            f"image tokens would be truncated: {len(ids)} tokens ({n_img} image) > max_length {max_length}; "
+            "raise data.max_length or shorten the sample"
+        )
+    ids, labels = ids[:max_length], labels[:max_length]
+    if (labels != IGNORE).sum() == 0:
+        raise SampleProblem(f"nothing left to supervise after truncation to max_length {max_length}")
+    return ids, labels
+
+
+def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | list, max_length: int, system: str | None = None,
+                  chat_template: str | None = None, placeholder: str = IMAGE_TOKEN):
+    """The sample tokenised with exact labels; SampleProblem (saying what is wrong) when it cannot
+    train. Never produces an all-masked sample.
+
+    image_tokens: per image, in order, what it becomes (kit.data.processing.Processing.expansions):
+    a token count for plain / vicuna_v1, the expanded text for chat; one int for every image means
+    that many `placeholder`s. chat_template: the processor's template for `chat` (default: the
+    tokenizer's). placeholder: what the chat template writes for an image (the processor's token)."""
+    check_trainable(sample, tokenizer, template)
     chunked = template in CHUNKED_TEMPLATES
     n_images = len(sample.images)
-    if template == PREFIX and not n_images:
-        raise SampleProblem("this model's prompt format (an image, then a question) needs an image in every sample")
     if isinstance(image_tokens, int):
         image_tokens = [image_tokens if chunked else placeholder * image_tokens] * n_images
     try:
@@ -121,22 +141,15 @@ def encode_sample(sample: Sample, tokenizer, template: str, image_tokens: int | 
         raise SampleProblem("nothing to supervise (no assistant answer survives the template)")
     if not supervised_text_matches(tokenizer, ids, labels, answers=expanded.answers):
         raise SampleProblem("supervised tokens do not spell the answers (tokenizer/template mismatch)")
-    truncated = False
-    if len(ids) > max_length:
+    truncated = len(ids) > max_length
+    if truncated:
         # Every image's tokens, markers included, must survive: an image cut short fails in the model.
         if chunked:
             image_end = int(np.nonzero(ids == image_id)[0][-1]) + 1 if n_img else 0
         else:
             last = expanded.text.rfind(image_tokens[-1]) + len(image_tokens[-1]) if image_tokens else 0
             image_end = int((tokens.starts < last).sum()) if last else 0
-        if image_end > max_length:
-            raise SampleProblem(
-                f"image tokens would be truncated: {len(ids)} tokens ({n_img} image) > max_length {max_length}; "
-                "raise data.max_length or shorten the sample"
-            )
-        ids, labels, truncated = ids[:max_length], labels[:max_length], True
-        if (labels != IGNORE).sum() == 0:
-            raise SampleProblem(f"nothing left to supervise after truncation to max_length {max_length}")
+        ids, labels = truncate(ids, labels, max_length=max_length, image_end=image_end, n_img=n_img)
     text, suffix = prefix_parts(rendered) if template == PREFIX else (rendered.text, None)
     return Encoded(sample.id, ids.astype(np.int32), labels.astype(np.int32), images=[], text=text, suffix=suffix, truncated=truncated,
                    from_prompts=rendered.from_prompts)
