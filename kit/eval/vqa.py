@@ -146,7 +146,7 @@ def evaluate(
     max_new_tokens: int = 32,
     echo: Callable[[str], None] = print,
     image_folder: Path | None = None,
-    loaded: tuple[Any, Any, dict[str, Any]] | None = None,
+    loaded: Loaded | None = None,
     metric: str = "llava-med",
     answerer=None,
     text_only: bool = False,
@@ -176,40 +176,49 @@ def evaluate(
             raise KitError(f"{data} has no text questions (lines without 'image'), and a text-only export answers only those")
     if answerer is None:
         answerer = HfAnswerer(loaded or load_for_inference(Path(model_path)), batch_size)
+    echo(f"evaluating {model_path} ({answerer.kind}) on {describe_items(items)} from {data}")
+    notes = list(answerer.notes)
+    for note in notes:
+        echo(f"note: {note}")
+    started = time.perf_counter()
+    predictions, tokens = answer_all(answerer, items, max_new_tokens=max_new_tokens, metric=metric)
+    result = summarise(predictions)
+    if any(p.get("probe") for p in predictions):
+        result["pope"] = pope_by_set(predictions)
+    if any(it.answer_type == "describe" for it in items):
+        result["chair"] = chair(predictions)
+    result.update({
+        "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": answerer.kind, "data": str(data),
+        "notes": notes, "predictions": predictions, "answer_tokens": tokens,
+        "seconds_per_item": (time.perf_counter() - started) / max(1, len(items)),
+    })
+    return result
+
+
+def describe_items(items: list[Item]) -> str:
+    """'12 questions (8 closed, 4 open)', or with probes and descriptions '20 items (..., 6 probes, 2 descriptions)'."""
     n_c = sum(it.answer_type == "closed" and not it.extra.get("probe") for it in items)
     n_o = sum(it.answer_type == "open" for it in items)
     n_p = sum(bool(it.extra.get("probe")) for it in items)
     n_d = len(items) - n_c - n_o - n_p
     extra = "".join(f", {n} {what}" for n, what in ((n_p, "probes"), (n_d, "descriptions")) if n)
-    what = "questions" if not extra else "items"
-    echo(f"evaluating {model_path} ({answerer.kind}) on {len(items)} {what} ({n_c} closed, {n_o} open{extra}) from {data}")
-    notes = list(answerer.notes)
-    for note in notes:
-        echo(f"note: {note}")
-    # Descriptions are generated apart (they need a longer budget); predictions keep the file's order.
+    return f"{len(items)} {'questions' if not extra else 'items'} ({n_c} closed, {n_o} open{extra})"
+
+
+def answer_all(answerer, items: list[Item], *, max_new_tokens: int, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, list]]]:
+    """(a scored prediction per item, each answer's token ids and pieces), in the items' order.
+    Descriptions are generated apart: they need a longer budget."""
     by_index: dict[int, dict[str, Any]] = {}
+    tokens: dict[int, dict[str, list]] = {}
     described = [i for i, it in enumerate(items) if it.answer_type == "describe"]
     asked = [i for i, it in enumerate(items) if it.answer_type != "describe"]
-    tokens: dict[int, dict[str, list]] = {}
-    started = time.perf_counter()
     for group, budget in ((asked, max_new_tokens), (described, max(max_new_tokens, DESCRIBE_TOKENS))):
         if group:
             answers = answerer.answers([items[i] for i in group], budget, PROMPT_STYLE[metric])
             for i, (pred, ids) in zip(group, answers):
                 by_index[i] = _prediction(items[i], pred, metric)
                 tokens[i] = {"ids": ids, "pieces": answerer.pieces(ids)}
-    predictions = [by_index[i] for i in range(len(items))]
-    result = summarise(predictions)
-    if any(p.get("probe") for p in predictions):
-        result["pope"] = pope_by_set(predictions)
-    if described:
-        result["chair"] = chair(predictions)
-    result.update({
-        "metric": metric, "prompts": PROMPT_STYLE[metric], "model": str(model_path), "kind": answerer.kind, "data": str(data),
-        "notes": notes, "predictions": predictions, "answer_tokens": [tokens[i] for i in range(len(items))],
-        "seconds_per_item": (time.perf_counter() - started) / max(1, len(items)),
-    })
-    return result
+    return [by_index[i] for i in range(len(items))], [tokens[i] for i in range(len(items))]
 
 
 def _prediction(it: Item, pred: str, metric: str) -> dict[str, Any]:
