@@ -162,56 +162,81 @@ def source_line(record, image: str | None, sample_ids: list[str]) -> dict:
     return {**d, "image": image, "samples": sample_ids}
 
 
+@dataclass
+class Outcomes:
+    """The ledger's finished tasks sorted into what data.json, rejects.jsonl, flagged.jsonl and the
+    sources file hold, with the counts the summary and card report."""
+
+    grounding: Grounding
+    image_root: Path
+    rejected: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    claims: Counter[str] = field(default_factory=Counter)
+    samples: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    flagged: list[dict] = field(default_factory=list)
+    sources: dict[str, tuple] = field(default_factory=dict)  # record id -> (record, its image as data.json names it, its conversations' ids)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated: int = 0
+    pending: int = 0
+
+    def add(self, t, e: dict | None) -> None:
+        """One task and its ledger entry (None: not finished)."""
+        if e is None:
+            self.pending += 1
+            return
+        usage = e.get("usage") or {}
+        self.prompt_tokens += int(usage.get("prompt_tokens", 0))
+        self.completion_tokens += int(usage.get("completion_tokens", 0))
+        if e["status"] == "ok":
+            self._add_sample(t, dict(e["sample"]))
+        elif e["status"] == "rejected":
+            self.rejected[category_of(e)] += 1
+            self.rejects.append({"id": f"{t.record.id}-{t.rtype}", "task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
+        else:
+            self.failed[category_of(e)] += 1
+
+    def _add_sample(self, t, sample: dict) -> None:
+        root = Path(os.path.abspath(t.record.root))
+        if root != self.image_root and isinstance(sample.get("image"), str):
+            # The ledger keeps paths relative to each record's root; data.json has one image folder.
+            sample["image"] = Path(os.path.relpath(root / sample["image"], self.image_root)).as_posix()
+        self.sources.setdefault(t.record.id, (t.record, sample.get("image"), []))[2].append(sample["id"])
+        answers = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
+        bad = self.grounding.bad_claims(t.record, answers)
+        if bad:
+            self.claims.update(f"{c.status} {c.kind}" for c in bad)
+            line = {"id": sample["id"], "task": t.id, "reason": claims_reason(bad), "claims": [c.to_json() for c in bad]}
+            if self.grounding.mode == "reject":
+                self.rejected["claims"] += 1
+                # Whole, so a reviewer can rescue a false alarm (kit review) and it trains as written.
+                self.rejects.append({**line, "image": sample.get("image"), "type": sample.get("type"),
+                                     "conversations": sample["conversations"]})
+                return
+            self.flagged.append(line)
+        self.generated += 1
+        self.samples.append(sample)
+
+    def write(self, out_dir: Path) -> None:
+        write_json_atomic(out_dir / "data.json", self.samples)
+        write_jsonl_atomic(out_dir / "rejects.jsonl", self.rejects)
+        write_jsonl_atomic(out_dir / SOURCES_FILE, [source_line(*v) for v in self.sources.values()])
+        if self.grounding.mode == "flag" or (out_dir / "flagged.jsonl").exists():
+            write_jsonl_atomic(out_dir / "flagged.jsonl", self.flagged)
+
+
 def finalise(tasks, ledger: Ledger, out_dir: Path, backend: Backend, ppm, image_root: Path, domain: str,
               types: list[str], requests: int, seconds: float, grounding: Grounding) -> Summary:
     """data.json, rejects.jsonl (and flagged.jsonl) and the card from the ledger. The claim check
     runs here, on every finished conversation, so a changed vocabulary or mode applies on resume
     without asking the model again."""
-    rejected: Counter[str] = Counter()
-    failed: Counter[str] = Counter()
-    claim_counts: Counter[str] = Counter()
-    samples, rejects, flagged = [], [], []
-    sources: dict[str, tuple] = {}  # record id -> (record, its image as data.json names it, its conversations' ids)
-    prompt = completion = generated = pending = 0
+    o = Outcomes(grounding, image_root)
     for t in tasks:
-        e = ledger.entries.get(t.id)
-        if e is None:
-            pending += 1
-            continue
-        usage = e.get("usage") or {}
-        prompt += int(usage.get("prompt_tokens", 0))
-        completion += int(usage.get("completion_tokens", 0))
-        if e["status"] == "ok":
-            sample = dict(e["sample"])
-            root = Path(os.path.abspath(t.record.root))
-            if root != image_root and isinstance(sample.get("image"), str):
-                # The ledger keeps paths relative to each record's root; data.json has one image folder.
-                sample["image"] = Path(os.path.relpath(root / sample["image"], image_root)).as_posix()
-            sources.setdefault(t.record.id, (t.record, sample.get("image"), []))[2].append(sample["id"])
-            answers = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
-            bad = grounding.bad_claims(t.record, answers)
-            if bad:
-                claim_counts.update(f"{c.status} {c.kind}" for c in bad)
-                line = {"id": sample["id"], "task": t.id, "reason": claims_reason(bad), "claims": [c.to_json() for c in bad]}
-                if grounding.mode == "reject":
-                    rejected["claims"] += 1
-                    # Whole, so a reviewer can rescue a false alarm (kit review) and it trains as written.
-                    rejects.append({**line, "image": sample.get("image"), "type": sample.get("type"),
-                                    "conversations": sample["conversations"]})
-                    continue
-                flagged.append(line)
-            generated += 1
-            samples.append(sample)
-        elif e["status"] == "rejected":
-            rejected[category_of(e)] += 1
-            rejects.append({"id": f"{t.record.id}-{t.rtype}", "task": t.id, "reason": e.get("reason", ""), "raw": e.get("raw", "")})
-        else:
-            failed[category_of(e)] += 1
-    write_json_atomic(out_dir / "data.json", samples)
-    write_jsonl_atomic(out_dir / "rejects.jsonl", rejects)
-    write_jsonl_atomic(out_dir / SOURCES_FILE, [source_line(*v) for v in sources.values()])
-    if grounding.mode == "flag" or (out_dir / "flagged.jsonl").exists():
-        write_jsonl_atomic(out_dir / "flagged.jsonl", flagged)
+        o.add(t, ledger.entries.get(t.id))
+    o.write(out_dir)
+    rejected, failed, claim_counts, flagged = o.rejected, o.failed, o.claims, o.flagged
+    prompt, completion, generated, pending = o.prompt_tokens, o.completion_tokens, o.generated, o.pending
     summary = Summary(
         out_dir=out_dir, tasks=len(tasks), generated=generated, rejected=dict(rejected), failed=dict(failed),
         pending=pending, prompt_tokens=prompt, completion_tokens=completion, cost=cost_of(ppm, prompt, completion),
