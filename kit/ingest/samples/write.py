@@ -141,6 +141,45 @@ def _readme(bases: list[SampleImage], variants: dict[str, list[tuple[str, str]]]
     return "\n".join(lines)
 
 
+def _built_sources() -> tuple[list[SampleImage], list[str], list[bytes]]:
+    """(the sample images this installation can build, the sources it cannot and why, the DICOM
+    values that must not appear in any written byte)."""
+    phi: list[str] = []
+    bases: list[SampleImage] = []
+    skipped: list[str] = []
+    entries = load_texts()
+    versions = {"pydicom_version": package_version("pydicom"), "skimage_version": package_version("scikit-image")}
+    for rid, source, build in MEDICAL:
+        try:
+            built = build(source, phi)
+        except Skip as e:
+            skipped.append(f"{source}: {e}")
+            continue
+        bases.append(sample_image(rid, entries[rid], built, fields=versions | built.fields))
+    if not bases:
+        raise KitError(f"no sample source is available in this installation: {'; '.join(skipped)}")
+    # Short values (sex codes, single digits) occur everywhere by chance and identify no one.
+    return bases, skipped, sorted({p.encode("utf-8") for p in phi if len(p) >= 3})
+
+
+def _write_images(bases: list[SampleImage], staging: Path, phi_bytes: list[bytes]) -> tuple[list[dict[str, Any]], dict[str, list[tuple[str, str]]]]:
+    """Each image and its augmented copies as PNGs under images/; (manifest lines, each image's copies and what was done)."""
+    (staging / "images").mkdir()
+    manifest: list[dict[str, Any]] = []
+    variants: dict[str, list[tuple[str, str]]] = {}
+    for base in bases:
+        rows = [(base.id, base.pixels, list(base.boxes), True)]
+        variants[base.id] = []
+        for n, aug in enumerate(base.augs, 1):
+            rid = f"{base.id}-aug{n}"
+            rows.append((rid, *_variant(base, aug)))
+            variants[base.id].append((rid, aug.note))
+        for rid, pixels, boxes, oriented in rows:
+            (staging / "images" / f"{rid}.png").write_bytes(_encode_png(pixels, phi_bytes))
+            manifest.append(_manifest_line(rid, base, boxes, oriented=oriented))
+    return manifest, variants
+
+
 def write_sample(domain: str, out: Path) -> Card:
     """Write the sample set for `domain` into the new folder `out` and return its `kit.json` card.
 
@@ -158,43 +197,12 @@ def write_sample(domain: str, out: Path) -> Card:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KitError(f"{out} already exists and is not an empty folder; choose a new folder or remove it")
 
-    phi: list[str] = []
-    bases: list[SampleImage] = []
-    skipped: list[str] = []
-    entries = load_texts()
-    versions = {"pydicom_version": package_version("pydicom"), "skimage_version": package_version("scikit-image")}
-    for rid, source, build in MEDICAL:
-        try:
-            built = build(source, phi)
-        except Skip as e:
-            skipped.append(f"{source}: {e}")
-            continue
-        bases.append(sample_image(rid, entries[rid], built, fields=versions | built.fields))
-    if not bases:
-        raise KitError(f"no sample source is available in this installation: {'; '.join(skipped)}")
-    # Short values (sex codes, single digits) occur everywhere by chance and identify no one.
-    phi_bytes = sorted({p.encode("utf-8") for p in phi if len(p) >= 3})
-
+    bases, skipped, phi_bytes = _built_sources()
     with staged_folder(out) as staging:
-        (staging / "images").mkdir()
-        manifest: list[dict[str, Any]] = []
-        variants: dict[str, list[tuple[str, str]]] = {}
-        for base in bases:
-            rows = [(base.id, base.pixels, list(base.boxes), True)]
-            variants[base.id] = []
-            for n, aug in enumerate(base.augs, 1):
-                rid = f"{base.id}-aug{n}"
-                rows.append((rid, *_variant(base, aug)))
-                variants[base.id].append((rid, aug.note))
-            for rid, pixels, boxes, oriented in rows:
-                (staging / "images" / f"{rid}.png").write_bytes(_encode_png(pixels, phi_bytes))
-                manifest.append(_manifest_line(rid, base, boxes, oriented=oriented))
-
-        questions: list[dict[str, str]] = []
-        for base in bases:
-            for n, (question, answer) in enumerate(base.qa, 1):
-                kind = "closed" if answer in ("yes", "no") else "open"
-                questions.append({"id": f"{base.id}-q{n}", "image": f"images/{base.id}.png", "question": question, "answer": answer, "answer_type": kind})
+        manifest, variants = _write_images(bases, staging, phi_bytes)
+        questions = [{"id": f"{base.id}-q{n}", "image": f"images/{base.id}.png", "question": question, "answer": answer,
+                      "answer_type": "closed" if answer in ("yes", "no") else "open"}
+                     for base in bases for n, (question, answer) in enumerate(base.qa, 1)]
         n_closed = sum(q["answer_type"] == "closed" for q in questions)
         n_yes = sum(q["answer"] == "yes" for q in questions)
 
