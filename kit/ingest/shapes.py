@@ -283,6 +283,36 @@ def category_id(colour: str, shape: str) -> int:
     return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape) + 1
 
 
+def _shape_entry(root: Path, i: int, *, seed: int, size: int) -> dict[str, Any]:
+    """Image `i` drawn and saved, and its line in each annotation file (image, instance, caption,
+    pretrain, instruct) plus its attributes."""
+    # A per-image stream (str seeds hash via sha512, stable across runs)
+    # makes each image independent of n and of the others.
+    rng = random.Random(f"kit.shapes:{seed}:{i}")
+    img, attrs = draw_scene(rng, size)
+    text = caption(attrs, rng)
+    name = f"shape_{i:05d}"
+    rel = f"images/{name}.png"
+    _atomic_save_png(root / rel, img)
+    image_id = i + 1
+    x, y, w, h = attrs["bbox"]
+    pretrain = {"id": name, "image": rel, "conversations": [
+        {"from": "human", "value": "<image>\n" + rng.choice(_PRETRAIN_PROMPTS)}, {"from": "gpt", "value": text}]}
+    turns = []
+    for k, (q, a) in enumerate(qa_rounds(attrs, rng)):
+        turns.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
+        turns.append({"from": "gpt", "value": a})
+    return {
+        "image": {"id": image_id, "file_name": rel, "width": size, "height": size},
+        "instance": {"id": image_id, "image_id": image_id, "category_id": category_id(attrs["colour"], attrs["shape"]),
+                     "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0},
+        "caption": {"id": image_id, "image_id": image_id, "caption": text},
+        "pretrain": pretrain,
+        "instruct": {"id": name, "image": rel, "conversations": turns},
+        "attributes": attrs,
+    }
+
+
 def write_shapes_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 224) -> dict[str, str]:
     """Write ``n`` captioned shape images and their annotation files.
 
@@ -308,45 +338,13 @@ def write_shapes_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: in
     attributes: dict[str, dict[str, Any]] = {}
 
     for i in range(n):
-        # A per-image stream (str seeds hash via sha512, stable across runs)
-        # makes each image independent of n and of the others.
-        rng = random.Random(f"kit.shapes:{seed}:{i}")
-        img, attrs = draw_scene(rng, size)
-        text = caption(attrs, rng)
-        name = f"shape_{i:05d}"
-        rel = f"images/{name}.png"
-        _atomic_save_png(root / rel, img)
-
-        image_id = i + 1
-        images.append({"id": image_id, "file_name": rel, "width": size, "height": size})
-        x, y, w, h = attrs["bbox"]
-        instances.append(
-            {
-                "id": image_id,
-                "image_id": image_id,
-                "category_id": category_id(attrs["colour"], attrs["shape"]),
-                "bbox": [x, y, w, h],
-                "area": w * h,
-                "iscrowd": 0,
-            }
-        )
-        captions.append({"id": image_id, "image_id": image_id, "caption": text})
-        pretrain.append(
-            {
-                "id": name,
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + rng.choice(_PRETRAIN_PROMPTS)},
-                    {"from": "gpt", "value": text},
-                ],
-            }
-        )
-        turns = []
-        for k, (q, a) in enumerate(qa_rounds(attrs, rng)):
-            turns.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
-            turns.append({"from": "gpt", "value": a})
-        instruct.append({"id": name, "image": rel, "conversations": turns})
-        attributes[name] = attrs
+        entry = _shape_entry(root, i, seed=seed, size=size)
+        images.append(entry["image"])
+        instances.append(entry["instance"])
+        captions.append(entry["caption"])
+        pretrain.append(entry["pretrain"])
+        instruct.append(entry["instruct"])
+        attributes[entry["pretrain"]["id"]] = entry["attributes"]
 
     info = {"description": "kit procedural shapes", "seed": seed, "size": size}
     paths = {
