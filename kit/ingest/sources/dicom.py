@@ -82,6 +82,47 @@ def _pixel_limits(ds: Any, where: str) -> None:
                        "on the longest side (downscale it, or leave the file out)")
 
 
+def middle_frame(ds, path: Path):
+    """(the middle frame's pixels, its index) of a DICOM image; KitError when they cannot be decoded."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    index = n_frames // 2
+    try:
+        frame = pixels.pixel_array(ds, index=index if n_frames > 1 else None)
+    except Exception as e:  # missing codec plugins and corrupt streams both land here
+        raise KitError(
+            f"cannot decode the pixel data of {path} ({type(e).__name__}: {one_line(e)}); install the codec pydicom names "
+            "(e.g. pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg) or remove the file"
+        ) from None
+    if frame.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        frame = frame[frame.shape[0] // 2]  # frames the header did not count
+    return frame, index
+
+
+def dicom_record(ds, rid: str, *, frame, index: int, work_dir: Path, note) -> Record:
+    """The record of one DICOM image rendered as work_dir/images/<rid>.png: allowlisted metadata
+    (`note(tags left out)` when any were), a caption from it, a segmentation's segments as findings
+    and boxes. Always private."""
+    dropped: list[str] = []
+    metadata = safe_metadata(ds, dropped)
+    if dropped:
+        note(dropped)
+    labels: list[str] = []
+    boxes: list[Box] = []
+    if str(ds.get("Modality", "")).upper() == "SEG":
+        labels, boxes = segments(ds, index, frame)
+    return Record(
+        id=rid,
+        image=f"images/{rid}.png",
+        root=work_dir,
+        captions=[dicom_caption(metadata, labels)],
+        boxes=boxes,
+        findings=[f"Segmented region: {label}" for label in labels],
+        metadata=metadata,
+        private=True,
+        source=f"dicom#{rid}",  # not the path: folder names are often patient names
+    )
+
+
 def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False, echo=None,
                salt_for: Path | None = None) -> list[Record]:
     """Records from every DICOM image under `folder` (recursive), with an 8-bit PNG per file.
@@ -123,44 +164,15 @@ def from_dicom(folder: Path, work_dir: Path, burned_in_checked: bool = False, ec
         _pixel_limits(ds, f"{folder.name}/{rel}")
         salt = salt or id_salt(salt_for or work_dir)
         rid = "dicom-" + hashlib.sha256(salt + b"\0" + rel.encode("utf-8")).hexdigest()[:12]
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        index = n_frames // 2
-        try:
-            frame = pixels.pixel_array(ds, index=index if n_frames > 1 else None)
-        except Exception as e:  # missing codec plugins and corrupt streams both land here
-            raise KitError(
-                f"cannot decode the pixel data of {path} ({type(e).__name__}: {one_line(e)}); install the codec pydicom names "
-                "(e.g. pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg) or remove the file"
-            ) from None
-        if frame.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
-            frame = frame[frame.shape[0] // 2]  # frames the header did not count
-        image = render_frame(ds, frame)
+        frame, index = middle_frame(ds, path)
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")  # no text chunks: nothing but pixels
+        Image.fromarray(render_frame(ds, frame)).save(buf, format="PNG")  # no text chunks: nothing but pixels
         write_bytes_atomic(work_dir / "images" / f"{rid}.png", buf.getvalue())
 
-        dropped: list[str] = []
-        metadata = safe_metadata(ds, dropped)
-        if dropped and echo is not None:
-            echo(f"note: {folder.name}/{rel}: left out {', '.join(dropped)} (values that are not DICOM terms or numbers, "
-                 "or that repeat the patient's name or IDs)")
-        labels: list[str] = []
-        boxes: list[Box] = []
-        if str(ds.get("Modality", "")).upper() == "SEG":
-            labels, boxes = segments(ds, index, frame)
-        records.append(
-            Record(
-                id=rid,
-                image=f"images/{rid}.png",
-                root=work_dir,
-                captions=[dicom_caption(metadata, labels)],
-                boxes=boxes,
-                findings=[f"Segmented region: {label}" for label in labels],
-                metadata=metadata,
-                private=True,
-                source=f"dicom#{rid}",  # not the path: folder names are often patient names
-            )
-        )
+        records.append(dicom_record(ds, rid, frame=frame, index=index, work_dir=work_dir,
+                                    note=lambda dropped: echo(f"note: {folder.name}/{rel}: left out {', '.join(dropped)} (values that "
+                                                              "are not DICOM terms or numbers, or that repeat the patient's name or IDs)")
+                                    if echo is not None else None))
     if not records:
         raise KitError(f"no DICOM images under {folder} (looked for *.dcm and extensionless DICOM files)")
     return records
