@@ -91,33 +91,32 @@ def from_manifest(folder: Path) -> list[Record]:
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         raise KitError(f"{manifest} does not exist; put a {MANIFEST_NAME} (one JSON object per image) in {folder}")
-    records: list[Record] = []
-    for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, root=folder):
-        if "caption" in obj and "captions" in obj:
-            raise KitError(f"{where}: give either 'caption' or 'captions', not both")
-        captions = text_list(obj["captions"], "captions", where) if "captions" in obj else []
-        if "caption" in obj:
-            if not isinstance(obj["caption"], str):
-                raise KitError(f"{where}: 'caption' must be a string (use 'captions' for a list)")
-            captions = clean_texts([obj["caption"]])
-        findings = text_list(obj["findings"], "findings", where) if "findings" in obj else []
-        raw_boxes = obj.get("boxes", [])
-        if not isinstance(raw_boxes, list):
-            raise KitError(f"{where}: 'boxes' must be a list of box objects")
-        boxes = [_parse_box(b, size, where) for b in raw_boxes]
-        metadata = _metadata(obj.get("metadata", {}), where)
-        private = obj.get("private", True)
-        if not isinstance(private, bool):
-            raise KitError(f"{where}: 'private' must be true or false")
-        if not (captions or findings or boxes):
-            raise KitError(f"{where}: image '{rel}' has no captions, findings or boxes; a generator needs at least one of them")
-        records.append(
-            Record(
-                id=rid, image=rel, root=folder, captions=captions, boxes=boxes, findings=findings,
-                metadata=metadata, private=private, source=f"{manifest}:{lineno}",
-            )
-        )
-    return records
+    return [_manifest_record(obj, rid=rid, rel=rel, size=size, where=where, root=folder, source=f"{manifest}:{lineno}")
+            for where, lineno, obj, rel, size, rid in checked_lines(manifest, "manifest", _MANIFEST_FIELDS, root=folder)]
+
+
+def _manifest_record(obj: dict[str, Any], *, rid: str, rel: str, size: tuple[int, int], where: str, root: Path, source: str) -> Record:
+    """One manifest line (its image already checked) as a Record; KitError naming `where` otherwise."""
+    if "caption" in obj and "captions" in obj:
+        raise KitError(f"{where}: give either 'caption' or 'captions', not both")
+    captions = text_list(obj["captions"], "captions", where) if "captions" in obj else []
+    if "caption" in obj:
+        if not isinstance(obj["caption"], str):
+            raise KitError(f"{where}: 'caption' must be a string (use 'captions' for a list)")
+        captions = clean_texts([obj["caption"]])
+    findings = text_list(obj["findings"], "findings", where) if "findings" in obj else []
+    raw_boxes = obj.get("boxes", [])
+    if not isinstance(raw_boxes, list):
+        raise KitError(f"{where}: 'boxes' must be a list of box objects")
+    boxes = [_parse_box(b, size, where) for b in raw_boxes]
+    metadata = _metadata(obj.get("metadata", {}), where)
+    private = obj.get("private", True)
+    if not isinstance(private, bool):
+        raise KitError(f"{where}: 'private' must be true or false")
+    if not (captions or findings or boxes):
+        raise KitError(f"{where}: image '{rel}' has no captions, findings or boxes; a generator needs at least one of them")
+    return Record(id=rid, image=rel, root=root, captions=captions, boxes=boxes, findings=findings, metadata=metadata,
+                  private=private, source=source)
 
 
 def _checked_image(value: Any, folder: Path, where: str) -> tuple[str, tuple[int, int]]:
