@@ -48,6 +48,29 @@ def build(out: Path, vision: Path | None, llm: Path | None, preset: str | None, 
     return out
 
 
+def llava_weights(vision_w: dict, llm_w: dict, *, vocab: int, dtype) -> dict:
+    """The tower's and the LLM's weights under LLaVA's names, in the LLM's dtype, the embeddings
+    (and an untied head) grown to `vocab` rows for the image token."""
+    weights = {"model.vision_tower." + k: v.to(dtype) for k, v in vision_w.items()}
+    for k, v in llm_w.items():
+        if k.startswith("lm_head."):
+            weights[k] = v.to(dtype)
+        else:
+            weights["model.language_model." + k.removeprefix("model.")] = v.to(dtype)
+    grow_embeddings(weights, "model.language_model.embed_tokens.weight", vocab)
+    if "lm_head.weight" in weights:
+        grow_embeddings(weights, "lm_head.weight", vocab)
+    return weights
+
+
+def tower_image_processor(vision_dir: Path, size: int):
+    """The tower's own image processor, else CLIP's preprocessing at its image size."""
+    if (vision_dir / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(vision_dir)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN,
+                              image_std=CLIP_STD)
+
+
 def build_from_parts(
     vision_dir: Path,
     llm_dir: Path,
@@ -71,18 +94,9 @@ def build_from_parts(
     if not -vision_cfg.num_hidden_layers <= vision_layer < vision_cfg.num_hidden_layers:
         raise KitError(f"--vision-layer {vision_layer}: the tower has {vision_cfg.num_hidden_layers} layers")
 
-    vocab = max(text_cfg.vocab_size, len(tokenizer))
-    text_cfg.vocab_size = vocab
+    text_cfg.vocab_size = max(text_cfg.vocab_size, len(tokenizer))
     dtype = next(iter(llm_w.values())).dtype
-    weights = {"model.vision_tower." + k: v.to(dtype) for k, v in vision_w.items()}
-    for k, v in llm_w.items():
-        if k.startswith("lm_head."):
-            weights[k] = v.to(dtype)
-        else:
-            weights["model.language_model." + k.removeprefix("model.")] = v.to(dtype)
-    grow_embeddings(weights, "model.language_model.embed_tokens.weight", vocab)
-    if "lm_head.weight" in weights:
-        grow_embeddings(weights, "lm_head.weight", vocab)
+    weights = llava_weights(vision_w, llm_w, vocab=text_cfg.vocab_size, dtype=dtype)
     weights.update(fresh_projector(vision_cfg.hidden_size, text_cfg.hidden_size, projector, dtype=dtype, seed=seed))
 
     is_siglip = "siglip" in vision_cfg.model_type
@@ -97,15 +111,8 @@ def build_from_parts(
         tie_word_embeddings=bool(getattr(text_cfg, "tie_word_embeddings", False)),
     )
     config.dtype = dtype
-    if (Path(vision_dir) / "preprocessor_config.json").is_file():
-        image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-    else:
-        size = vision_cfg.image_size
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
-        )
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=tower_image_processor(Path(vision_dir), vision_cfg.image_size),
         tokenizer=tokenizer,
         patch_size=vision_cfg.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
