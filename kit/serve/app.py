@@ -121,13 +121,24 @@ class ServeSettings:
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise KitError(f"--max-request-bytes {self.max_request_bytes}: give at least 1024")
+        if self.max_tokens_limit < 1:
+            raise KitError(f"--max-tokens-limit {self.max_tokens_limit}: give at least 1")
+        if self.max_queue < 1:
+            raise KitError(f"--max-queue {self.max_queue}: give at least 1")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise KitError(f"--image-root {self.image_root} is not a folder")
+
     def limits(self) -> Limits:
         return Limits(max_tokens=self.max_tokens_limit, default_max_tokens=min(512, self.max_tokens_limit),
                       max_images=self.max_images, image_root=Path(self.image_root).resolve() if self.image_root else None)
 
 
-def create_app(pool, *, log=None, **settings):
-    """The FastAPI app serving `pool` (kit.serve.pool.ModelPool); `settings` are ServeSettings':
+def create_app(pool, *, settings: ServeSettings | None = None, log=None, **fields):
+    """The FastAPI app serving `pool` (kit.serve.pool.ModelPool) as `settings` say (or ServeSettings
+    made from `fields`):
 
     api_key: when set, every /v1 route and /health need `Authorization: Bearer <api_key>` (401 otherwise).
     hosts: names besides loopback that requests may carry in `Host` (the address served on).
@@ -141,7 +152,7 @@ def create_app(pool, *, log=None, **settings):
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
-    config = ServeSettings(**settings)
+    config = settings or ServeSettings(**fields)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(HostCheck, allowed={*LOOPBACK_NAMES, *(h.lower() for h in config.hosts)})
