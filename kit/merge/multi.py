@@ -75,23 +75,43 @@ class Delta:
 # ------------------------------------------------------------------------------------ checking
 
 
-def check_inputs(infos: list[AdapterInfo], weights: list[float] | None, *, method: str, rank: int | None,
-                 as_adapter: bool, density: float, base_precision: str) -> list[float]:
+@dataclass(frozen=True)
+class CombineOptions:
+    """How several adapters are combined and the result verified (the module doc explains each)."""
+
+    method: str = options.MERGE_METHODS[0]
+    rank: int | None = None
+    as_adapter: bool = False
+    density: float = options.MERGE_DENSITY
+    seed: int = 0
+    base_precision: str = options.MERGE_PRECISIONS[0]
+    tolerance: float = options.MERGE_TOLERANCE
+
+    def problems(self) -> list[str]:
+        """What is wrong with the options themselves, as --flag messages."""
+        out = []
+        method, rank = self.method, self.rank
+        if method not in METHODS:
+            out.append(f"--method {method}: choose one of {', '.join(METHODS)}")
+        if self.base_precision not in PRECISIONS:
+            out.append(f"--base-precision {self.base_precision}: choose {' or '.join(PRECISIONS)}")
+        if rank is None and (method == "svd" or self.as_adapter):
+            out.append(f"{'--as-adapter' if self.as_adapter else '--method svd'} needs --rank R (the rank to truncate to)")
+        elif rank is not None and rank < 1:
+            out.append(f"--rank {rank}: give a rank >= 1")
+        elif rank is not None and method != "svd" and not self.as_adapter:
+            out.append(f"--rank only applies to --method svd or --as-adapter (method {method} keeps the exact rank)")
+        if method in ("ties", "dare") and not 0 < self.density <= 1:
+            out.append(f"--density {self.density}: give the fraction of each ΔW to keep, in (0, 1]")
+        if not self.tolerance >= 0:
+            out.append(f"--tolerance {self.tolerance}: give a number >= 0 (max |Δlogit|)")
+        return out
+
+
+def check_inputs(infos: list[AdapterInfo], weights: list[float] | None, opts: CombineOptions) -> list[float]:
     """The weights to use (default: equal, summing to 1). Raises one KitError listing every problem."""
     n = len(infos)
-    problems = []
-    if method not in METHODS:
-        problems.append(f"--method {method}: choose one of {', '.join(METHODS)}")
-    if base_precision not in PRECISIONS:
-        problems.append(f"--base-precision {base_precision}: choose {' or '.join(PRECISIONS)}")
-    if rank is None and (method == "svd" or as_adapter):
-        problems.append(f"{'--as-adapter' if as_adapter else '--method svd'} needs --rank R (the rank to truncate to)")
-    elif rank is not None and rank < 1:
-        problems.append(f"--rank {rank}: give a rank >= 1")
-    elif rank is not None and method != "svd" and not as_adapter:
-        problems.append(f"--rank only applies to --method svd or --as-adapter (method {method} keeps the exact rank)")
-    if method in ("ties", "dare") and not 0 < density <= 1:
-        problems.append(f"--density {density}: give the fraction of each ΔW to keep, in (0, 1]")
+    problems = opts.problems()
     w = [1.0 / n] * n if weights is None else list(weights)
     if len(w) != n:
         problems.append(f"--weights has {len(w)} values for {n} adapters; give one weight per adapter")
@@ -236,25 +256,25 @@ def hooked(model, targets: dict[str, Delta]):
     return handles
 
 
-def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None, *, method: str = "linear",
-                   rank: int | None = None, as_adapter: bool = False, density: float = 0.5, seed: int = 0,
-                   base_precision: str = "dequantized", tolerance: float = 0.5, force: bool = False, echo=print) -> Path:
-    """Combine adapters of one base; write a full model (or with `as_adapter` a rank-`rank` PEFT
-    adapter) plus processor and card at `out`. Returns `out`.
+def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None, *, options: CombineOptions | None = None,
+                   force: bool = False, echo=print, **fields: Any) -> Path:
+    """Combine adapters of one base as `options` (or CombineOptions made from `fields`) say; write a
+    full model (or with `as_adapter` a rank-`rank` PEFT adapter) plus processor and card at `out`.
+    Returns `out`.
 
     Raises KitError (nothing written) for missing or non-adapter folders, adapters of different bases,
     bad weights / rank / method / density, non-LoRA adapters, an `out` that exists (without `force`)
     or an output whose logits drift past `tolerance` from the unmerged combination.
     """
+    opts = options or CombineOptions(**fields)
     infos = [adapter_info(Path(a)) for a in adapters]
-    w = check_inputs(infos, weights, method=method, rank=rank, as_adapter=as_adapter, density=density, base_precision=base_precision)
-    if not tolerance >= 0:
-        raise KitError(f"--tolerance {tolerance}: give a number >= 0 (max |Δlogit|)")
+    w = check_inputs(infos, weights, opts)
+    method, rank, as_adapter = opts.method, opts.rank, opts.as_adapter
     base = infos[0].base
     check_out(out, force, [i.path for i in infos] + [base.path])
     notes = []
     quants = {i.quantization for i in infos}
-    form = "dequantized" if base_precision == "dequantized" and "nf4" in quants else "full"
+    form = "dequantized" if opts.base_precision == "dequantized" and "nf4" in quants else "full"
     if len(quants) > 1:
         notes.append(f"adapters were trained on differently quantized bases ({', '.join(sorted(quants))}); merging into {form} weights")
     dtypes = {i.dtype for i in infos}
@@ -268,7 +288,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         notes.append(f"the adapters target different modules: the union ({len(factors)}) is merged, each adapter adding nothing where it has no LoRA")
     for note in notes:
         echo(f"note: {note}")
-    combination = Combination.of(factors, saved, originals, w, method=method, rank=rank, density=density, seed=seed)
+    combination = Combination.of(factors, saved, originals, w, method=method, rank=rank, density=opts.density, seed=opts.seed)
     ref_logits, effect = combined_reference(model, inputs, combination.projector, targets=combination.targets)
     echo(f"merging {combination.describe(len(infos))} of base {base.path} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
     for line in combination.quality_lines():
@@ -282,7 +302,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     merge = combination.record(infos, form=form, dtype=dtype)
     reference = Reference(ref_logits, combination.reference_name(), samples, effect=effect,
                           effect_key="combination_effect_max_abs_logit", effect_words="the combination moves logits by up to")
-    return write_verified(out, save, processor, reference=reference, tolerance=tolerance,
+    return write_verified(out, save, processor, reference=reference, tolerance=opts.tolerance,
                           card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
                           echo=echo)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from kit.core import options
 from kit.core.errors import KitError
-from kit.merge.multi import merge_adapters
+from kit.merge.multi import CombineOptions, merge_adapters
 from kit.merge.single import merge
 from kit.merge.verify import DEFAULT_TOLERANCE
 
@@ -24,15 +24,14 @@ def parse_weights(values: list[str] | None) -> list[float] | None:
     return out
 
 
-def run(adapters: list[Path], out: Path, *, weights: list[str] | None = None, method: str = options.MERGE_METHODS[0], rank: int | None = None,
-        as_adapter: bool = False, density: float = options.MERGE_DENSITY, seed: int = 0, base_precision: str = options.MERGE_PRECISIONS[0],
-        tolerance: float | None = None, force: bool = False, echo=print) -> Path:
-    """What `kit merge` does: one adapter into its base, or several combined (kit.merge.multi)."""
-    tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
+def run(adapters: list[Path], out: Path, *, weights: list[str] | None = None, tolerance: float | None = None, force: bool = False,
+        echo=print, **choices: Any) -> Path:
+    """What `kit merge` does: one adapter into its base, or several combined (kit.merge.multi) as
+    `choices` (kit.merge.multi.CombineOptions' fields) say."""
+    opts = CombineOptions(tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, **choices)
     parsed = parse_weights(weights)
     if len(adapters) == 1:
-        if parsed is not None or method != "linear" or rank is not None or as_adapter:
+        if parsed is not None or opts.method != "linear" or opts.rank is not None or opts.as_adapter:
             raise KitError("--weights, --method, --rank and --as-adapter combine several adapters; give two or more adapter folders")
-        return merge(adapters[0], out, base_precision=base_precision, tolerance=tol, force=force, echo=echo)
-    return merge_adapters(adapters, out, parsed, method=method, rank=rank, as_adapter=as_adapter, density=density, seed=seed,
-                          base_precision=base_precision, tolerance=tol, force=force, echo=echo)
+        return merge(adapters[0], out, base_precision=opts.base_precision, tolerance=opts.tolerance, force=force, echo=echo)
+    return merge_adapters(adapters, out, parsed, options=opts, force=force, echo=echo)
