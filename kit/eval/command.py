@@ -18,26 +18,14 @@ from kit.infer.llama_cpp import ExportFolder, require_llama_cpp
 from kit.infer.load import load_for_inference
 
 
-def eval_command(
-    model: Path,
-    data: Path,
-    limit: int | None = None,
-    out: Path | None = None,
-    echo: Callable[[str], None] = print,
-    *,
-    baseline: Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    judge: str | None = None,
-    judge_model: str | None = None,
-    allow_remote: bool = False,
-    judge_answer_tokens: int = 128,
-    metric: str = "llava-med",
-) -> dict[str, Any]:
-    """Evaluate `model` (a model or adapter folder) on `data` (JSONL) with `metric` (llava-med |
-    strict, kit.eval.metrics), print a metric table (95% intervals) and,
-    with `out`, write the predictions as JSONL. With `baseline`, evaluate it on the same questions
-    first and print a base | adapted | change table; its result is returned under "baseline".
+def eval_command(model: Path, data: Path, *, out: Path | None = None, baseline: Path | None = None, judge: str | None = None,
+                 judge_model: str | None = None, allow_remote: bool = False, echo: Callable[[str], None] = print,
+                 **asking: Any) -> dict[str, Any]:
+    """Evaluate `model` (a model or adapter folder) on `data` (JSONL) as `asking` (Asking's fields:
+    limit, batch_size, max_new_tokens, metric llava-med | strict, judge_answer_tokens) says, print a
+    metric table (95% intervals) and, with `out`, write the predictions as JSONL. With `baseline`,
+    evaluate it on the same questions first and print a base | adapted | change table; its result
+    is returned under "baseline".
 
     With `judge` (openai | an OpenAI-compatible URL | hf:PATH, see kit.eval.judge), also answer freely
     and have the judge score the answers against the references (LLaVA-Bench's relative score);
@@ -47,19 +35,17 @@ def eval_command(
     Raises KitError for a bad file (file:line), a missing image, or a folder kit cannot load; and,
     before anything is loaded or sent, for a non-loopback judge without `allow_remote`.
     """
-    if limit is not None and limit < 1:
-        raise KitError(f"--limit must be at least 1 (got {limit})")
-    check_metric(metric)
+    ask = Asking(**asking)
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
-    judge_backend, judge_items = judge_setup(judge, judge_model, allow_remote, Path(data), limit)
+    judge_backend, judge_items = judge_setup(judge, judge_model, allow_remote, Path(data), ask.limit)
 
     exports = {p: ExportFolder.read(Path(p)) for p in (model, baseline) if p is not None and is_export(Path(p))}
     if exports and judge is not None:
         raise KitError("--judge evaluates a transformers model or adapter; judge the folder the export came from")
     if exports:
         require_llama_cpp("kit eval on an export folder")
-    run = EvalRun(Path(data), limit, batch_size, max_new_tokens, metric, exports, judge_items, judge_answer_tokens, echo)
+    run = EvalRun(Path(data), ask, exports, judge_items, echo)
     before = run.one(baseline) if baseline is not None else None
     after = run.one(model)  # the baseline's model is gone by now: one model in memory at a time
     result = after.result
@@ -101,37 +87,50 @@ class Evaluated:
 
 
 @dataclass(frozen=True)
+class Asking:
+    """How every folder of one `kit eval` is asked (checked when made)."""
+
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    metric: str = "llava-med"
+    judge_answer_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise KitError(f"--limit must be at least 1 (got {self.limit})")
+        check_metric(self.metric)
+
+
+@dataclass(frozen=True)
 class EvalRun:
     """The questions and settings every folder of one `kit eval` is asked with."""
 
     data: Path
-    limit: int | None
-    batch_size: int
-    max_new_tokens: int
-    metric: str
+    ask: Asking
     exports: dict[Path, ExportFolder]
     judge_items: list | None
-    judge_answer_tokens: int
     echo: Callable[[str], None]
 
     def one(self, path: Path) -> Evaluated:
         """One load of the folder for the VQA scores and the judge's answers both."""
-        asked = dict(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, echo=self.echo, metric=self.metric)
+        ask = self.ask
+        asked = dict(batch_size=ask.batch_size, max_new_tokens=ask.max_new_tokens, echo=self.echo, metric=ask.metric)
         text_only = any(f.mmproj is None for f in self.exports.values())
         if path in self.exports:
             answerer = GgufAnswerer(self.exports[path])
             try:
-                return Evaluated(path, evaluate(Path(path), self.data, self.limit, answerer=answerer, text_only=text_only, **asked))
+                return Evaluated(path, evaluate(Path(path), self.data, ask.limit, answerer=answerer, text_only=text_only, **asked))
             finally:
                 answerer.close()
         if text_only:
-            return Evaluated(path, evaluate(Path(path), self.data, self.limit, text_only=True, **asked))
+            return Evaluated(path, evaluate(Path(path), self.data, ask.limit, text_only=True, **asked))
         loaded = load_for_inference(Path(path))
-        result = evaluate(Path(path), self.data, self.limit, loaded=loaded, **asked)
+        result = evaluate(Path(path), self.data, ask.limit, loaded=loaded, **asked)
         if self.judge_items is None:
             return Evaluated(path, result)
-        self.echo(f"{path}: answering {len(self.judge_items)} questions freely (up to {self.judge_answer_tokens} tokens) for the judge")
-        answers = free_answers(loaded, self.judge_items, batch_size=self.batch_size, max_new_tokens=self.judge_answer_tokens)
+        self.echo(f"{path}: answering {len(self.judge_items)} questions freely (up to {ask.judge_answer_tokens} tokens) for the judge")
+        answers = free_answers(loaded, self.judge_items, batch_size=ask.batch_size, max_new_tokens=ask.judge_answer_tokens)
         return Evaluated(path, result, answers, model_notes(loaded))
 
     def judge(self, backend, before: Evaluated | None, after: Evaluated) -> None:
