@@ -19,6 +19,7 @@ from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, t
 from kit.data.formats import Sample, load_samples, parse_samples, placement_for
 from kit.data.reviewed import DATA_FILE, ReviewCounts, reviewed_samples
 from kit.data.images import ImageProblem, check_image, image_size, open_rgb, resolve_image
+from kit.data.prompt_spec import PromptSpec
 from kit.data.processing import Processing
 
 IGNORE = -100
@@ -290,8 +291,8 @@ def sample_features(processing, it, label: str) -> dict:
 def encode_samples(samples: list[Sample], folder: Path, processor, template: str, max_length: int, image_aspect: str,
                    system: str | None = None, family: Family | None = None) -> tuple[list[Encoded | None], Processing, Report]:
     """Each sample tokenised with exact labels (None where it is unusable: its problem is set and
-    reported), the Processing that turns them into model inputs, and the report. `template` is
-    already resolved for the family."""
+    reported), the Processing that turns them into model inputs, and the report; the prompt format
+    is kit.data.prompt_spec's for `family` (a recipe's `chat` on a prefix-layout family is its prefix layout)."""
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
     if family is not None and family.images == "one":
@@ -299,8 +300,8 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
             if s.problem is None and len(s.images) > 1:
                 s.problem = f"{len(s.images)} images; {family.label} takes one image per sample"
     paths = _check_images(samples, folder)
-    processing = Processing(processor, template, image_aspect)
-    chat_template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    spec = PromptSpec.choose(processor, family, template, system, image_aspect)
+    processing = Processing(processor, spec.template, spec.image_aspect)
     report = Report(total=len(samples))
     out: list[Encoded | None] = []
     checked: set[tuple] = set()
@@ -314,8 +315,8 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
             except KitError as e:
                 raise KitError(f"{s.where}: sample '{s.id}': {e}") from None
             try:
-                enc = encode_sample(s, processor.tokenizer, template, image_tokens=expansions, max_length=max_length, system=system,
-                                    chat_template=chat_template, placeholder=processing.placeholder)
+                enc = encode_sample(s, processor.tokenizer, spec.template, image_tokens=expansions, max_length=max_length,
+                                    system=spec.system_prompt, chat_template=spec.chat_template, placeholder=spec.placeholder)
             except SampleProblem as e:
                 s.problem = str(e)
             else:

@@ -24,12 +24,12 @@ class PromptSpec:
     placeholder: str
 
     @classmethod
-    def choose(cls, processor, family: Family, template: str | None, system_prompt: str | None,
+    def choose(cls, processor, family: Family | None, template: str | None, system_prompt: str | None,
                image_aspect: str | None) -> PromptSpec:
-        """The spec for `processor`'s checkpoint of `family`, from a recipe's or card's settings
-        (None where they say nothing)."""
+        """The spec for `processor`'s checkpoint of `family` (None: a chat-style family), from a
+        recipe's or card's settings (None where they say nothing)."""
         own = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-        chosen = template_for(template, family.prompt, has_chat_template=bool(own))
+        chosen = template_for(template, family.prompt if family is not None else "chat", has_chat_template=bool(own))
         chat = VICUNA_TEMPLATE if chosen == "vicuna_v1" else own if chosen == "chat" else None
         return cls(chosen, chat, system_prompt, image_aspect or "pad", Processing(processor, chosen).placeholder)
 
