@@ -300,7 +300,7 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
             if s.problem is None and len(s.images) > 1:
                 s.problem = f"{len(s.images)} images; {family.label} takes one image per sample"
     paths = _check_images(samples, folder)
-    spec = PromptSpec.choose(processor, family, template, system, image_aspect)
+    spec = PromptSpec.choose(processor, family, template, system_prompt=system, image_aspect=image_aspect)
     processing = Processing(processor, spec.template, spec.image_aspect)
     report = Report(total=len(samples))
     out: list[Encoded | None] = []

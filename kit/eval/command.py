@@ -38,14 +38,14 @@ def eval_command(model: Path, data: Path, *, out: Path | None = None, baseline: 
     ask = Asking(**asking)
     if out is not None and Path(out).is_dir():
         raise KitError(f"--out {out} is a folder; give a .jsonl file path for the predictions")
-    judge_backend, judge_items = judge_setup(judge, judge_model, allow_remote, Path(data), ask.limit)
+    judge_backend, judge_items = judge_setup(judge, judge_model, allow_remote, data=Path(data), limit=ask.limit)
 
     exports = {p: ExportFolder.read(Path(p)) for p in (model, baseline) if p is not None and is_export(Path(p))}
     if exports and judge is not None:
         raise KitError("--judge evaluates a transformers model or adapter; judge the folder the export came from")
     if exports:
         require_llama_cpp("kit eval on an export folder")
-    run = EvalRun(Path(data), ask, exports, judge_items, echo)
+    run = EvalRun(Path(data), ask, exports, judge_items=judge_items, echo=echo)
     before = run.one(baseline) if baseline is not None else None
     after = run.one(model)  # the baseline's model is gone by now: one model in memory at a time
     result = after.result
@@ -131,7 +131,7 @@ class EvalRun:
             return Evaluated(path, result)
         self.echo(f"{path}: answering {len(self.judge_items)} questions freely (up to {ask.judge_answer_tokens} tokens) for the judge")
         answers = free_answers(loaded, self.judge_items, batch_size=ask.batch_size, max_new_tokens=ask.judge_answer_tokens)
-        return Evaluated(path, result, answers, model_notes(loaded))
+        return Evaluated(path, result, answers, notes=model_notes(loaded))
 
     def judge(self, backend, before: Evaluated | None, after: Evaluated) -> None:
         """Judge both folders' answers; the results go under "judged", each prediction its row."""

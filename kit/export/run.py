@@ -124,13 +124,13 @@ def write_gguf(model, processor, spec: PromptSpec, folder: Path, *, family, mode
         f16_file.unlink()
     sizes = {llm_file: size_of(folder / llm_file)}
     if text_only:
-        return GgufFiles(llm_file, None, sizes, text, None)
+        return GgufFiles(llm_file, None, sizes, text=text, vision=None)
     mmproj_file = f"mmproj-{name}-f16.gguf"
     echo(f"writing {mmproj_file} (vision tower + projector)")
     with torch.no_grad():
         vision = write_mmproj(model, family, processor.image_processor, path=folder / mmproj_file, name=name)
     sizes[mmproj_file] = size_of(folder / mmproj_file)
-    return GgufFiles(llm_file, mmproj_file, sizes, text, vision)
+    return GgufFiles(llm_file, mmproj_file, sizes, text=text, vision=vision)
 
 
 def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant: str = options.EXPORT_QUANTS[0], text_only: bool = False, force: bool = False,
@@ -158,7 +158,7 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
             card = base.card or Card(kind="model")
         spec = PromptSpec.of_card(card, processor, family, base_aspect=base.image_aspect)
 
-        files = write_gguf(model, processor, spec, tmp, family=family, model_dir=model_dir, name=name, quant=quant,
+        files = write_gguf(model, processor, spec, folder=tmp, family=family, model_dir=model_dir, name=name, quant=quant,
                            text_only=text_only, echo=echo)
         del model
         llm_file, mmproj_file, written, text = files.llm_file, files.mmproj_file, files.sizes, files.text

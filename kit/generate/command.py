@@ -91,7 +91,7 @@ class SourceInput:
             work = out / "dicom"
             if self.kind == "dicom" and dry_run:
                 work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kit-generate-dry-")))
-            yield load_records(self.kind, self.input, work, self.images, instances=self.instances, public=self.public,
+            yield load_records(self.kind, self.input, work, images=self.images, instances=self.instances, public=self.public,
                                burned_in_checked=self.burned_in_checked, echo=echo, salt_for=out / "dicom")
 
 

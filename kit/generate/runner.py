@@ -80,7 +80,7 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
     tasks = _build_tasks(records, types, settings.seed)
     ppm = price_for(backend, settings.price)
 
-    ledger, pending = _resume(out_dir, tasks, backend, settings, echo)
+    ledger, pending = _resume(out_dir, tasks, backend, settings=settings, echo=echo)
     if dry_run:
         return estimate_dry_run(tasks, pending, domain, backend=backend, ppm=ppm, max_tokens=settings.max_tokens, out_dir=out_dir, echo=echo)
 

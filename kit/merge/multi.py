@@ -288,7 +288,7 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
         notes.append(f"the adapters target different modules: the union ({len(factors)}) is merged, each adapter adding nothing where it has no LoRA")
     for note in notes:
         echo(f"note: {note}")
-    combination = Combination.of(factors, saved, originals, w, method=method, rank=rank, density=opts.density, seed=opts.seed)
+    combination = Combination.of(factors, saved, originals, weights=w, method=method, rank=rank, density=opts.density, seed=opts.seed)
     ref_logits, effect = combined_reference(model, inputs, combination.projector, targets=combination.targets)
     echo(f"merging {combination.describe(len(infos))} of base {base.path} into {'one LoRA adapter' if as_adapter else f'{form} weights'}")
     for line in combination.quality_lines():
