@@ -166,3 +166,30 @@ def test_benchmarks_use_kit_by_its_public_names():
                 if private:
                     found.append(f"{path.name} (line {node.lineno}) imports private {', '.join(private)} from {node.module}")
     assert not found, "\n".join(found)
+
+
+def positional_calls(root: Path) -> list[str]:
+    """Calls in `root` that pass more than three positional arguments to a function or class defined
+    there (by name: a name kit defines is kit's wherever it is called)."""
+    trees = {f: ast.parse(f.read_text(encoding="utf-8")) for f in sorted(root.rglob("*.py"))}
+    defined = {n.name for t in trees.values() for n in ast.walk(t)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    found = []
+    for f, tree in trees.items():
+        for n in ast.walk(tree):
+            if not isinstance(n, ast.Call):
+                continue
+            name = n.func.id if isinstance(n.func, ast.Name) else n.func.attr if isinstance(n.func, ast.Attribute) else None
+            if name in defined and sum(not isinstance(a, ast.Starred) for a in n.args) > 3:
+                found.append(f"{f.relative_to(root.parent)}:{n.lineno} {name}")
+    return found
+
+
+def test_calls_with_more_than_three_arguments_name_them(tmp_path):
+    """Past three, arguments are passed by keyword: a reader sees what each one is, and a signature
+    change cannot shift them silently. The check can fail: a copy with one such call is caught."""
+    assert positional_calls(KIT) == []
+    copy = tmp_path / "kit"
+    shutil.copytree(KIT, copy)
+    (copy / "core" / "extra.py").write_text("from kit.core.errors import KitError\n\n\ndef f(a, b, c, d):\n    return f(a, b, c, d)\n")
+    assert positional_calls(copy) == ["kit/core/extra.py:5 f"]
