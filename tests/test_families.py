@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import families
-from helpers import run_cli, run_cli_captured
+from helpers import as_flags, run_cli, run_cli_captured, tiny
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 # Two sizes (and, with image_aspect crop, two shapes), so families whose token count depends on
@@ -284,6 +284,19 @@ def test_a_family_kit_does_not_know_is_a_one_line_error(tmp_path, capsys):
     assert code != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "model_type 'blip-2'" in lines[0] and "supported:" in lines[0] and "qwen2_vl" in lines[0], err
+
+
+def test_llavas_own_templates_on_a_family_with_other_image_tokens_is_a_one_line_error(smol_tokenizer_dir, tmp_path, capsys):
+    """vicuna_v1 / plain write LLaVA's <image> ids; on Qwen2-VL (<|image_pad|> between its own
+    markers) the model found no image and failed mid-training with transformers' mismatch error."""
+    base = families.save("qwen2_vl", smol_tokenizer_dir, tmp_path / "qwen2_vl")
+    data = _data(tmp_path / "data", False)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "finetune", "--recipe", "llava15-lora", "--base", str(base), "--data", str(data), "--out", str(out),
+                           *as_flags(tiny(lora=True)))
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+    assert code != 0 and len(lines) == 1 and "template vicuna_v1" in lines[0] and "<|image_pad|>" in lines[0], err
+    assert "use template chat" in lines[0] and not out.exists()
 
 
 def test_several_images_where_the_family_takes_one_are_named(smol_tokenizer_dir, tmp_path):

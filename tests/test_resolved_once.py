@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import as_flags, run_cli, tiny
+from helpers import as_flags, run_cli, tiny
 
 
 class Reads:
@@ -76,7 +76,7 @@ def test_one_prompt_rule_for_training_inference_merge_and_serving(tiny_base, tmp
     from kit.infer.load import load_for_inference, processor_for
     from kit.merge import verify
     from kit.serve.pool import load_pool
-    from tests.helpers import make_adapter
+    from helpers import make_adapter
 
     assert template_for(None, "chat", has_chat_template=True) == "chat"  # a checkpoint kit did not train: its own template
     assert template_for(None, "chat", has_chat_template=False) == "vicuna_v1"

@@ -56,6 +56,11 @@ class Processing:
         # PaliGemma: token_type_ids mark the answer (1) apart from the prefix it may attend to both ways.
         self.prefix_lm = template == PREFIX
         image_token = getattr(processor, "image_token", None) or IMAGE_TOKEN
+        if self.chunked and image_token != IMAGE_TOKEN:
+            # kit writes LLaVA's <image> ids itself; such a model would find no image where it looks.
+            raise KitError(f"template {template} (LLaVA's) writes every image as {IMAGE_TOKEN} tokens, and this model's processor "
+                           f"marks images with {image_token} (with its own markers around them): use template chat "
+                           "(--set data.template=chat)")
         # The text a chat template writes for an image, which the processor expands.
         self.placeholder = IMAGE_TOKEN if self.chunked else image_token
         self.image_token = image_token
