@@ -65,6 +65,12 @@ class Backend:
     model: str = ""
     servers: int = 1  # servers behind it (kit.generate.replicas); --concurrency is per server
 
+    @classmethod
+    def request_kind(cls) -> str:
+        """What a request to it means, for the ledger's request key (kit.generate.ledger): backends
+        that send the same requests to the same kind of server share it."""
+        return cls.__name__
+
     def describe(self) -> str:
         raise NotImplementedError
 

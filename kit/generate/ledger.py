@@ -21,7 +21,7 @@ FINAL = ("ok", "rejected")  # statuses a resume skips; "failed" is tried again
 def request_key(messages: list[dict], backend) -> str:
     """What a task asks, as a hash: its messages (records' text and the prompt set), the backend
     kind and the model. Not the URL: the same local server on another port is the same request."""
-    body = {"messages": messages, "backend": getattr(backend, "kind", type(backend).__name__), "model": getattr(backend, "model", "")}
+    body = {"messages": messages, "backend": backend.request_kind(), "model": getattr(backend, "model", "")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

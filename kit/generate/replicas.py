@@ -21,7 +21,11 @@ REST_CAP_S = 60.0
 
 
 class ReplicaBackend(Backend):
-    kind = "OpenAIBackend"  # the same requests as one server's (kit.generate.ledger.request_key)
+    """Several OpenAI-compatible servers of one model, least-loaded first."""
+
+    @classmethod
+    def request_kind(cls) -> str:
+        return OpenAIBackend.request_kind()  # each request is one server's: a resumed run on one server keeps them
 
     def __init__(self, replicas: list[OpenAIBackend]):
         self.replicas = replicas
