@@ -1,6 +1,6 @@
 """Each fact resolved once per command: the base's config.json is read by kit once over a whole
-`kit finetune` and a whole `kit export ADAPTER` (merge and verification included), and the loads
-that follow are handed the config kit read instead of reading it again."""
+`kit finetune`, a whole `kit export ADAPTER` (merge and verification included) and `kit export`
+of a full model, and the loads that follow are handed the config kit read instead of reading it again."""
 
 from __future__ import annotations
 
@@ -63,7 +63,14 @@ def test_finetune_and_export_read_the_base_config_once(tiny_base, shapes, tmp_pa
     assert code == 0, err
     assert len(reads.by_kit) == 1, reads.by_kit
     assert reads.by_libraries == [], reads.by_libraries  # before: kit 6, transformers 2
-    print(f"config.json reads (kit, libraries): finetune {finetune}, export ADAPTER {(len(reads.by_kit), len(reads.by_libraries))}")
+    export = (len(reads.by_kit), len(reads.by_libraries))
+
+    reads.clear()
+    code, _, err = run_cli(capsys, "export", str(tiny_base), "--out", str(tmp_path / "export-base"))
+    assert code == 0, err
+    assert len(reads.by_kit) == 1, reads.by_kit  # the folder's kind and its base are one opening
+    print(f"config.json reads (kit, libraries): finetune {finetune}, export ADAPTER {export}, "
+          f"export MODEL {(len(reads.by_kit), len(reads.by_libraries))}")
 
 
 def test_one_prompt_rule_for_training_inference_merge_and_serving(tiny_base, tmp_path, monkeypatch):

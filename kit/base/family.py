@@ -161,12 +161,16 @@ def family_for_type(model_type: str | None, where: str = "base") -> Family:
     )
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    cfg_file = path / "config.json"
+def config_file(path: Path) -> Path:
+    """A checkpoint's config.json; KitError when the folder has none."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise KitError(f"base {path}: no config.json; give a folder made by `kit base build` or a downloaded hub checkpoint")
-    return read_json(cfg_file, "model config", fix="restore the file")
+    return cfg_file
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return read_json(config_file(path), "model config", fix="restore the file")
 
 
 def family_of(path: Path) -> Family:
@@ -178,8 +182,8 @@ def family_of_config(cfg: dict[str, Any], path: Path) -> Family:
     """The family a checkpoint's config.json (read from `path`) names; KitError for one kit cannot adapt."""
     if "vision_config" not in cfg or "text_config" not in cfg:
         raise KitError(
-            f"base {path} is not a vision-language model (model_type '{cfg.get('model_type')}' has no vision tower); "
-            "build one with `kit base build` or download a supported checkpoint (kit's README lists the families)"
+            f"base {path} is not a vision-language model (model_type '{cfg.get('model_type')}', a model without a vision tower); "
+            "give a LLaVA-family checkpoint: build one with `kit base build` or download a supported one (kit's README lists the families)"
         )
     return family_for_type(cfg.get("model_type"), f"base {path}")
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.base.family import Family, family_of_config
+from kit.base.family import Family, config_file, family_of_config
 from kit.core.cards import CARD_NAME, Card, fingerprint_of
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype
-from kit.core.files import decode_bytes, parse_json, read_json
+from kit.core.files import decode_bytes, parse_json_text, read_json
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,9 @@ class Base:
     def open(cls, path: Path | str) -> Base:
         """KitError for a folder without config.json or of a kind kit cannot adapt."""
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise KitError(f"base {path}: no config.json; give a folder made by `kit base build` or a downloaded hub checkpoint")
-        raw = config_file.read_bytes()
-        config = parse_json(decode_bytes(raw, config_file, "model config"), config_file, "model config", fix="restore the file")
+        file = config_file(path)
+        raw = file.read_bytes()
+        config = parse_json_text(decode_bytes(raw, file, "model config"), file, "model config", fix="restore the file")
         return cls(path, config, family_of_config(config, path), fingerprint_of(path, raw), Card.read(path))
 
     @classmethod

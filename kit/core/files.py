@@ -143,7 +143,7 @@ def read_json(path: Path, what: str, *, expect: type | None = dict, fix: str = "
     """The JSON value in `path`. Raises KitError naming `file:line` for invalid JSON, and the file
     for non-UTF-8 text or a top-level value that is not an `expect` (None: anything)."""
     path = Path(path)
-    return parse_json(_decode(path, what), path, what, expect=expect, fix=fix)
+    return parse_json_text(_decode(path, what), path, what, expect=expect, fix=fix)
 
 
 def decode_bytes(raw: bytes, path: Path, what: str) -> str:
@@ -154,7 +154,7 @@ def decode_bytes(raw: bytes, path: Path, what: str) -> str:
         raise KitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the {what} as UTF-8") from None
 
 
-def parse_json(text: str, path: Path, what: str, *, expect: type | None = dict, fix: str = "fix the file") -> Any:
+def parse_json_text(text: str, path: Path, what: str, *, expect: type | None = dict, fix: str = "fix the file") -> Any:
     """read_json for text already read from `path` (for files whose bytes are needed besides)."""
     try:
         data = json.loads(text)

@@ -327,7 +327,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, embedded:
     problem, and (with `stage`) for a recipe of another stage.
 
     `embedded`: whether the recipe's own `embedded` settings apply (first; the user's overrides still
-    win), or a rule deciding it from the recipe as overridden (e.g. kit.base.mini.runs_embedded).
+    win), or a rule deciding it from the recipe as overridden (e.g. kit.base.mini.embedded_rule).
     """
     path = resolve_recipe_path(name_or_path)
     raw = _read_yaml(path)

@@ -33,9 +33,9 @@ from kit.data.vqa import load_items
 from kit.eval.gguf import compare_export
 from kit.infer.llama_cpp import LLAMA_CPP_HINT, QUESTION, ExportFolder, ExportPrompt, require_llama_cpp
 from kit.data.prompt_spec import PromptSpec
-from kit.infer.load import folder_kind
+from kit.infer.load import open_folder
 from kit.infer.prompts import build_prompt
-from kit.merge.adapters import adapter_info, check_out
+from kit.merge.adapters import check_out, check_weights
 from kit.merge.single import merge_adapter
 from kit.merge.verify import DEFAULT_TOLERANCE
 
@@ -87,8 +87,11 @@ def check_options(fmt: str, quant: str, *, eval_data: Path | None, max_drop: flo
 def open_source(source: Path, text_only: bool) -> tuple[AdapterInfo | None, Base]:
     """(the adapter, or None for a full model; the base it is exported from). KitError for a folder
     kit cannot load, a missing or changed base, or a family or tower llama.cpp does not run."""
-    adapter = adapter_info(source) if folder_kind(source) == "adapter" else None
-    base = adapter.base if adapter is not None else Base.open(source)
+    opened = open_folder(source)  # a missing or changed base fails here, before anything is written
+    adapter = opened if isinstance(opened, AdapterInfo) else None
+    if adapter is not None:
+        check_weights(adapter.path)
+    base = adapter.base if adapter is not None else opened
     family = base.family
     if family.gguf is None:
         raise KitError(f"{source}: {family.label} checkpoints are not exported to GGUF by kit; llama.cpp export covers "
@@ -167,7 +170,7 @@ def export(source: Path, out: Path, fmt: str = options.EXPORT_FORMATS[0], quant:
         export_info = {"format": fmt, "quant": quant, "files": written, "llm": text, "vision": files.vision,
                        "image_aspect": spec.image_aspect, "template": spec.template,
                        "prompt": prompt.to_json()}
-        extra: dict[str, Any] = {"export": export_info, "source": describe_source(source)}
+        extra: dict[str, Any] = {"export": export_info, "source": describe_source(source) if adapter is not None else base.source()}
         if eval_data is not None:
             folder = ExportFolder(tmp, tmp / llm_file, tmp / mmproj_file if mmproj_file else None, prompt=prompt,
                                   card=Card(kind="export", export=export_info))

@@ -27,35 +27,44 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from kit.base.family import family_of
 from kit.base.folder import ADAPTER_CONFIG, AdapterInfo, Base
 from kit.base.load import load_base, load_processor
 from kit.core.cards import Card
 from kit.core.errors import KitError
-from kit.core.files import read_json
 from kit.core.precision import compute_dtype, default_device
 from kit.data.prompt_spec import PromptSpec
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def folder_kind(path: Path) -> str:
-    """'adapter' or 'model'; KitError for anything else."""
+def _layout(path: Path) -> str:
+    """'adapter' or 'model' by the files the folder holds; KitError for anything else."""
     path = Path(path)
     if not path.is_dir():
         raise KitError(f"{path} does not exist or is not a folder; give a model or adapter folder written by kit")
     if (path / ADAPTER_CONFIG).is_file():
         return "adapter"
     if (path / "config.json").is_file():
-        cfg = read_json(path / "config.json", "model config", fix="restore the file")
-        if "vision_config" in cfg:
-            return "model"
-        raise KitError(
-            f"{path} holds a model_type '{cfg.get('model_type')}' model without a vision tower; give a LLaVA-family model or a kit adapter folder"
-        )
+        return "model"
     hint = ""
     if (path / "trainable.safetensors").is_file():
         hint = " (it is a partial training checkpoint: resume the run with --resume, or use the run's final folder)"
     raise KitError(f"{path} is neither a model folder (config.json) nor an adapter folder ({ADAPTER_CONFIG}){hint}")
+
+
+def folder_kind(path: Path) -> str:
+    """'adapter' or 'model' (of a vision-language family kit knows); KitError for anything else."""
+    kind = _layout(path)
+    if kind == "model":
+        family_of(path)
+    return kind
+
+
+def open_folder(path: Path) -> AdapterInfo | Base:
+    """The folder opened as what it is: an adapter (its base opened and checked) or a full model,
+    config.json read once. KitError as folder_kind, or for a missing or changed base."""
+    return AdapterInfo.open(path) if _layout(path) == "adapter" else Base.open(path)
 
 
 def processor_for(path: Path, base: Base | Path | None):
@@ -106,17 +115,16 @@ def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=No
     prompted it. Raises KitError for a folder that is neither, a missing base, or a base whose
     fingerprint differs."""
     path = Path(path)
-    kind = folder_kind(path)
+    opened = open_folder(path)
     notes: list[str] = []
     dev = default_device(device)
-    if kind == "model":
-        base = Base.open(path)
+    if isinstance(opened, Base):
+        base, kind, quant = opened, "model", "none"
         card = base.card or Card(kind="model")
         model = load_base(base, dtype, "full", device=dev)
         processor = processor_for(path, None)
-        quant = "none"
     else:
-        adapter = AdapterInfo.open(path)
+        adapter, kind = opened, "adapter"
         base, card, quant = adapter.base, adapter.card, adapter.quantization
         if not adapter.has_card:
             notes.append(f"{path} has no kit.json card: the base's fingerprint could not be checked")

@@ -40,9 +40,14 @@ def adapter_info(path: Path) -> AdapterInfo:
     path = Path(path)
     if folder_kind(path) != "adapter":
         raise KitError(f"{path} is a full model, not an adapter; there is nothing to merge")
-    if not any(path.glob("adapter_model.*")):
-        raise KitError(f"adapter {path}: no adapter_model.safetensors; the folder is incomplete (copy it again from the run's output)")
+    check_weights(path)
     return AdapterInfo.open(path)
+
+
+def check_weights(path: Path) -> None:
+    """KitError for an adapter folder without its weights file."""
+    if not any(Path(path).glob("adapter_model.*")):
+        raise KitError(f"adapter {path}: no adapter_model.safetensors; the folder is incomplete (copy it again from the run's output)")
 
 
 def source_entry(info: AdapterInfo) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import compute_dtype, default_device
 from kit.data.prompt_spec import PromptSpec
-from kit.infer.load import base_form, folder_kind, processor_for
+from kit.infer.load import base_form, folder_kind, open_folder, processor_for
 from kit.infer.prompts import prepare
 from kit.serve.batching import BatchedAnswer, Batcher
 
@@ -137,12 +137,13 @@ def load_pool(model_or_adapter: Path, adapters: list[str] = (), dtype: str = "au
     torch_dtype = compute_dtype(dtype, option="--dtype")
     first = Path(model_or_adapter)
     specs = [parse_adapter_spec(a) for a in adapters]
-    opened = AdapterInfo.open(first) if folder_kind(first) == "adapter" else None
+    folder = open_folder(first)
+    opened = folder if isinstance(folder, AdapterInfo) else None
     if opened is not None:
         base = opened.base
         specs.insert(0, (first.resolve().name, first))
     else:
-        base = Base.open(first)
+        base = folder
     base_name = base.path.resolve().name
     plans = adapters_on(base, specs, opened)
 
