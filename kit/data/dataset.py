@@ -14,7 +14,7 @@ from kit.base.family import Family
 from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.files import read_json
-from kit.core.templates import IMAGE_TOKEN, PREFIX, TemplateError, prefix_parts, render, template_for
+from kit.core.templates import IMAGE_TOKEN, PREFIX, TemplateError, prefix_parts, render
 from kit.core.tokens import CHUNKED_TEMPLATES, special_texts, supervised_mask, tokenize
 from kit.data.formats import Sample, load_samples, parse_samples, placement_for
 from kit.data.reviewed import DATA_FILE, ReviewCounts, reviewed_samples
@@ -247,9 +247,8 @@ def build_dataset(
     "error" (listing them); with "skip" they are left out and counted in the report.
     """
     data_path = Path(data_path)
-    if family is not None:
-        template = template_for(template, family.prompt)
-    placement = placement_for(template, image_placement)
+    spec = PromptSpec.choose(processor, family, template, system_prompt=system, image_aspect=image_aspect)
+    placement = placement_for(spec.template, image_placement)
     reviewed = reviewed_samples(data_path, undecided) if data_path.is_dir() else None
     if reviewed is not None and not reviewed.items:
         raise KitError(f"{data_path}: its review leaves nothing to train on ({reviewed.counts.line()}); accept conversations "
@@ -259,7 +258,7 @@ def build_dataset(
                        "(--set train.objective=dpo), or give a LLaVA conversations file")
     samples = parse_samples(reviewed.items, placement) if reviewed else load_samples(data_path, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
-    encoded, processing, report = encode_samples(samples, folder, processor, template=template, max_length=max_length, image_aspect=image_aspect, system=system, family=family)
+    encoded, processing, report = encode_samples(samples, folder, processor, spec, max_length=max_length, family=family)
     report.review = reviewed.counts if reviewed else None
     items = [e for e in encoded if e is not None]
     check_usable(report, on_bad_sample, bool(items), path=data_path, what="samples", fix="data")
@@ -288,11 +287,11 @@ def sample_features(processing, it, label: str) -> dict:
     return out
 
 
-def encode_samples(samples: list[Sample], folder: Path, processor, template: str, max_length: int, image_aspect: str,
-                   system: str | None = None, family: Family | None = None) -> tuple[list[Encoded | None], Processing, Report]:
+def encode_samples(samples: list[Sample], folder: Path, processor, spec: PromptSpec, max_length: int,
+                   family: Family | None = None) -> tuple[list[Encoded | None], Processing, Report]:
     """Each sample tokenised with exact labels (None where it is unusable: its problem is set and
-    reported), the Processing that turns them into model inputs, and the report; the prompt format
-    is kit.data.prompt_spec's for `family` (a recipe's `chat` on a prefix-layout family is its prefix layout)."""
+    reported), the Processing that turns them into model inputs, and the report; samples are
+    rendered as `spec` says (kit.data.prompt_spec)."""
     if any(s.image for s in samples) and not folder.is_dir():
         raise KitError(f"image folder {folder} does not exist; set data.image_folder (or --set data.image_folder=DIR)")
     if family is not None and family.images == "one":
@@ -300,7 +299,6 @@ def encode_samples(samples: list[Sample], folder: Path, processor, template: str
             if s.problem is None and len(s.images) > 1:
                 s.problem = f"{len(s.images)} images; {family.label} takes one image per sample"
     paths = _check_images(samples, folder)
-    spec = PromptSpec.choose(processor, family, template, system_prompt=system, image_aspect=image_aspect)
     processing = Processing(processor, spec.template, spec.image_aspect)
     report = Report(total=len(samples))
     out: list[Encoded | None] = []

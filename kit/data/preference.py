@@ -19,7 +19,8 @@ import torch
 from kit.base.family import Family
 from kit.core.errors import KitError
 from kit.core.files import read_json
-from kit.core.templates import IMAGE_TOKEN, template_for
+from kit.core.templates import IMAGE_TOKEN
+from kit.data.prompt_spec import PromptSpec
 from kit.data.dataset import IGNORE, Encoded, check_usable, default_image_folder, encode_samples, sample_features
 from kit.data.formats import parse_samples, placement_for
 from kit.data.processing import Processing, collate
@@ -154,9 +155,8 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
     when the two sides' prompts tokenise differently. KitError on structural errors and, with
     `on_bad_sample` "error", on any unusable pair."""
     path = Path(path)
-    if family is not None:
-        template = template_for(template, family.prompt)
-    placement = placement_for(template, image_placement)
+    spec = PromptSpec.choose(processor, family, template, system_prompt=system, image_aspect=image_aspect)
+    placement = placement_for(spec.template, image_placement)
     pairs = read_pairs(path)
     raw = []
     for p in pairs:
@@ -165,7 +165,7 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
                                      "conversations": [*p["prompt"], {"from": "gpt", "value": p[side]}]}))
     samples = parse_samples(raw, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(path)
-    encoded, processing, inner = encode_samples(samples, folder, processor, template=template, max_length=max_length, image_aspect=image_aspect, system=system, family=family)
+    encoded, processing, inner = encode_samples(samples, folder, processor, spec, max_length=max_length, family=family)
     report = PairReport(total=len(pairs), image_tokens=inner.image_tokens)
     for p in pairs:
         if isinstance(p["edit"], dict) and isinstance(p["edit"].get("kind"), str):

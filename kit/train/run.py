@@ -22,7 +22,6 @@ from kit.core.stages import Stages
 from kit.data.collator import Collator, supervised_loss
 from kit.data.dataset import Report, build_dataset
 from kit.data.preference import build_preference_dataset
-from kit.data.prompt_spec import PromptSpec
 from kit.train.args import close_tracker, resolve_checkpointing, training_args
 from kit.train.logs import CsvLogger, plot_loss
 from kit.train.model import is_peft, prepare_model
@@ -55,15 +54,15 @@ def plan_data(plan: RunPlan, on_bad_sample: str | None = None) -> tuple[Any, Any
     """(processor, dataset, report) of a run's data, tokenized for its base as the recipe says."""
     recipe = plan.recipe
     processor = load_processor(plan.base)
-    spec = PromptSpec.choose(processor, plan.base.family, recipe.data.template, system_prompt=recipe.data.system_prompt,
-                             image_aspect=recipe.data.image_aspect or plan.base.image_aspect)
-    common = dict(image_folder=plan.image_folder, on_bad_sample=on_bad_sample or recipe.data.on_bad_sample, system=spec.system_prompt,
-                  image_placement=recipe.data.image_placement, family=plan.base.family)
+    data = recipe.data
+    # The datasets choose the prompt format (kit.data.prompt_spec) from these, by the one rule.
+    common = dict(max_length=data.max_length, image_aspect=data.image_aspect or plan.base.image_aspect, image_folder=plan.image_folder,
+                  on_bad_sample=on_bad_sample or data.on_bad_sample, system=data.system_prompt, image_placement=data.image_placement,
+                  family=plan.base.family)
     if recipe.train.objective == "dpo":
-        dataset, report = build_preference_dataset(plan.data, processor, spec.template, max_length=recipe.data.max_length, image_aspect=spec.image_aspect, **common)
+        dataset, report = build_preference_dataset(plan.data, processor, data.template, **common)
         return processor, dataset, report
-    dataset, report = build_dataset(plan.data, processor, spec.template, max_length=recipe.data.max_length, image_aspect=spec.image_aspect,
-                                    undecided=recipe.data.undecided, **common)
+    dataset, report = build_dataset(plan.data, processor, data.template, undecided=data.undecided, **common)
     return processor, dataset, report
 
 
