@@ -274,14 +274,14 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
     on bad input before anything is trained."""
     stages = Stages(echo=echo)
     with stages.stage("base"):
-        base_path = resolve_base(recipe, base)
+        base_folder = resolve_base(recipe, base)
     # Output problems surface before minutes of generation, not after.
     out_path = plan_output(recipe, out, resume)
     prepared = prepare_data(recipe, data, echo, stages=stages)
     train_file, eval_file, made = prepared.train, prepared.eval, prepared.made
     before = None
     # A run that goes on from an adapter is measured against that adapter, not the bare base.
-    start = Path(recipe.model.adapter) if recipe.model.adapter else base_path.path
+    start = Path(recipe.model.adapter) if recipe.model.adapter else base_folder.path
     labels = ("start", "after") if recipe.model.adapter else ("base", "adapted")
     if eval_file is not None:
         echo(f"evaluating the {'starting adapter' if recipe.model.adapter else 'base'} on the held-out images ...")
@@ -289,7 +289,7 @@ def adapt(recipe: Recipe, base: str | None, data: str | None, out: str | None, m
             before = evaluate(start, eval_file, max_new_tokens=recipe.eval.max_new_tokens, echo=lambda m: None, metric=recipe.eval.metric)
     # Trained from the merged train.json: the card says what the review of its conversations decided.
     reviewed = {"review": prepared.review.to_json()} if prepared.review is not None and prepared.train.is_file() else {}
-    plan = RunPlan(recipe, base_path, data_file(recipe, str(train_file)), image_folder=image_folder(recipe), out=out_path, resume=resume, card_extra=reviewed)
+    plan = RunPlan(recipe, base_folder, data_file(recipe, str(train_file)), image_folder=image_folder(recipe), out=out_path, resume=resume, card_extra=reviewed)
     result = run(plan, max_steps, echo=echo, stages=stages)
     if eval_file is not None:
         echo("evaluating the adapted model ...")

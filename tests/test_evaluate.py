@@ -128,7 +128,7 @@ def test_loads_base_folder_and_adapter_folder_from_the_path_alone(tiny_base, ada
     assert hasattr(loaded.processor, "tokenizer") and hasattr(loaded.processor, "image_processor")
     loaded = load_for_inference(adapter)
     assert isinstance(loaded.model, PeftModel) and loaded.kind == "adapter"
-    assert loaded.base_path.resolve() == tiny_base.resolve() and loaded.quantization == "none" and loaded.notes == []
+    assert loaded.base.path.resolve() == tiny_base.resolve() and loaded.quantization == "none" and loaded.notes == []
     assert loaded.spec.template == "vicuna_v1" and loaded.spec.image_aspect == "pad"
     d = describe_folder(adapter)
     assert d["kind"] == "adapter" and d["recipe"] == "llava15-lora" and d["steps"] == 3 and "train_loss" in d["metrics"]
@@ -150,7 +150,7 @@ def test_adapter_refuses_a_moved_or_changed_base(tiny_base, adapter, tmp_path):
     shutil.copytree(adapter, ad)
     shutil.copytree(tiny_base, base)
     _edit_card(ad, base__path=str(base))
-    assert load_for_inference(ad).base_path == base  # an identical copy is accepted
+    assert load_for_inference(ad).base.path == base  # an identical copy is accepted
 
     base.rename(tmp_path / "moved")
     with pytest.raises(KitError) as e:

@@ -204,7 +204,7 @@ def test_as_adapter_truncation_is_reported_and_vanishes_at_full_rank(tiny_base, 
     for k, v in model.state_dict().items():
         assert torch.allclose(v, want[k], atol=1e-5, rtol=0), k
     loaded = load_for_inference(exact, device="cpu")  # kit finds the base from the card alone
-    assert loaded.kind == "adapter" and loaded.base_path.resolve() == tiny_base.resolve()
+    assert loaded.kind == "adapter" and loaded.base.path.resolve() == tiny_base.resolve()
 
 
 def test_ties_and_dare_run_and_differ_from_linear(tiny_base, adapters, linear, tmp_path):

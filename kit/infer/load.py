@@ -104,11 +104,6 @@ class Loaded:
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def base_path(self) -> Path | None:
-        """The adapter's base folder; None for a full model."""
-        return self.base.path if self.kind == "adapter" else None
-
 
 def load_for_inference(path: Path, dtype: torch.dtype = torch.float32, device=None) -> Loaded:
     """The model in eval mode from a full model folder or a PEFT adapter folder, with how training
