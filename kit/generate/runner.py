@@ -67,6 +67,8 @@ def run_generation(records: Iterable[Record], out_dir: Path, *, backend: Backend
     ledger, so rerunning the same command resumes. The settings' `grounding` decides what happens
     to conversations whose claims the record's facts do not support (kit.ground).
     """
+    if settings is not None and fields:
+        raise TypeError(f"run_generation: give settings or its fields, not both ({', '.join(fields)})")
     settings = settings or GenerationSettings(**fields)
     records = list(records)
     if settings.limit is not None:

@@ -14,6 +14,16 @@ from kit.infer.load import folder_kind
 PRECISIONS = options.MERGE_PRECISIONS
 
 
+def precision_problems(base_precision: str, tolerance: float) -> list[str]:
+    """What is wrong with the options every merge takes, as --flag messages."""
+    out = []
+    if base_precision not in PRECISIONS:
+        out.append(f"--base-precision {base_precision}: choose {' or '.join(PRECISIONS)}")
+    if not tolerance >= 0:
+        out.append(f"--tolerance {tolerance}: give a number >= 0 (max |Δlogit|)")
+    return out
+
+
 def check_out(out: Path, force: bool, inputs: list[Path]) -> None:
     """Raise KitError when `out` cannot be written: non-empty without `force`, a file, or an input."""
     out = Path(out)

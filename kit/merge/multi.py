@@ -45,7 +45,7 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import dtype_name
 from kit.infer.load import processor_for
-from kit.merge.adapters import PRECISIONS, adapter_info, check_out, source_entry
+from kit.merge.adapters import adapter_info, check_out, precision_problems, source_entry
 from kit.merge.verify import Reference, logit_drift, logits_of, verification_inputs, write_verified
 
 METHODS = options.MERGE_METHODS
@@ -93,8 +93,6 @@ class CombineOptions:
         method, rank = self.method, self.rank
         if method not in METHODS:
             out.append(f"--method {method}: choose one of {', '.join(METHODS)}")
-        if self.base_precision not in PRECISIONS:
-            out.append(f"--base-precision {self.base_precision}: choose {' or '.join(PRECISIONS)}")
         if rank is None and (method == "svd" or self.as_adapter):
             out.append(f"{'--as-adapter' if self.as_adapter else '--method svd'} needs --rank R (the rank to truncate to)")
         elif rank is not None and rank < 1:
@@ -103,9 +101,7 @@ class CombineOptions:
             out.append(f"--rank only applies to --method svd or --as-adapter (method {method} keeps the exact rank)")
         if method in ("ties", "dare") and not 0 < self.density <= 1:
             out.append(f"--density {self.density}: give the fraction of each ΔW to keep, in (0, 1]")
-        if not self.tolerance >= 0:
-            out.append(f"--tolerance {self.tolerance}: give a number >= 0 (max |Δlogit|)")
-        return out
+        return out + precision_problems(self.base_precision, self.tolerance)
 
 
 def check_inputs(infos: list[AdapterInfo], weights: list[float] | None, opts: CombineOptions) -> list[float]:
@@ -266,6 +262,8 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     bad weights / rank / method / density, non-LoRA adapters, an `out` that exists (without `force`)
     or an output whose logits drift past `tolerance` from the unmerged combination.
     """
+    if options is not None and fields:
+        raise TypeError(f"merge_adapters: give options or its fields, not both ({', '.join(fields)})")
     opts = options or CombineOptions(**fields)
     infos = [adapter_info(Path(a)) for a in adapters]
     w = check_inputs(infos, weights, opts)
@@ -302,9 +300,10 @@ def merge_adapters(adapters: list[Path], out: Path, weights: list[float] | None 
     merge = combination.record(infos, form=form, dtype=dtype)
     reference = Reference(ref_logits, combination.reference_name(), samples, effect=effect,
                           effect_key="combination_effect_max_abs_logit", effect_words="the combination moves logits by up to")
-    return write_verified(out, save, processor, reference=reference, tolerance=opts.tolerance,
-                          card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
-                          echo=echo)
+    write_verified(out, save, processor, reference=reference, tolerance=opts.tolerance,
+                   card=lambda verification: _card(infos, as_adapter, base, merge=merge, verification=verification, notes=notes),
+                   echo=echo)
+    return Path(out)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from kit.core.cards import Card
 from kit.core.errors import KitError
 from kit.core.precision import dtype_name
 from kit.infer.load import processor_for
-from kit.merge.adapters import PRECISIONS, AdapterInfo, adapter_info, check_out, source_entry
+from kit.merge.adapters import AdapterInfo, adapter_info, check_out, precision_problems, source_entry
 from kit.merge.verify import DEFAULT_TOLERANCE, Reference, logit_drift, logits_of, verification_inputs, write_verified
 
 
@@ -56,10 +56,9 @@ def merge(adapter: Path, out: Path, base_precision: str = options.MERGE_PRECISIO
 
 
 def check_options(base_precision: str, tolerance: float) -> None:
-    if base_precision not in PRECISIONS:
-        raise KitError(f"--base-precision {base_precision}: choose {' or '.join(PRECISIONS)}")
-    if not tolerance >= 0:
-        raise KitError(f"--tolerance {tolerance}: give a number >= 0 (max |Δlogit|)")
+    problems = precision_problems(base_precision, tolerance)
+    if problems:
+        raise KitError("; ".join(problems))
 
 
 def merge_adapter(info: AdapterInfo, out: Path, *, base_precision: str = options.MERGE_PRECISIONS[0],
@@ -99,17 +98,11 @@ def merge_adapter(info: AdapterInfo, out: Path, *, base_precision: str = options
     if recipe is not None:
         # The merged model is plain weights; the source's quantization is under merge.adapters.
         recipe = recipe.model_copy(update={"quantization": "none"})
-    cards = []
-
-    def card(verification: dict[str, Any]) -> Card:
-        cards.append(Card.new(
-            "model", made_by="kit merge", base=base.source(), recipe=recipe,
-            merge={"method": "single", "adapters": [source_entry(info)], "base_precision": precision, "dtype": dtype_name(dtype)},
-            verification=verification, notes=notes,
-        ))
-        return cards[0]
-
     hint = "; --base-precision dequantized merges into the weights the adapter was trained against" if quantized and precision == "full" else ""
     reference_of = Reference(ref_logits, ref_name, samples, effect=effect, effect_key="adapter_effect_max_abs_logit", effect_words="the adapter itself moves logits by up to")
-    write_verified(out, save, processor, reference=reference_of, tolerance=tolerance, card=card, echo=echo, hint=hint)
-    return Merged(Path(out), loaded_back[0], processor, card=cards[0])
+    card = write_verified(out, save, processor, reference=reference_of, tolerance=tolerance, echo=echo, hint=hint,
+                          card=lambda verification: Card.new(
+                              "model", made_by="kit merge", base=base.source(), recipe=recipe, notes=notes, verification=verification,
+                              merge={"method": "single", "adapters": [source_entry(info)], "base_precision": precision,
+                                     "dtype": dtype_name(dtype)}))
+    return Merged(Path(out), loaded_back[0], processor, card=card)

@@ -134,17 +134,18 @@ class Reference:
 
 
 def write_verified(out: Path, save: Callable[[Path], torch.Tensor], processor, reference: Reference, tolerance: float,
-                   card: Callable[[dict[str, Any]], Card], echo=print, hint: str = "") -> Path:
+                   card: Callable[[dict[str, Any]], Card], echo=print, hint: str = "") -> Card:
     """The one way a merge's output becomes visible: `save(folder)` writes the weights into a staged
     folder beside `out` and returns the logits of what it wrote, loaded back; the processor goes
     beside them; past `tolerance` from `reference` a KitError leaves nothing at `out`; else the card
-    made by `card(verification record)` is written and the folder renamed into place."""
+    made by `card(verification record)` is written and the folder renamed into place. Returns that card."""
     with staged_folder(out, replace=True) as tmp:
         got = save(tmp)
         processor.save_pretrained(tmp)
         numbers = logit_drift(reference.logits, got)
         echo(f"verify: {describe_numbers(numbers)} vs {reference.name}; {reference.effect_words} {reference.effect:.3g}")
         check_drift(numbers, tolerance, reference.name, hint=hint)
-        card({"reference": reference.name, "samples": reference.samples, "tolerance": tolerance,
-              reference.effect_key: reference.effect, **numbers}).write(tmp)
-    return Path(out)
+        written = card({"reference": reference.name, "samples": reference.samples, "tolerance": tolerance,
+                        reference.effect_key: reference.effect, **numbers})
+        written.write(tmp)
+    return written

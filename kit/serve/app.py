@@ -152,6 +152,8 @@ def create_app(pool, *, settings: ServeSettings | None = None, log=None, **field
     web_dir: `/` serves web_dir/index.html and `/web/*` the folder's files, when they exist.
     Errors have OpenAI's body shape {"error": {"message", "type", "param", "code"}}.
     """
+    if settings is not None and fields:
+        raise TypeError(f"create_app: give settings or its fields, not both ({', '.join(fields)})")
     config = settings or ServeSettings(**fields)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     app = FastAPI(title="kit serve", docs_url=None, redoc_url=None, openapi_url=None)
