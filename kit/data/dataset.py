@@ -258,7 +258,7 @@ def build_dataset(
                        "(--set train.objective=dpo), or give a LLaVA conversations file")
     samples = parse_samples(reviewed.items, placement) if reviewed else load_samples(data_path, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(data_path)
-    encoded, processing, report = encode_samples(samples, folder, processor, spec, max_length=max_length, family=family)
+    encoded, processing, report = encode_samples(samples, folder, processor, spec=spec, max_length=max_length, family=family)
     report.review = reviewed.counts if reviewed else None
     items = [e for e in encoded if e is not None]
     check_usable(report, on_bad_sample, bool(items), path=data_path, what="samples", fix="data")

@@ -165,7 +165,7 @@ def build_preference_dataset(path: Path, processor, template: str, max_length: i
                                      "conversations": [*p["prompt"], {"from": "gpt", "value": p[side]}]}))
     samples = parse_samples(raw, placement)
     folder = Path(image_folder) if image_folder else default_image_folder(path)
-    encoded, processing, inner = encode_samples(samples, folder, processor, spec, max_length=max_length, family=family)
+    encoded, processing, inner = encode_samples(samples, folder, processor, spec=spec, max_length=max_length, family=family)
     report = PairReport(total=len(pairs), image_tokens=inner.image_tokens)
     for p in pairs:
         if isinstance(p["edit"], dict) and isinstance(p["edit"].get("kind"), str):
